@@ -1,0 +1,201 @@
+"""Native forward and backward of the softmax-over-vocabulary ops (log-probs, entropy, exact KL).
+
+The vocabulary is walked in chunks. Per chunk, the logits tile [N, vc] comes either from the given logits (a
+strided view, no copy for float32/float64 input) or from one GEMM ``hidden @ weight[chunk].T`` on torch's
+BLAS/cuBLAS; the ``ra3._C`` kernels then fold it into an online log-sum-exp (forward) or turn it in place into
+the gradient w.r.t. the logits (backward), which two more GEMMs carry to hidden and weight. The backward
+recomputes each tile instead of storing [N, V]: peak extra memory is one tile, O(N * vc).
+
+Both passes are ``torch.library`` custom ops, so ``torch.compile`` sees them as opaque nodes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ra3.ops import _kernels
+from ra3.ops._validate import compute_dtype
+
+LOGPROB, ENTROPY, EXACT_KL = 0, 1, 2
+
+# Elements of one logits tile; 4M float32 = 16 MiB keeps the tile in the last-level cache's neighbourhood
+# while leaving the GEMMs large enough to run at full rate.
+TILE_ELEMENTS = 1 << 22
+MIN_CHUNK = 256
+
+
+def chunk_size(n: int, vocab: int) -> int:
+    vc = max(MIN_CHUNK, TILE_ELEMENTS // max(n, 1))
+    return min(vocab, vc)
+
+
+class _Source:
+    """Produces logits tiles [N, vc] in the compute dtype, from logits or from hidden @ weight.T (+ bias)."""
+
+    def __init__(self, hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dtype: torch.dtype):
+        self.linear = weight is not None
+        self.dtype = dtype
+        if self.linear:
+            self.hidden = hidden.to(dtype).contiguous()
+            self.weight, self.bias = weight, bias
+            self.vocab = weight.shape[0]
+        else:
+            self.logits = hidden
+            self.vocab = hidden.shape[1]
+            # A float tile of the right dtype can be read in place through its row stride.
+            self.in_place = hidden.dtype == dtype and hidden.stride(1) == 1
+        self.n = hidden.shape[0]
+
+    def tile(self, v0: int, v1: int) -> Tensor:
+        if self.linear:
+            z = self.hidden @ self.weight[v0:v1].to(self.dtype).T
+            if self.bias is not None:
+                z += self.bias[v0:v1].to(self.dtype)
+            return z
+        z = self.logits[:, v0:v1]
+        return z if self.in_place else z.to(self.dtype).contiguous()
+
+
+def _ld(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def forward(mode: int, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp: float):
+    """Returns (out[N], lse[N], lse_ref[N]) in the compute dtype; out is the log-prob, entropy or KL."""
+    dt = compute_dtype(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    src = _Source(hidden, weight, bias, dt)
+    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if mode == EXACT_KL else None
+    n, vocab, dev = src.n, src.vocab, hidden.device
+    if n == 0:
+        return tuple(torch.zeros(0, dtype=dt, device=dev) for _ in range(3))
+    m = torch.full((n,), -math.inf, dtype=dt, device=dev)
+    s = torch.zeros(n, dtype=dt, device=dev)
+    a = torch.zeros(n, dtype=dt, device=dev)
+    tgt = torch.zeros(n, dtype=dt, device=dev)
+    mr = torch.full((n,), -math.inf, dtype=dt, device=dev) if ref else None
+    sr = torch.zeros(n, dtype=dt, device=dev) if ref else None
+    code = _kernels.dtype_code(dt)
+    step = chunk_size(n, vocab)
+    p = _kernels.ptr
+    for v0 in range(0, vocab, step):
+        v1 = min(vocab, v0 + step)
+        z = src.tile(v0, v1)
+        r = ref.tile(v0, v1) if ref else None
+        _kernels.call("softmax_stats_fwd", dev, mode, code, p(z), _ld(z), p(r), _ld(r), n, v1 - v0, v0,
+                      inv_temp, p(targets), p(m), p(s), p(a), p(mr), p(sr), p(tgt))
+    lse = m + torch.log(s)
+    if mode == LOGPROB:
+        out = torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse))
+    elif mode == ENTROPY:
+        out = lse - a / s
+    else:
+        lse_r = mr + torch.log(sr)
+        return a / s - lse + lse_r, lse, lse_r
+    return out, lse, torch.empty(0, dtype=dt, device=dev)
+
+
+def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+             targets, inv_temp: float, need_weight_grad: bool):
+    """Gradients (w.r.t. hidden or logits, weight, bias) of sum(grad_out * out); absent ones are empty tensors."""
+    dt = lse.dtype
+    src = _Source(hidden, weight, bias, dt)
+    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if mode == EXACT_KL else None
+    n, vocab, dev = src.n, src.vocab, hidden.device
+    if n == 0:
+        gw = torch.zeros(weight.shape, dtype=dt, device=dev) if (src.linear and need_weight_grad) else None
+        gb = torch.zeros(bias.shape, dtype=dt, device=dev) if (gw is not None and bias is not None) else None
+        empty = torch.empty(0, dtype=dt, device=dev)
+        return torch.zeros(hidden.shape, dtype=dt, device=dev), gw if gw is not None else empty, \
+            gb if gb is not None else empty
+    g = grad_out.to(dt).contiguous()
+    if mode == LOGPROB:
+        g = torch.where(targets >= 0, g, torch.zeros_like(g))
+    code = _kernels.dtype_code(dt)
+    p = _kernels.ptr
+    aux = out.contiguous() if mode != LOGPROB else None
+    lse_r_arg = lse_r if mode == EXACT_KL else None
+    empty = torch.empty(0, dtype=dt, device=dev)
+    if src.linear:
+        grad_hidden = torch.zeros(n, hidden.shape[1], dtype=dt, device=dev)
+        grad_weight = torch.empty(weight.shape, dtype=dt, device=dev) if need_weight_grad else empty
+        grad_bias = torch.empty(vocab, dtype=dt, device=dev) if (bias is not None and need_weight_grad) else empty
+    else:
+        grad_logits = torch.empty(n, vocab, dtype=dt, device=dev)
+    step = chunk_size(n, vocab)
+    for v0 in range(0, vocab, step):
+        v1 = min(vocab, v0 + step)
+        z = src.tile(v0, v1)
+        r = ref.tile(v0, v1) if ref else None
+        dst = z if src.linear else grad_logits[:, v0:v1]
+        _kernels.call("softmax_grad", dev, mode, code, p(z), _ld(z), p(r), _ld(r), p(dst), _ld(dst), n, v1 - v0,
+                      v0, inv_temp, p(targets), p(lse), p(lse_r_arg), p(aux), p(g))
+        if src.linear:
+            grad_hidden.addmm_(dst, weight[v0:v1].to(dt))
+            if need_weight_grad:
+                torch.mm(dst.T, src.hidden, out=grad_weight[v0:v1])
+                if bias is not None:
+                    torch.sum(dst, 0, out=grad_bias[v0:v1])
+    if src.linear:
+        return grad_hidden, grad_weight, grad_bias
+    return grad_logits, empty, empty
+
+
+# --- torch.library registration -------------------------------------------------------------------------------
+
+@torch.library.custom_op("ra3::vocab_softmax", mutates_args=())
+def vocab_softmax_op(mode: int, hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
+                     targets: Optional[Tensor], inv_temp: float) -> tuple[Tensor, Tensor, Tensor]:
+    return forward(mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp)
+
+
+@vocab_softmax_op.register_fake
+def _(mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp):
+    dt = compute_dtype(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
+            hidden.new_empty(n if mode == EXACT_KL else 0, dtype=dt))
+
+
+@torch.library.custom_op("ra3::vocab_softmax_backward", mutates_args=())
+def vocab_softmax_backward_op(mode: int, grad_out: Tensor, out: Tensor, lse: Tensor, lse_r: Tensor, hidden: Tensor,
+                              weight: Optional[Tensor], bias: Optional[Tensor], ref_hidden: Optional[Tensor],
+                              ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], targets: Optional[Tensor],
+                              inv_temp: float, need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return backward(mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                    targets, inv_temp, need_weight_grad)
+
+
+@vocab_softmax_backward_op.register_fake
+def _(mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp,
+      need_weight_grad):
+    dt = lse.dtype
+    if weight is None:
+        return hidden.new_empty(hidden.shape, dtype=dt), lse.new_empty(0), lse.new_empty(0)
+    gw = weight.new_empty(weight.shape, dtype=dt) if need_weight_grad else lse.new_empty(0)
+    gb = bias.new_empty(bias.shape, dtype=dt) if (bias is not None and need_weight_grad) else lse.new_empty(0)
+    return hidden.new_empty(hidden.shape, dtype=dt), gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp = inputs
+    out, lse, lse_r = output
+    ctx.mode, ctx.inv_temp = mode, inv_temp
+    ctx.need_weight_grad = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    ctx.save_for_backward(out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_lse_r):
+    out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets = ctx.saved_tensors
+    gh, gw, gb = vocab_softmax_backward_op(ctx.mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden,
+                                           ref_weight, ref_bias, targets, ctx.inv_temp, ctx.need_weight_grad)
+    gh = gh.to(hidden.dtype)
+    gw = gw.to(weight.dtype) if weight is not None and gw.numel() else None
+    gb = gb.to(bias.dtype) if bias is not None and gb.numel() else None
+    return None, gh, gw, gb, None, None, None, None, None
+
+
+vocab_softmax_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,127 @@
+"""Next-token cross-entropy fused with the lm_head GEMM, gradients computed during the forward pass.
+
+When the loss is a plain sum or mean of token log-probs (NTP, SFT, the RA3 M-step), the upstream gradient of
+every token is the same scalar, so the gradient can be formed while each logits tile is still in memory:
+3 GEMMs in all (logits, grad_hidden, grad_weight) instead of the 4 of ``linear_logprobs`` (which must recompute
+the tiles in its backward pass because its per-token upstream gradient is only known then). Tokens are walked
+in chunks of whole vocabulary rows, so each tile's log-sum-exp is final at once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ra3.ops import _kernels, _vocab_chunks, registry, reference
+from ra3.ops import _validate as check
+from ra3.ops._vocab_chunks import LOGPROB
+from ra3.ops._vocab_inputs import linear_inputs, targets_input
+
+REDUCTIONS = ("mean", "sum")
+
+
+def _token_chunk(vocab: int) -> int:
+    return max(1, _vocab_chunks.TILE_ELEMENTS // vocab)
+
+
+def _forward(hidden, weight, bias, targets, inv_temp: float, mean: bool, need_grad: bool):
+    """Returns (loss, grad_hidden, grad_weight, grad_bias) of the summed or mean NLL; grads empty if not needed."""
+    dt = check.compute_dtype(hidden, weight, bias)
+    n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+    count = int((targets >= 0).sum())
+    scale = 1.0 / max(count, 1) if mean else 1.0
+    code = _kernels.dtype_code(dt)
+    p = _kernels.ptr
+    w = weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    loss = torch.zeros((), dtype=dt, device=dev)
+    empty = torch.empty(0, dtype=dt, device=dev)
+    grad_hidden = torch.empty(n, hidden.shape[1], dtype=dt, device=dev) if need_grad else empty
+    grad_weight = torch.zeros(weight.shape, dtype=dt, device=dev) if need_grad else empty
+    grad_bias = torch.zeros(vocab, dtype=dt, device=dev) if (need_grad and bias is not None) else empty
+    step = _token_chunk(vocab)
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        rows = i1 - i0
+        h = hidden[i0:i1].to(dt)
+        t = targets[i0:i1]
+        z = h @ w.T
+        if b is not None:
+            z += b
+        m = torch.full((rows,), -float("inf"), dtype=dt, device=dev)
+        s = torch.zeros(rows, dtype=dt, device=dev)
+        tgt = torch.zeros(rows, dtype=dt, device=dev)
+        _kernels.call("softmax_stats_fwd", dev, LOGPROB, code, p(z), vocab, 0, 0, rows, vocab, 0, inv_temp, p(t),
+                      p(m), p(s), 0, 0, 0, p(tgt))
+        lse = m + torch.log(s)
+        loss -= torch.where(t >= 0, tgt - lse, torch.zeros_like(lse)).sum()
+        if need_grad:
+            # d(-scale * logp)/dz: the log-prob gradient with upstream -scale, written over the tile in place.
+            g = torch.where(t >= 0, torch.full_like(lse, -scale), torch.zeros_like(lse))
+            _kernels.call("softmax_grad", dev, LOGPROB, code, p(z), vocab, 0, 0, p(z), vocab, rows, vocab, 0,
+                          inv_temp, p(t), p(lse), 0, 0, p(g))
+            torch.mm(z, w, out=grad_hidden[i0:i1])
+            grad_weight.addmm_(z.T, h)
+            if bias is not None:
+                grad_bias += z.sum(0)
+    return loss * scale, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("ra3::linear_cross_entropy", mutates_args=())
+def _ce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temp: float, mean: bool,
+           need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward(hidden, weight, bias, targets, inv_temp, mean, need_grad)
+
+
+@_ce_op.register_fake
+def _(hidden, weight, bias, targets, inv_temp, mean, need_grad):
+    dt = check.compute_dtype(hidden, weight, bias)
+    if not need_grad:
+        e = hidden.new_empty(0, dtype=dt)
+        return hidden.new_empty((), dtype=dt), e, e, e
+    gb = bias.new_empty(bias.shape, dtype=dt) if bias is not None else hidden.new_empty(0, dtype=dt)
+    return (hidden.new_empty((), dtype=dt), hidden.new_empty(hidden.shape, dtype=dt),
+            weight.new_empty(weight.shape, dtype=dt), gb)
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    gh, gw, gb = ctx.saved_tensors
+    if gh.numel() == 0 and gw.numel() == 0:
+        raise RuntimeError("linear_cross_entropy was run without gradients (need_grad=False) but is being "
+                           "differentiated; call it with inputs that require grad")
+    h_dt, w_dt, b_dt = ctx.dtypes
+    return ((grad_loss * gh).to(h_dt), (grad_loss * gw).to(w_dt),
+            None if b_dt is None else (grad_loss * gb).to(b_dt), None, None, None, None)
+
+
+_ce_op.register_autograd(_backward, setup_context=_setup)
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, temperature: float = 1.0, ignore_index: int = -100,
+                         reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """-sum or -mean over non-ignored tokens of log softmax((hidden @ weight.T + bias) / T)[i, targets[i]].
+
+    hidden: [N, H] fp32|bf16|fp16; weight: [V, H]; bias: [V] | None; targets: [N] int (ignore_index skipped).
+    reduction: 'mean' (over non-ignored tokens; 0 if there are none) or 'sum'. Returns a float32 scalar
+    (float64 for float64 input). The gradients are formed in the forward pass while each tile is in memory.
+    """
+    n, vocab = linear_inputs("", hidden, weight, bias)
+    temperature = check.positive_float("temperature", temperature)
+    reduction = check.choice("reduction", reduction, REDUCTIONS)
+    tgt = targets_input(targets, n, vocab, ignore_index, hidden.device)
+    name = registry.resolve("logprobs", backend, hidden.device)
+    if name == "torch":
+        lp = reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                       ignore_index=ignore_index)
+        total = -lp.sum()
+        return total / max(int((tgt >= 0).sum()), 1) if reduction == "mean" else total
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    loss, *_ = _ce_op(hidden, weight, bias, tgt, 1.0 / temperature, reduction == "mean", need_grad)
+    return loss

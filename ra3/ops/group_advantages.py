@@ -1,0 +1,100 @@
+"""Group-relative advantages for GRPO-family trainers: each reward against the other samples of its prompt."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ra3.ops import _kernels, registry, reference
+from ra3.ops import _validate as check
+
+_NORMALIZE_CODE = {"none": 0, "mean": 1, "std": 2, "rloo": 3}
+
+
+@torch.library.custom_op("ra3::group_advantages", mutates_args=())
+def _group_adv_op(rewards: Tensor, group_ids: Tensor, num_groups: int, normalize: int,
+                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    out = torch.empty_like(rewards)
+    mean = torch.empty(num_groups, dtype=rewards.dtype, device=rewards.device)
+    std = torch.empty_like(mean)
+    _kernels.call("group_adv_fwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards.data_ptr(),
+                  group_ids.data_ptr(), rewards.numel(), num_groups, normalize, eps, out.data_ptr(),
+                  mean.data_ptr(), std.data_ptr())
+    return out, mean, std
+
+
+@_group_adv_op.register_fake
+def _(rewards, group_ids, num_groups, normalize, eps):
+    return torch.empty_like(rewards), rewards.new_empty(num_groups), rewards.new_empty(num_groups)
+
+
+@torch.library.custom_op("ra3::group_advantages_backward", mutates_args=())
+def _group_adv_backward_op(rewards: Tensor, group_ids: Tensor, num_groups: int, normalize: int, eps: float,
+                           mean: Tensor, std: Tensor, grad_out: Tensor) -> Tensor:
+    grad = torch.empty_like(rewards)
+    _kernels.call("group_adv_bwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards.data_ptr(),
+                  group_ids.data_ptr(), rewards.numel(), num_groups, normalize, eps, mean.data_ptr(),
+                  std.data_ptr(), grad_out.data_ptr(), grad.data_ptr())
+    return grad
+
+
+@_group_adv_backward_op.register_fake
+def _(rewards, group_ids, num_groups, normalize, eps, mean, std, grad_out):
+    return torch.empty_like(rewards)
+
+
+def _setup(ctx, inputs, output):
+    rewards, group_ids, num_groups, normalize, eps = inputs
+    ctx.args = (num_groups, normalize, eps)
+    ctx.save_for_backward(rewards, group_ids, output[1], output[2])
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_std):
+    rewards, group_ids, mean, std = ctx.saved_tensors
+    num_groups, normalize, eps = ctx.args
+    grad = _group_adv_backward_op(rewards, group_ids, num_groups, normalize, eps, mean, std, grad_out.contiguous())
+    return grad, None, None, None, None
+
+
+_group_adv_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _group_ids(rewards: Tensor, group_size, group_ids) -> tuple[Tensor, int]:
+    n = rewards.shape[0]
+    if group_size is not None and group_ids is not None:
+        raise ValueError("pass group_size or group_ids, not both")
+    if group_ids is not None:
+        check.tensor("group_ids", group_ids, ndim=1, floating=False)
+        check.shape("group_ids", group_ids, (n,), "one group id per reward")
+        check.same_device(rewards=rewards, group_ids=group_ids)
+        if n and int(group_ids.min()) < 0:
+            raise ValueError(f"group_ids must be >= 0, got {int(group_ids.min())}")
+        return group_ids.long().contiguous(), (int(group_ids.max()) + 1 if n else 0)
+    if group_size is None:
+        group_size = max(n, 1)  # one group: the whole batch
+    group_size = check.integer("group_size", group_size, minimum=1)
+    if n % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the number of rewards {n}")
+    ids = torch.arange(n, device=rewards.device) // group_size
+    return ids, n // group_size
+
+
+def group_advantages(rewards, group_size=None, group_ids=None, normalize: str = "std", eps: float = 1e-6, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """Advantages of each sample relative to its group (the G samples drawn for one prompt).
+
+    rewards: [B] fp32|bf16|fp16, finite. Groups: ``group_size`` G (consecutive blocks of G, B % G == 0), or
+    ``group_ids`` [B] int >= 0 (any order, unequal sizes allowed), or neither (one group).
+    normalize: 'std' (r - mean) / (std + eps), GRPO, unbiased std; 'mean' r - mean, Dr. GRPO;
+    'rloo' r - mean of the other samples; 'none' r. Returns [B] float32 (float64 for float64), differentiable.
+    """
+    check.tensor("rewards", rewards, ndim=1, floating=True)
+    check.finite("rewards", rewards)
+    normalize = check.choice("normalize", normalize, reference.NORMALIZE_MODES)
+    eps = check.nonnegative_float("eps", eps)
+    ids, num_groups = _group_ids(rewards, group_size, group_ids)
+    name = registry.resolve("group_advantages", backend, rewards.device)
+    if name == "torch":
+        return reference.group_advantages(rewards, ids, num_groups, normalize, eps)
+    dt = check.compute_dtype(rewards)
+    out, _mean, _std = _group_adv_op(rewards.to(dt).contiguous(), ids, num_groups, _NORMALIZE_CODE[normalize], eps)
+    return out

@@ -1,0 +1,71 @@
+"""Per-token KL estimators between the policy and a reference from sampled-token log-probs (k1, k2, k3)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ra3.ops import _kernels, registry, reference
+from ra3.ops import _validate as check
+
+_ESTIMATOR_CODE = {"k1": 1, "k2": 2, "k3": 3}
+
+
+@torch.library.custom_op("ra3::kl_estimator", mutates_args=())
+def _kl_op(logprobs: Tensor, ref_logprobs: Tensor, estimator: int) -> Tensor:
+    out = torch.empty_like(logprobs)
+    _kernels.call("kl_estimator_fwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
+                  logprobs.data_ptr(), ref_logprobs.data_ptr(), logprobs.numel(), out.data_ptr())
+    return out
+
+
+@_kl_op.register_fake
+def _(logprobs, ref_logprobs, estimator):
+    return torch.empty_like(logprobs)
+
+
+@torch.library.custom_op("ra3::kl_estimator_backward", mutates_args=())
+def _kl_backward_op(logprobs: Tensor, ref_logprobs: Tensor, grad_out: Tensor, estimator: int) -> Tensor:
+    grad = torch.empty_like(logprobs)
+    _kernels.call("kl_estimator_bwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
+                  logprobs.data_ptr(), ref_logprobs.data_ptr(), grad_out.data_ptr(), logprobs.numel(),
+                  grad.data_ptr())
+    return grad
+
+
+@_kl_backward_op.register_fake
+def _(logprobs, ref_logprobs, grad_out, estimator):
+    return torch.empty_like(logprobs)
+
+
+def _setup(ctx, inputs, output):
+    ctx.estimator = inputs[2]
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _backward(ctx, grad_out):
+    logprobs, ref_logprobs = ctx.saved_tensors
+    grad = _kl_backward_op(logprobs, ref_logprobs, grad_out.contiguous(), ctx.estimator)
+    # Every estimator is a function of logprobs - ref_logprobs, so the reference's gradient is the negative.
+    return grad, -grad, None
+
+
+_kl_op.register_autograd(_backward, setup_context=_setup)
+
+
+def kl(logprobs, ref_logprobs, estimator: str = "k3", *, backend: str = "auto") -> torch.Tensor:
+    """Per-token KL estimate from log-probs of the sampled tokens, d = logprobs - ref_logprobs:
+    k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (unbiased, always >= 0).
+
+    logprobs, ref_logprobs: same shape, fp32|bf16|fp16. Returns that shape in float32 (float64 for float64),
+    differentiable w.r.t. both.
+    """
+    check.tensor("logprobs", logprobs, floating=True)
+    check.tensor("ref_logprobs", ref_logprobs, floating=True)
+    check.shape("ref_logprobs", ref_logprobs, tuple(logprobs.shape), "the shape of logprobs")
+    estimator = check.choice("estimator", estimator, reference.KL_ESTIMATORS)
+    device = check.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    name = registry.resolve("kl", backend, device)
+    if name == "torch":
+        return reference.kl(logprobs, ref_logprobs, estimator)
+    dt = check.compute_dtype(logprobs, ref_logprobs)
+    return _kl_op(logprobs.to(dt).contiguous(), ref_logprobs.to(dt).contiguous(), _ESTIMATOR_CODE[estimator])

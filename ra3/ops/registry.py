@@ -1,0 +1,85 @@
+"""The one place that decides which backend runs an op.
+
+Backends:
+  torch   the pure-PyTorch reference (``ra3.ops.reference``), any device, autograd does the backward.
+  cpu     C++ kernels of ``ra3._C`` on CPU tensors (GEMMs of the fused linear ops go to torch's BLAS).
+  cuda    CUDA kernels of ``ra3._C`` on CUDA tensors.
+  triton  Triton kernels in ``ra3.kernels`` on CUDA tensors (or anywhere under TRITON_INTERPRET=1).
+``backend="auto"`` takes the first available entry of ``AUTO_ORDER`` for the tensor's device type.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from ra3 import _native
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+
+# Which ops each backend implements. Triton kernels are tracked in issue 4; until they land, the triton
+# backend implements none and naming it explicitly raises.
+OPS = ("logprobs", "entropy", "exact_kl", "kl", "segment_sum", "group_advantages", "policy_loss")
+IMPLEMENTED = {
+    "torch": set(OPS),
+    "cpu": set(OPS),
+    "cuda": set(OPS),
+    "triton": set(),
+}
+
+# Per device type, the order ``auto`` tries. For CUDA it should follow the recorded GPU benchmarks
+# (benchmarks/results/); none has been recorded yet, so the native CUDA kernels come first.
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _usable(backend: str, device_type: str) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and _native.has_cpu()
+    if backend == "cuda":
+        return device_type == "cuda" and _native.has_cuda()
+    if backend == "triton":
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        return _triton_importable() and (device_type == "cuda" or interpret)
+    return False
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends this install can run: for ``device`` if given, else for any device present.
+
+    Probing CUDA happens here, lazily, never at import.
+    """
+    if device is not None:
+        types = [torch.device(device).type]
+    else:
+        types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(_usable(b, t) and IMPLEMENTED[b] for t in types)]
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device`` for the requested ``backend`` ('auto' or a name)."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if op in IMPLEMENTED[name] and _usable(name, device.type):
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+    if op not in IMPLEMENTED[backend]:
+        raise ValueError(f"backend={backend!r} does not implement {op!r} yet; use backend='auto' or 'torch'")
+    if not _usable(backend, device.type):
+        why = {
+            "cpu": "needs CPU tensors and the compiled ra3._C extension",
+            "cuda": "needs CUDA tensors and ra3._C built with CUDA (RA3_CUDA=on)",
+            "triton": "needs the triton package and CUDA tensors (or TRITON_INTERPRET=1)",
+        }[backend]
+        raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors here: it {why}")
+    return backend

@@ -1,0 +1,63 @@
+"""Sums of per-token values per segment (a rationale's span, a line, a sequence): the ELBO's inner sums."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ra3.ops import _kernels, registry, reference
+from ra3.ops import _validate as check
+
+
+@torch.library.custom_op("ra3::segment_sum", mutates_args=())
+def _segment_sum_op(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+    out = torch.empty(num_segments, dtype=values.dtype, device=values.device)
+    _kernels.call("segment_sum_fwd", values.device, _kernels.dtype_code(values.dtype), values.data_ptr(),
+                  segment_ids.data_ptr(), values.numel(), num_segments, out.data_ptr())
+    return out
+
+
+@_segment_sum_op.register_fake
+def _(values, segment_ids, num_segments):
+    return values.new_empty(num_segments)
+
+
+@torch.library.custom_op("ra3::segment_sum_backward", mutates_args=())
+def _segment_sum_backward_op(grad_out: Tensor, segment_ids: Tensor) -> Tensor:
+    grad = torch.empty(segment_ids.numel(), dtype=grad_out.dtype, device=grad_out.device)
+    _kernels.call("segment_sum_bwd", grad_out.device, _kernels.dtype_code(grad_out.dtype), grad_out.data_ptr(),
+                  segment_ids.data_ptr(), segment_ids.numel(), grad.data_ptr())
+    return grad
+
+
+@_segment_sum_backward_op.register_fake
+def _(grad_out, segment_ids):
+    return grad_out.new_empty(segment_ids.shape)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward(ctx, grad_out):
+    (segment_ids,) = ctx.saved_tensors
+    return _segment_sum_backward_op(grad_out.contiguous(), segment_ids), None, None
+
+
+_segment_sum_op.register_autograd(_backward, setup_context=_setup)
+
+
+def segment_sum(values, segment_ids, num_segments: int, *, backend: str = "auto") -> torch.Tensor:
+    """out[k] = sum of values[i] with segment_ids[i] == k.
+
+    values: [N] fp32|bf16|fp16; segment_ids: [N] int, any order, negative = in no segment; num_segments >= 0.
+    Returns [num_segments] float32 (float64 for float64), 0 for empty segments. Differentiable w.r.t. values.
+    """
+    check.tensor("values", values, ndim=1, floating=True)
+    num_segments = check.integer("num_segments", num_segments, minimum=0)
+    check.segment_ids("segment_ids", segment_ids, values.shape[0], num_segments)
+    device = check.same_device(values=values, segment_ids=segment_ids)
+    name = registry.resolve("segment_sum", backend, device)
+    if name == "torch":
+        return reference.segment_sum(values, segment_ids, num_segments)
+    dt = check.compute_dtype(values)
+    return _segment_sum_op(values.to(dt).contiguous(), segment_ids.long().contiguous(), num_segments)
