@@ -59,6 +59,11 @@ class _Source:
         return z if self.in_place else z.to(self.dtype).contiguous()
 
 
+def _empty(dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A fresh tensor per absent output: custom ops may not return one tensor twice (outputs must not alias).
+    return torch.empty(0, dtype=dtype, device=device)
+
+
 def _ld(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.stride(0)
 
@@ -107,9 +112,8 @@ def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hid
     if n == 0:
         gw = torch.zeros(weight.shape, dtype=dt, device=dev) if (src.linear and need_weight_grad) else None
         gb = torch.zeros(bias.shape, dtype=dt, device=dev) if (gw is not None and bias is not None) else None
-        empty = torch.empty(0, dtype=dt, device=dev)
-        return torch.zeros(hidden.shape, dtype=dt, device=dev), gw if gw is not None else empty, \
-            gb if gb is not None else empty
+        return torch.zeros(hidden.shape, dtype=dt, device=dev), gw if gw is not None else _empty(dt, dev), \
+            gb if gb is not None else _empty(dt, dev)
     g = grad_out.to(dt).contiguous()
     if mode == LOGPROB:
         g = torch.where(targets >= 0, g, torch.zeros_like(g))
@@ -117,11 +121,11 @@ def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hid
     p = _kernels.ptr
     aux = out.contiguous() if mode != LOGPROB else None
     lse_r_arg = lse_r if mode == EXACT_KL else None
-    empty = torch.empty(0, dtype=dt, device=dev)
     if src.linear:
         grad_hidden = torch.zeros(n, hidden.shape[1], dtype=dt, device=dev)
-        grad_weight = torch.empty(weight.shape, dtype=dt, device=dev) if need_weight_grad else empty
-        grad_bias = torch.empty(vocab, dtype=dt, device=dev) if (bias is not None and need_weight_grad) else empty
+        grad_weight = torch.empty(weight.shape, dtype=dt, device=dev) if need_weight_grad else _empty(dt, dev)
+        grad_bias = torch.empty(vocab, dtype=dt, device=dev) if (bias is not None and need_weight_grad) \
+            else _empty(dt, dev)
     else:
         grad_logits = torch.empty(n, vocab, dtype=dt, device=dev)
     step = chunk_size(n, vocab)
@@ -140,7 +144,7 @@ def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hid
                     torch.sum(dst, 0, out=grad_bias[v0:v1])
     if src.linear:
         return grad_hidden, grad_weight, grad_bias
-    return grad_logits, empty, empty
+    return grad_logits, _empty(dt, dev), _empty(dt, dev)
 
 
 # --- torch.library registration -------------------------------------------------------------------------------

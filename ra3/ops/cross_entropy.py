@@ -36,10 +36,10 @@ def _forward(hidden, weight, bias, targets, inv_temp: float, mean: bool, need_gr
     w = weight.to(dt)
     b = None if bias is None else bias.to(dt)
     loss = torch.zeros((), dtype=dt, device=dev)
-    empty = torch.empty(0, dtype=dt, device=dev)
-    grad_hidden = torch.empty(n, hidden.shape[1], dtype=dt, device=dev) if need_grad else empty
-    grad_weight = torch.zeros(weight.shape, dtype=dt, device=dev) if need_grad else empty
-    grad_bias = torch.zeros(vocab, dtype=dt, device=dev) if (need_grad and bias is not None) else empty
+    empty = _vocab_chunks._empty  # a fresh one per absent output: custom-op outputs must not alias
+    grad_hidden = torch.empty(n, hidden.shape[1], dtype=dt, device=dev) if need_grad else empty(dt, dev)
+    grad_weight = torch.zeros(weight.shape, dtype=dt, device=dev) if need_grad else empty(dt, dev)
+    grad_bias = torch.zeros(vocab, dtype=dt, device=dev) if (need_grad and bias is not None) else empty(dt, dev)
     step = _token_chunk(vocab)
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
@@ -78,8 +78,8 @@ def _ce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tens
 def _(hidden, weight, bias, targets, inv_temp, mean, need_grad):
     dt = check.compute_dtype(hidden, weight, bias)
     if not need_grad:
-        e = hidden.new_empty(0, dtype=dt)
-        return hidden.new_empty((), dtype=dt), e, e, e
+        return (hidden.new_empty((), dtype=dt), hidden.new_empty(0, dtype=dt), hidden.new_empty(0, dtype=dt),
+                hidden.new_empty(0, dtype=dt))
     gb = bias.new_empty(bias.shape, dtype=dt) if bias is not None else hidden.new_empty(0, dtype=dt)
     return (hidden.new_empty((), dtype=dt), hidden.new_empty(hidden.shape, dtype=dt),
             weight.new_empty(weight.shape, dtype=dt), gb)

@@ -1,0 +1,178 @@
+// CUDA twins of csrc/cpu/group_advantages.cpp. Per-group moments come from atomicAdd scatters into stream-ordered
+// scratch (counts as exact integers), then elementwise kernels; each step is one small launch on `stream`.
+#include <cmath>
+
+#include "../ra3_native.h"
+#include "cuda_utils.cuh"
+
+namespace ra3::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+using Count = unsigned long long;
+
+#define RA3_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+__device__ __forceinline__ bool in_range(int64_t k, int64_t num_groups) { return k >= 0 && k < num_groups; }
+
+// Pass 1: count[k] and the reward sum (into mean[k]).
+template <typename T>
+__global__ void count_sum_kernel(const T* __restrict__ r, const int64_t* __restrict__ gid, int64_t n,
+                                 int64_t num_groups, Count* count, T* sum) {
+  RA3_GRID_STRIDE(i, n) {
+    const int64_t k = gid[i];
+    if (!in_range(k, num_groups)) continue;
+    atomicAdd(count + k, Count(1));
+    atomicAdd(sum + k, r[i]);
+  }
+}
+
+// Pass 2: squared deviations from the group mean (sum / count, computed on the fly) into ss[k].
+template <typename T>
+__global__ void sq_dev_kernel(const T* __restrict__ r, const int64_t* __restrict__ gid, int64_t n,
+                              int64_t num_groups, const Count* __restrict__ count, const T* __restrict__ sum, T* ss) {
+  RA3_GRID_STRIDE(i, n) {
+    const int64_t k = gid[i];
+    if (!in_range(k, num_groups)) continue;
+    const T d = r[i] - sum[k] / T(count[k]);
+    atomicAdd(ss + k, d * d);
+  }
+}
+
+// Pass 3, per group: mean = sum / count (in place) and the unbiased std (0 for fewer than two members).
+template <typename T>
+__global__ void finish_moments_kernel(int64_t num_groups, const Count* __restrict__ count, T* mean,
+                                      const T* __restrict__ ss, T* sd) {
+  RA3_GRID_STRIDE(k, num_groups) {
+    const Count c = count[k];
+    mean[k] = c > 0 ? mean[k] / T(c) : T(0);
+    sd[k] = c > 1 ? sqrt(ss[k] / T(c - 1)) : T(0);
+  }
+}
+
+template <typename T>
+__global__ void adv_out_kernel(const T* __restrict__ r, const int64_t* __restrict__ gid, int64_t n,
+                               int64_t num_groups, int normalize, T eps, const Count* __restrict__ count,
+                               const T* __restrict__ mean, const T* __restrict__ sd, T* __restrict__ out) {
+  RA3_GRID_STRIDE(i, n) {
+    const int64_t k = gid[i];
+    if (!in_range(k, num_groups)) {
+      out[i] = T(0);
+      continue;
+    }
+    const Count c = count[k];
+    T v;
+    if (normalize == kNormNone) v = r[i];
+    else if (normalize == kNormMean) v = r[i] - mean[k];
+    else if (normalize == kNormStd) v = (r[i] - mean[k]) / (sd[k] + eps);
+    else v = c > 1 ? (r[i] - mean[k]) * T(c) / T(c - 1) : T(0);
+    out[i] = v;
+  }
+}
+
+// Backward pass 1: count, sum of g (gbar * count) and cov = sum g (r - mu) per group.
+template <typename T>
+__global__ void grad_moments_kernel(const T* __restrict__ r, const int64_t* __restrict__ gid, int64_t n,
+                                    int64_t num_groups, const T* __restrict__ mean, const T* __restrict__ g,
+                                    Count* count, T* gsum, T* cov) {
+  RA3_GRID_STRIDE(i, n) {
+    const int64_t k = gid[i];
+    if (!in_range(k, num_groups)) continue;
+    atomicAdd(count + k, Count(1));
+    atomicAdd(gsum + k, g[i]);
+    atomicAdd(cov + k, g[i] * (r[i] - mean[k]));
+  }
+}
+
+template <typename T>
+__global__ void adv_grad_kernel(const T* __restrict__ r, const int64_t* __restrict__ gid, int64_t n,
+                                int64_t num_groups, int normalize, T eps, const T* __restrict__ mean,
+                                const T* __restrict__ sd, const T* __restrict__ g, const Count* __restrict__ count,
+                                const T* __restrict__ gsum, const T* __restrict__ cov, T* __restrict__ grad_r) {
+  RA3_GRID_STRIDE(i, n) {
+    const int64_t k = gid[i];
+    if (!in_range(k, num_groups)) {
+      grad_r[i] = T(0);
+      continue;
+    }
+    if (normalize == kNormNone) {
+      grad_r[i] = g[i];
+      continue;
+    }
+    const Count c = count[k];
+    const T centred = g[i] - gsum[k] / T(c);
+    T v;
+    if (normalize == kNormMean) {
+      v = centred;
+    } else if (normalize == kNormRloo) {
+      v = c > 1 ? centred * T(c) / T(c - 1) : T(0);
+    } else {
+      const T s = sd[k] + eps;
+      v = centred / s;
+      if (c > 1 && sd[k] > T(0)) v -= (r[i] - mean[k]) * cov[k] / (T(c - 1) * sd[k] * s * s);
+    }
+    grad_r[i] = v;
+  }
+}
+
+}  // namespace
+
+void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD, uintptr_t stream) {
+  check_normalize(normalize);
+  check_dtype(dtype);
+  if (num_groups <= 0 && n <= 0) return;
+  DeviceGuard guard(out != 0 ? out : mean);
+  const cudaStream_t st = as_stream(stream);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t G = num_groups > 0 ? num_groups : 0;
+    Scratch scratch(G * (sizeof(Count) + sizeof(T)), st);
+    Count* count = scratch.as<Count>();
+    T* ss = reinterpret_cast<T*>(count + G);
+    if (G > 0) {
+      check(cudaMemsetAsync(count, 0, G * (sizeof(Count) + sizeof(T)), st), "cudaMemsetAsync");
+      check(cudaMemsetAsync(reinterpret_cast<void*>(mean), 0, G * sizeof(T), st), "cudaMemsetAsync");
+    }
+    const unsigned gn = grid_for(n, kThreads), gg = grid_for(G, kThreads);
+    if (n > 0 && G > 0) {
+      count_sum_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(rewards), cptr<int64_t>(gids), n, G, count,
+                                                   mptr<T>(mean));
+      sq_dev_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(rewards), cptr<int64_t>(gids), n, G, count, mptr<T>(mean),
+                                                ss);
+    }
+    if (G > 0) finish_moments_kernel<T><<<gg, kThreads, 0, st>>>(G, count, mptr<T>(mean), ss, mptr<T>(std_out));
+    if (n > 0)
+      adv_out_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(rewards), cptr<int64_t>(gids), n, G, normalize, T(eps),
+                                                 count, cptr<T>(mean), cptr<T>(std_out), mptr<T>(out));
+    check_launch("group_adv_fwd");
+  });
+}
+
+void group_adv_bwd(RA3_KERNEL_ARGS_GROUP_ADV_BWD, uintptr_t stream) {
+  check_normalize(normalize);
+  check_dtype(dtype);
+  if (n <= 0) return;
+  DeviceGuard guard(grad_r);
+  const cudaStream_t st = as_stream(stream);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t G = num_groups > 0 ? num_groups : 0;
+    Scratch scratch(G * (sizeof(Count) + 2 * sizeof(T)), st);
+    Count* count = scratch.as<Count>();
+    T* gsum = reinterpret_cast<T*>(count + G);
+    T* cov = gsum + G;
+    const unsigned gn = grid_for(n, kThreads);
+    if (G > 0) {
+      check(cudaMemsetAsync(count, 0, G * (sizeof(Count) + 2 * sizeof(T)), st), "cudaMemsetAsync");
+      grad_moments_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(rewards), cptr<int64_t>(gids), n, G, cptr<T>(mean),
+                                                      cptr<T>(g), count, gsum, cov);
+    }
+    adv_grad_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(rewards), cptr<int64_t>(gids), n, G, normalize, T(eps),
+                                                cptr<T>(mean), cptr<T>(std_in), cptr<T>(g), count, gsum, cov,
+                                                mptr<T>(grad_r));
+    check_launch("group_adv_bwd");
+  });
+}
+
+}  // namespace ra3::cuda

@@ -1,0 +1,204 @@
+// CUDA twins of csrc/cpu/softmax_vocab.cpp: online log-sum-exp over one vocabulary chunk, and the gradient w.r.t.
+// the logits chunk. One block per row; the threads stride over the chunk (coalesced), so each logit is read once.
+#include "../ra3_native.h"
+#include "../token_math.h"
+#include "cuda_utils.cuh"
+
+namespace ra3::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Online softmax state: max m, sum s of exp(x - m), accumulator a of exp(x - m) * f.
+template <typename T>
+struct Lse {
+  T m, s, a;
+};
+
+template <typename T>
+__device__ __forceinline__ Lse<T> lse_empty() {
+  return {-INFINITY, T(0), T(0)};
+}
+
+// Adds one element x with payload f. -inf elements contribute nothing (and would make exp(-inf - -inf) NaN).
+template <typename T>
+__device__ __forceinline__ void lse_push(Lse<T>& st, T x, T f) {
+  if (x == -INFINITY) return;
+  if (x > st.m) {
+    const T scale = exp_t(st.m - x);  // 0 while the state is still empty
+    st.s = st.s * scale + T(1);
+    st.a = st.a * scale + f;
+    st.m = x;
+  } else {
+    const T e = exp_t(x - st.m);  // NaN x lands here and poisons s, as it should
+    st.s += e;
+    st.a += e > T(0) ? e * f : T(0);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Lse<T> lse_merge(const Lse<T>& p, const Lse<T>& q) {
+  const T m = p.m > q.m ? p.m : q.m;
+  if (m == -INFINITY) return lse_empty<T>();
+  const T sp = exp_t(p.m - m), sq = exp_t(q.m - m);
+  return {m, p.s * sp + q.s * sq, p.a * sp + q.a * sq};
+}
+
+template <typename T>
+__device__ Lse<T> block_lse(Lse<T> st) {
+  __shared__ T sm[kMaxWarps], ss[kMaxWarps], sa[kMaxWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    Lse<T> o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
+             __shfl_xor_sync(0xffffffffu, st.a, off)};
+    st = lse_merge(st, o);
+  }
+  __syncthreads();
+  if (lane == 0) {
+    sm[warp] = st.m;
+    ss[warp] = st.s;
+    sa[warp] = st.a;
+  }
+  __syncthreads();
+  st = lane < warps ? Lse<T>{sm[lane], ss[lane], sa[lane]} : lse_empty<T>();
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    Lse<T> o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
+             __shfl_xor_sync(0xffffffffu, st.a, off)};
+    st = lse_merge(st, o);
+  }
+  return st;
+}
+
+// Folds the chunk's state into the running one in global memory; leaves it alone while both maxima are -inf.
+template <typename T>
+__device__ __forceinline__ void fold_into(const Lse<T>& chunk, T* m, T* s, T* a) {
+  const Lse<T> run{*m, *s, a != nullptr ? *a : T(0)};
+  const T mn = run.m > chunk.m ? run.m : chunk.m;
+  if (mn == -INFINITY) return;
+  const T sr = exp_t(run.m - mn), sc = exp_t(chunk.m - mn);
+  *s = run.s * sr + chunk.s * sc;
+  if (a != nullptr) *a = run.a * sr + chunk.a * sc;
+  *m = mn;
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads)
+    stats_fwd_kernel(const T* __restrict__ z, int64_t ldz, const T* __restrict__ r, int64_t ldr, int64_t vc,
+                     int64_t v_offset, T inv_temp, const int64_t* __restrict__ targets, T* m, T* s, T* a, T* mr,
+                     T* sr, T* tgt) {
+  const int64_t i = blockIdx.x;
+  const T* zi = z + i * ldz;
+  const T* ri = MODE == kExactKl ? r + i * ldr : nullptr;
+  Lse<T> st = lse_empty<T>(), st_r = lse_empty<T>();
+  for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
+    const T x = zi[j] * inv_temp;
+    if (MODE == kLogprob) {
+      lse_push(st, x, T(0));
+    } else if (MODE == kEntropy) {
+      lse_push(st, x, x);
+    } else {
+      const T y = ri[j] * inv_temp;
+      lse_push(st, x, x - y);
+      lse_push(st_r, y, T(0));
+    }
+  }
+  st = block_lse(st);
+  if (MODE == kExactKl) st_r = block_lse(st_r);
+  if (threadIdx.x != 0) return;
+  fold_into(st, m + i, s + i, MODE == kLogprob ? nullptr : a + i);
+  if (MODE == kExactKl) fold_into(st_r, mr + i, sr + i, static_cast<T*>(nullptr));
+  if (MODE == kLogprob && targets != nullptr && tgt != nullptr) {
+    const int64_t t = targets[i] - v_offset;
+    if (targets[i] >= 0 && t >= 0 && t < vc) tgt[i] = zi[t] * inv_temp;
+  }
+}
+
+// out may alias z (in-place backward): every thread reads element j before writing element j only.
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads)
+    grad_kernel(const T* z, int64_t ldz, const T* __restrict__ r, int64_t ldr, T* out, int64_t ldo, int64_t vc,
+                int64_t v_offset, T inv_temp, const int64_t* __restrict__ targets, const T* __restrict__ lse,
+                const T* __restrict__ lse_r, const T* __restrict__ aux, const T* __restrict__ g) {
+  const int64_t i = blockIdx.x;
+  const T* zi = z + i * ldz;
+  T* oi = out + i * ldo;
+  const T l = lse[i];
+  const T c = g[i] * inv_temp;
+  // Ignored rows (negative targets) and targets outside this chunk match no column.
+  const int64_t t = MODE == kLogprob && targets != nullptr && targets[i] >= 0 ? targets[i] - v_offset : -1;
+  const T h = MODE == kLogprob ? T(0) : aux[i];
+  const T lr = MODE == kExactKl ? lse_r[i] : T(0);
+  const T* ri = MODE == kExactKl ? r + i * ldr : nullptr;
+  for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
+    const T lp = zi[j] * inv_temp - l;
+    const T p = exp_t(lp);
+    T v;
+    if (MODE == kLogprob) {
+      v = c * ((j == t ? T(1) : T(0)) - p);
+    } else if (MODE == kEntropy) {
+      v = p > T(0) ? -c * p * (lp + h) : T(0);
+    } else {
+      v = p > T(0) ? c * p * (lp - (ri[j] * inv_temp - lr) - h) : T(0);
+    }
+    oi[j] = v;
+  }
+}
+
+template <typename T, int MODE>
+void launch_stats(uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, int64_t n, int64_t vc, int64_t v_offset,
+                  double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t s, uintptr_t a, uintptr_t mr,
+                  uintptr_t sr, uintptr_t tgt, cudaStream_t stream) {
+  stats_fwd_kernel<T, MODE><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+      cptr<T>(z), ldz, cptr<T>(r), ldr, vc, v_offset, T(inv_temp), cptr<int64_t>(targets), mptr<T>(m), mptr<T>(s),
+      mptr<T>(a), mptr<T>(mr), mptr<T>(sr), mptr<T>(tgt));
+}
+
+template <typename T, int MODE>
+void launch_grad(uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, uintptr_t out, int64_t ldo, int64_t n,
+                 int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t lse, uintptr_t lse_r,
+                 uintptr_t aux, uintptr_t g, cudaStream_t stream) {
+  grad_kernel<T, MODE><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+      cptr<T>(z), ldz, cptr<T>(r), ldr, mptr<T>(out), ldo, vc, v_offset, T(inv_temp), cptr<int64_t>(targets),
+      cptr<T>(lse), cptr<T>(lse_r), cptr<T>(aux), cptr<T>(g));
+}
+
+// One grid row per logits row: grid.x is limited to 2^31 - 1 blocks.
+void check_rows(int64_t n) {
+  if (n > int64_t(0x7fffffff)) throw std::invalid_argument("n must be < 2^31 rows per call, got " + std::to_string(n));
+}
+
+}  // namespace
+
+void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream) {
+  check_softmax_mode(mode);
+  check_rows(n);
+  if (n <= 0 || vc <= 0) return;
+  DeviceGuard guard(m);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* fn = mode == kLogprob ? &launch_stats<T, kLogprob>
+               : mode == kEntropy ? &launch_stats<T, kEntropy>
+                                  : &launch_stats<T, kExactKl>;
+    fn(z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt, as_stream(stream));
+  });
+  check_launch("softmax_stats_fwd");
+}
+
+void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream) {
+  check_softmax_mode(mode);
+  check_rows(n);
+  if (n <= 0 || vc <= 0) return;
+  DeviceGuard guard(out);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* fn = mode == kLogprob ? &launch_grad<T, kLogprob>
+               : mode == kEntropy ? &launch_grad<T, kEntropy>
+                                  : &launch_grad<T, kExactKl>;
+    fn(z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g, as_stream(stream));
+  });
+  check_launch("softmax_grad");
+}
+
+}  // namespace ra3::cuda

@@ -1,0 +1,129 @@
+// The torch-free boundary of ra3._C: every kernel entry point, CPU and CUDA, as plain C++ declarations.
+//
+// Conventions (the Python side, ra3/ops/_kernels.py, validates everything before calling):
+//   * a pointer is a `uintptr_t` (Python int from tensor.data_ptr()); 0 means "absent";
+//   * `dtype` 0 = float32, 1 = float64: every floating buffer of one call has that dtype and all arithmetic and
+//     accumulation happens in it; index buffers (targets, segment ids, group ids) are int64;
+//   * buffers are contiguous unless a leading dimension `ld*` (in elements) is given;
+//   * CUDA twins take the same arguments plus a final `stream` (a cudaStream_t as an integer, 0 = default stream),
+//     launch asynchronously on it and throw std::runtime_error on a launch error.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace ra3 {
+
+// Softmax-over-vocabulary modes shared by softmax_stats_fwd and softmax_grad.
+enum SoftmaxMode : int { kLogprob = 0, kEntropy = 1, kExactKl = 2 };
+// Normalisations of group_adv_* and aggregations of policy_loss_fwd.
+enum GroupNormalize : int { kNormNone = 0, kNormMean = 1, kNormStd = 2, kNormRloo = 3 };
+enum Aggregation : int { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2 };
+
+inline void check_dtype(int dtype) {
+  if (dtype != 0 && dtype != 1)
+    throw std::invalid_argument("dtype must be 0 (float32) or 1 (float64), got " + std::to_string(dtype));
+}
+
+inline void check_softmax_mode(int mode) {
+  if (mode < kLogprob || mode > kExactKl)
+    throw std::invalid_argument("mode must be 0 (logprob), 1 (entropy) or 2 (exact KL), got " + std::to_string(mode));
+}
+
+inline void check_estimator(int estimator) {
+  if (estimator < 1 || estimator > 3)
+    throw std::invalid_argument("estimator must be 1 (k1), 2 (k2) or 3 (k3), got " + std::to_string(estimator));
+}
+
+inline void check_normalize(int normalize) {
+  if (normalize < kNormNone || normalize > kNormRloo)
+    throw std::invalid_argument("normalize must be 0 (none), 1 (mean), 2 (std) or 3 (rloo), got " +
+                                std::to_string(normalize));
+}
+
+inline void check_aggregation(int aggregation) {
+  if (aggregation < kTokenMean || aggregation > kSeqMeanTokenMean)
+    throw std::invalid_argument(
+        "aggregation must be 0 (token-mean), 1 (seq-mean-token-sum) or 2 (seq-mean-token-mean), got " +
+        std::to_string(aggregation));
+}
+
+// Typed views of the integer addresses that cross the Python boundary.
+template <typename T>
+const T* cptr(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <typename T>
+T* mptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// Calls fn.template operator()<T>() with T = float or double from the dtype tag.
+template <typename Fn>
+void dispatch_dtype(int dtype, Fn&& fn) {
+  check_dtype(dtype);
+  if (dtype == 0)
+    fn(float{});
+  else
+    fn(double{});
+}
+
+#define RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD                                                                      \
+  int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, int64_t n, int64_t vc,          \
+      int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t s, uintptr_t a,         \
+      uintptr_t mr, uintptr_t sr, uintptr_t tgt
+#define RA3_KERNEL_ARGS_SOFTMAX_GRAD                                                                           \
+  int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, uintptr_t out, int64_t ldo,      \
+      int64_t n, int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t lse,           \
+      uintptr_t lse_r, uintptr_t aux, uintptr_t g
+#define RA3_KERNEL_ARGS_SEGMENT_SUM_FWD \
+  int dtype, uintptr_t values, uintptr_t ids, int64_t n, int64_t num_segments, uintptr_t out
+#define RA3_KERNEL_ARGS_SEGMENT_SUM_BWD int dtype, uintptr_t grad_out, uintptr_t ids, int64_t n, uintptr_t grad_values
+#define RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD \
+  int dtype, int estimator, uintptr_t lp, uintptr_t ref, int64_t n, uintptr_t out
+#define RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD \
+  int dtype, int estimator, uintptr_t lp, uintptr_t ref, uintptr_t g, int64_t n, uintptr_t grad_lp
+#define RA3_KERNEL_ARGS_GROUP_ADV_FWD                                                                          \
+  int dtype, uintptr_t rewards, uintptr_t gids, int64_t n, int64_t num_groups, int normalize, double eps,   \
+      uintptr_t out, uintptr_t mean, uintptr_t std_out
+#define RA3_KERNEL_ARGS_GROUP_ADV_BWD                                                                          \
+  int dtype, uintptr_t rewards, uintptr_t gids, int64_t n, int64_t num_groups, int normalize, double eps,   \
+      uintptr_t mean, uintptr_t std_in, uintptr_t g, uintptr_t grad_r
+#define RA3_KERNEL_ARGS_POLICY_LOSS_FWD                                                                        \
+  int dtype, int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, int adv_per_token,           \
+      uintptr_t mask, uintptr_t ref, double kl_coef, int kl_estimator, double clip_low, double clip_high,   \
+      int aggregation, uintptr_t loss_out, uintptr_t grad_lp, uintptr_t stats_out
+
+namespace cpu {
+void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD);
+void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD);
+void segment_sum_fwd(RA3_KERNEL_ARGS_SEGMENT_SUM_FWD);
+void segment_sum_bwd(RA3_KERNEL_ARGS_SEGMENT_SUM_BWD);
+void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD);
+void kl_estimator_bwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD);
+void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD);
+void group_adv_bwd(RA3_KERNEL_ARGS_GROUP_ADV_BWD);
+void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD);
+}  // namespace cpu
+
+#ifdef RA3_WITH_CUDA
+namespace cuda {
+void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream);
+void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream);
+void segment_sum_fwd(RA3_KERNEL_ARGS_SEGMENT_SUM_FWD, uintptr_t stream);
+void segment_sum_bwd(RA3_KERNEL_ARGS_SEGMENT_SUM_BWD, uintptr_t stream);
+void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD, uintptr_t stream);
+void kl_estimator_bwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD, uintptr_t stream);
+void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD, uintptr_t stream);
+void group_adv_bwd(RA3_KERNEL_ARGS_GROUP_ADV_BWD, uintptr_t stream);
+void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD, uintptr_t stream);
+// The CUDA runtime version this module was built against (e.g. 13000), for build_info().
+int runtime_version();
+// True when a driver is installed whose CUDA version is at least the runtime's major version (the runtime is
+// linked statically, so an older driver cannot run the kernels); creates no context.
+bool driver_supports_runtime();
+}  // namespace cuda
+#endif
+
+}  // namespace ra3

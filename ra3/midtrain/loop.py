@@ -1,0 +1,310 @@
+"""The RA3 EM loop, top to bottom: per round, E-step (RL over latents), annotate + ELBO, M-step (NTP on the
+annotated code), held-out NTP loss. ``objective='ntp'`` runs the baseline: the same M-step budget on plain code.
+
+Resumable: ``DIR/checkpoints/<objective>/latest.pt`` holds the weights, the optimizer, the reference policy, the
+annotations and the position in the loop; every random draw is seeded by (seed, objective, round, phase,
+step), so a resumed run writes the same metrics as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from ra3.data.corpus import load_code_corpus
+from ra3.data.sequences import DecisionTokens, Document, annotated_text, build_sequence, tokenize_documents
+from ra3.midtrain.config import MidtrainConfig
+from ra3.midtrain.e_step import annotate, e_step
+from ra3.midtrain.m_step import heldout_ntp_loss, m_step
+from ra3.midtrain.records import MetricsWriter, load_checkpoint, save_checkpoint, summary_table
+from ra3.midtrain.rollout import HFGenerator
+from ra3.midtrain.scoring import HeadRows, output_head
+
+# config fields that may change between a run and its resumption without changing what it computes
+_RESUME_FREE_FIELDS = ("out", "resume", "stop_after_steps", "progress", "checkpoint_every", "num_samples")
+
+
+class StopRun(Exception):
+    """Raised when ``stop_after_steps`` optimizer steps have run (a planned interruption)."""
+
+
+def step_seed(*parts) -> int:
+    """A stable 31-bit seed from any JSON-able parts (Python's hash() is salted per process; crc32 is not)."""
+    return zlib.crc32(json.dumps(parts).encode()) & 0x7FFFFFFF
+
+
+def prepare_documents(cfg: MidtrainConfig, tokenizer) -> tuple[list[Document], list[Document]]:
+    """(training documents, held-out documents): corpus -> actions -> tokens, shuffled by seed, then split."""
+    try:
+        texts = load_code_corpus(cfg.corpus, text_column=cfg.text_column, split=cfg.split, limit=cfg.corpus_limit)
+    except (ValueError, TypeError, ImportError) as exc:
+        name = "text_column" if "text_column" in str(exc) else "corpus"
+        raise ValueError(f"config field {name!r}: {exc}") from exc
+    docs = tokenize_documents(texts, tokenizer, unit=cfg.action_unit, max_actions=cfg.max_actions,
+                              max_action_tokens=cfg.max_action_tokens)
+    if len(docs) < 2:
+        raise ValueError(f"config field 'corpus': {len(docs)} usable document(s) after splitting into actions; "
+                         f"need at least 2")
+    random.Random(cfg.seed).shuffle(docs)
+    n_held = min(int(round(len(docs) * cfg.heldout_fraction)), len(docs) - 1)
+    if cfg.heldout_fraction > 0:
+        n_held = max(n_held, 1)
+    return docs[n_held:], docs[:n_held]
+
+
+def _batch_indices(n: int, batch_size: int, step: int, *seed_parts) -> list[int]:
+    """Indices of M-step batch ``step``: consecutive slices of a stream of seeded permutations of range(n)."""
+    out, start = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(*seed_parts, epoch)))
+        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+    return out
+
+
+def _check_resumable(saved: dict, cfg: MidtrainConfig) -> None:
+    now = cfg.to_dict()
+    diff = sorted(k for k in now if k not in _RESUME_FREE_FIELDS and saved["config"].get(k) != now[k])
+    if diff:
+        raise ValueError(f"config field(s) {diff} differ from the checkpoint in {cfg.out!r}; resume with the same "
+                         f"config, or pass --resume false (starts over) or a new --out")
+
+
+def run_midtrain(cfg: MidtrainConfig) -> dict:
+    """Run (or resume) the configured objective(s) to completion. Returns {'status', 'out', 'records', 'table'}."""
+    cfg.validate()
+    out = Path(cfg.out)
+    objectives = ["ra3", "ntp"] if cfg.objective == "both" else [cfg.objective]
+    if not cfg.resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    saved = {o: load_checkpoint(out / "checkpoints" / o) if cfg.resume else None for o in objectives}
+    keep = 0  # metrics lines that the checkpoint we resume from had written
+    for o in objectives:
+        if saved[o] is None:
+            break
+        _check_resumable(saved[o], cfg)
+        keep = saved[o]["metrics_lines"]
+        if not saved[o]["progress"]["done"]:
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    print(f"ra3 midtrain: config ({out / 'config.yaml'})\n{cfg.to_yaml()}", flush=True)
+    writer = MetricsWriter(out, keep_lines=keep)
+    budget = {"steps": 0}
+    status = "completed"
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads:
+        # tiny matmuls gain nothing from a second thread, and OpenMP spin-waits collapse on a busy machine
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        for o in objectives:
+            if saved[o] is not None and saved[o]["progress"]["done"]:
+                print(f"ra3 midtrain: {o} already complete in {out}; skipping", flush=True)
+                continue
+            _run_objective(o, cfg, out, writer, saved[o], budget)
+    except StopRun:
+        status = "stopped"
+        print(f"ra3 midtrain: stopped after {budget['steps']} steps (stop_after_steps); rerun to resume",
+              flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    records = writer.records()
+    table = summary_table(records)
+    (out / "summary.md").write_text(table + "\n", encoding="utf-8")
+    print(f"\n{table}\n\nmetrics: {writer.path}", flush=True)
+    return {"status": status, "out": str(out), "records": records, "table": table}
+
+
+def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: MetricsWriter, saved: dict | None,
+                   budget: dict) -> None:
+    from tqdm.auto import tqdm
+
+    from ra3.models import ensure_decision_tokens, load_model
+
+    ra3 = objective == "ra3"
+    try:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    except ValueError as exc:
+        name = "device" if str(exc).startswith("device") else "model"
+        raise ValueError(f"config field {name!r}: {exc}") from exc
+    ensure_decision_tokens(model, tokenizer)
+    tokens = DecisionTokens.from_tokenizer(tokenizer)
+    weight = output_head(model)[0]
+    head = HeadRows(tokens, weight.shape[0], weight.device)
+    train_docs, heldout_docs = prepare_documents(cfg, tokenizer)
+    heldout_plain = [build_sequence(d, tokens) for d in heldout_docs]
+    generator = HFGenerator(model, tokens, max_rationale_tokens=cfg.max_rationale_tokens,
+                            temperature=cfg.rollout_temperature, batch_size=cfg.rollout_batch_size,
+                            progress=cfg.progress)
+    ckpt_dir = out / "checkpoints" / objective
+    first_phase = "e_step" if ra3 else "annotate"
+    p = {"iteration": 0, "phase": first_phase, "phase_step": 0, "step": 0, "done": False, "acc": {}}
+    ref_state = opt_state = annotations = None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        p, ref_state, opt_state, annotations = saved["progress"], saved["ref"], saved["optimizer"], saved["annotations"]
+        print(f"ra3 midtrain: resuming {objective} at round {p['iteration']}, {p['phase']} step {p['phase_step']}",
+              flush=True)
+    live = {"ref": None, "opt": None}
+
+    def checkpoint():
+        save_checkpoint(ckpt_dir, {
+            "config": cfg.to_dict(), "progress": copy.deepcopy(p), "model": model.state_dict(),
+            "ref": live["ref"].state_dict() if live["ref"] is not None else None,
+            "optimizer": live["opt"].state_dict() if live["opt"] is not None else None,
+            "annotations": annotations, "metrics_lines": writer.lines})
+
+    def finish_step(record: dict):
+        p["step"] += 1
+        p["phase_step"] += 1
+        budget["steps"] += 1
+        writer.write({"kind": "step", "objective": objective, "iteration": p["iteration"], "phase": p["phase"],
+                      "step": p["step"], "phase_step": p["phase_step"], **record})
+        bar.update(1)
+        if p["phase_step"] % cfg.checkpoint_every == 0:
+            checkpoint()
+        if cfg.stop_after_steps is not None and budget["steps"] >= cfg.stop_after_steps:
+            raise StopRun
+
+    def optimizer(lr, state):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        if state is not None:
+            opt.load_state_dict(state)
+        return opt
+
+    steps_per_round = (cfg.e_steps if ra3 else 0) + cfg.m_steps
+    bar = tqdm(total=cfg.em_iterations * steps_per_round, initial=p["step"], desc=f"midtrain {objective}",
+               unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        while p["iteration"] < cfg.em_iterations:
+            it = p["iteration"]
+            seed = (cfg.seed, objective, it)
+            rng = random.Random(step_seed(*seed, "annotate-docs"))
+            round_docs = train_docs if cfg.annotate_docs is None or cfg.annotate_docs >= len(train_docs) else \
+                rng.sample(train_docs, cfg.annotate_docs)
+
+            # ---- E-step: RL over latents (q = the policy; the reference is the policy at the round's start)
+            if p["phase"] == "e_step":
+                live["ref"] = copy.deepcopy(model).eval() if cfg.kl_coef > 0 else None
+                if ref_state is not None and live["ref"] is not None:
+                    live["ref"].load_state_dict(ref_state)
+                for prm in (live["ref"].parameters() if live["ref"] is not None else ()):
+                    prm.requires_grad_(False)
+                live["opt"] = optimizer(cfg.e_lr, opt_state)
+                ref_state = opt_state = None
+                while p["phase_step"] < cfg.e_steps:
+                    s = p["phase_step"]
+                    perm = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(
+                        step_seed(*seed, "e_step-docs", s)))
+                    docs = [train_docs[i] for i in perm[:cfg.e_docs_per_step].tolist()]
+                    m = e_step(model, live["ref"], live["opt"], docs, generator, head, tokens, cfg,
+                               seed=step_seed(*seed, "e_step", s))
+                    acc = p["acc"]
+                    acc["estep_return_sum"] = acc.get("estep_return_sum", 0.0) + m["return_mean"]
+                    acc["estep_advantage_abs_sum"] = acc.get("estep_advantage_abs_sum", 0.0) + m["advantage_abs_mean"]
+                    acc["estep_tokens"] = acc.get("estep_tokens", 0) + m["tokens"]
+                    acc["estep_time"] = acc.get("estep_time", 0.0) + m["time_s"]
+                    acc["estep_steps"] = acc.get("estep_steps", 0) + 1
+                    bar.set_postfix(ret=f"{m['return_mean']:.1f}", thinks=f"{m['thinks_per_100_lines']:.0f}%")
+                    finish_step(m)
+                live["ref"] = live["opt"] = None
+                p["phase"], p["phase_step"] = "annotate", 0
+                checkpoint()
+
+            # ---- annotate the round's documents with q, and the ELBO on them (RA3); plain code for NTP
+            if p["phase"] == "annotate":
+                if ra3:
+                    annotations, parts, tps = annotate(model, generator, round_docs, head, tokens, cfg,
+                                                       seed=step_seed(*seed, "annotate"))
+                    lines, thinks = float(parts["num_lines"].sum()), float(parts["thinks"].sum())
+                    p["acc"].update({
+                        "elbo": float(parts[f"elbo_{cfg.kl_form}"].mean()),
+                        "elbo_fixed": float(parts["elbo_fixed"].mean()),
+                        "elbo_exact": float(parts["elbo_exact"].mean()),
+                        "expert_loglik": float(parts["expert_loglik"].mean()),
+                        "expert_loglik_per_token": float(parts["expert_loglik"].sum() / parts["code_tokens"].sum()),
+                        "thinks_per_100_lines": 100.0 * thinks / max(lines, 1.0),
+                        "rationale_len_mean": float(parts["rationale_tokens"].sum()) / max(thinks, 1.0),
+                        "cost_paid": float(parts["cost_paid"].mean()),
+                        "kl_decision": float(parts["kl_decision"].mean()),
+                        "kl_comment": float(parts["kl_comment"].mean()),
+                        "annotate_tokens_per_s": tps})
+                    _write_samples(out / "samples" / f"{objective}-iter{it}.md", round_docs, annotations, parts,
+                                   tokenizer, cfg.num_samples)
+                else:
+                    annotations = [{} for _ in round_docs]
+                p["phase"], p["phase_step"] = "m_step", 0
+                checkpoint()
+
+            # ---- M-step: NTP on the annotated documents (or on plain code for the baseline)
+            if p["phase"] == "m_step":
+                data = [build_sequence(d, tokens, c) for d, c in zip(round_docs, annotations)]
+                live["opt"] = optimizer(cfg.m_lr, opt_state)
+                opt_state = None
+                while p["phase_step"] < cfg.m_steps:
+                    s = p["phase_step"]
+                    idx = _batch_indices(len(data), cfg.m_batch_size, s, *seed, "m_step")
+                    m = m_step(model, live["opt"], [data[i] for i in idx], pad_id=tokens.pad_id,
+                               max_rationale_tokens=cfg.max_rationale_tokens, tokens=cfg.mstep_tokens,
+                               grad_clip=cfg.grad_clip, backend=cfg.ops_backend)
+                    acc = p["acc"]
+                    acc["mstep_loss_last"] = m["loss"]
+                    acc["mstep_tokens"] = acc.get("mstep_tokens", 0) + m["tokens"]
+                    acc["mstep_time"] = acc.get("mstep_time", 0.0) + m["time_s"]
+                    bar.set_postfix(loss=f"{m['loss']:.3f}")
+                    finish_step(m)
+                live["opt"] = None
+
+                # ---- end of round: held-out NTP loss, the round's record
+                acc = p["acc"]
+                n_e = acc.get("estep_steps", 0)
+                record = {
+                    "kind": "iteration", "objective": objective, "iteration": it, "step": p["step"],
+                    "elbo": acc.get("elbo"), "elbo_fixed": acc.get("elbo_fixed"),
+                    "elbo_exact": acc.get("elbo_exact"), "expert_loglik": acc.get("expert_loglik"),
+                    "expert_loglik_per_token": acc.get("expert_loglik_per_token"),
+                    "thinks_per_100_lines": acc.get("thinks_per_100_lines", 0.0),
+                    "rationale_len_mean": acc.get("rationale_len_mean", 0.0),
+                    "cost_paid": acc.get("cost_paid", 0.0), "kl_decision": acc.get("kl_decision"),
+                    "kl_comment": acc.get("kl_comment"),
+                    "estep_return_mean": acc["estep_return_sum"] / n_e if n_e else None,
+                    "estep_advantage_abs_mean": acc["estep_advantage_abs_sum"] / n_e if n_e else None,
+                    "mstep_loss": acc.get("mstep_loss_last"),
+                    "heldout_ntp_loss": heldout_ntp_loss(model, heldout_plain, pad_id=tokens.pad_id,
+                                                         batch_size=cfg.eval_batch_size, backend=cfg.ops_backend),
+                    "estep_tokens_per_s": acc["estep_tokens"] / acc["estep_time"] if n_e else None,
+                    "mstep_tokens_per_s": (acc["mstep_tokens"] / acc["mstep_time"]) if acc.get("mstep_time")
+                    else None,
+                    "annotate_tokens_per_s": acc.get("annotate_tokens_per_s"),
+                }
+                writer.write(record)
+                p.update({"iteration": it + 1, "phase": first_phase, "phase_step": 0, "acc": {}})
+                annotations = None
+                checkpoint()
+        final = out / objective / "final"
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        p["done"] = True
+        checkpoint()
+    finally:
+        bar.close()
+
+
+def _write_samples(path: Path, docs, annotations, parts, tokenizer, n: int) -> None:
+    """The first ``n`` annotated documents, as code with their comment lines, and each one's ELBO terms."""
+    if n == 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = [f"# Annotated samples ({time.strftime('%Y-%m-%d %H:%M:%S')})\n"]
+    for i in range(min(n, len(docs))):
+        chunks.append(f"## document {i}: {int(parts['thinks'][i])} thinks, expert loglik "
+                      f"{float(parts['expert_loglik'][i]):.2f}, ELBO (fixed) {float(parts['elbo_fixed'][i]):.2f}, "
+                      f"ELBO (exact) {float(parts['elbo_exact'][i]):.2f}\n\n```python\n"
+                      f"{annotated_text(docs[i], tokenizer, annotations[i])}```\n")
+    path.write_text("\n".join(chunks), encoding="utf-8")

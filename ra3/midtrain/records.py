@@ -1,0 +1,80 @@
+"""What a run writes: metrics.jsonl (+ TensorBoard when installed), checkpoints, samples, the summary table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_FILE = "latest.pt"
+
+
+class MetricsWriter:
+    """Appends one JSON record per line to ``out/metrics.jsonl``; mirrors scalars to TensorBoard if available."""
+
+    def __init__(self, out: Path, *, keep_lines: int = 0):
+        self.path = Path(out) / "metrics.jsonl"
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True) if self.path.exists() else []
+        # resuming: drop what was written after the checkpoint we resume from, so records are not duplicated
+        self.path.write_text("".join(lines[:keep_lines]), encoding="utf-8")
+        self.lines = min(keep_lines, len(lines))
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(out) / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+        self.lines += 1
+        if self._tb is not None:
+            tag = f"{record.get('objective', 'run')}/{record.get('kind', 'step')}"
+            x = record.get("step" if record.get("kind") == "step" else "iteration", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "iteration"):
+                    self._tb.add_scalar(f"{tag}/{k}", v, x)
+            self._tb.flush()
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def save_checkpoint(directory: Path, state: dict) -> None:
+    """Atomically write ``state`` (tensors and plain data) to ``directory/latest.pt``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+
+
+def load_checkpoint(directory: Path) -> dict | None:
+    path = directory / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def summary_table(records: list[dict]) -> str:
+    """Markdown table of the iteration records: ELBO per iteration (RA3) and held-out NTP loss (both modes)."""
+    cols = [("objective", "objective", "{}"), ("iteration", "iter", "{}"), ("elbo", "ELBO (nats/doc)", "{:.2f}"),
+            ("expert_loglik", "expert loglik", "{:.2f}"), ("thinks_per_100_lines", "thinks/100 lines", "{:.1f}"),
+            ("rationale_len_mean", "rationale len", "{:.1f}"), ("estep_return_mean", "E-step return", "{:.2f}"),
+            ("mstep_loss", "M-step loss", "{:.4f}"), ("heldout_ntp_loss", "held-out NTP loss", "{:.4f}")]
+    rows = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in records:
+        if r.get("kind") != "iteration":
+            continue
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append("-" if v is None else fmt.format(v))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
