@@ -4,8 +4,9 @@
     ra3 bench ...                                  (the same, from an editable install)
 
 Each (op, implementation) runs in a fresh subprocess, so its peak memory is its own: on CUDA the allocator's
-``max_memory_allocated``, on CPU the growth of the process's peak resident set (``ru_maxrss``) over the
-inputs. Peak extra memory therefore counts everything the forward+backward allocates, gradients included.
+``max_memory_allocated``, on CPU the growth of the process's peak resident set over its resident set with the
+inputs in place (the kernel's high-water mark VmHWM, reset through /proc/self/clear_refs just before the step;
+``ru_maxrss`` where that is not possible). Peak extra memory therefore counts everything the forward+backward allocates, gradients included.
 Writes ``benchmarks/results/ops-<device>-<date>.json`` and ``.md`` with the command, device and versions.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ PRESETS = {
     "cpu": {
         "linear_logprobs": [dict(N=2048, H=512, V=32000)],
         "linear_entropy": [dict(N=2048, H=512, V=32000)],
+        "linear_cross_entropy": [dict(N=2048, H=512, V=32000)],
         "kl": [dict(N=1 << 22)],
         "segment_sum": [dict(N=1 << 22, S=4096)],
         "group_advantages": [dict(N=1 << 20, G=16)],
@@ -36,6 +38,7 @@ PRESETS = {
     "quick": {
         "linear_logprobs": [dict(N=256, H=64, V=2000)],
         "linear_entropy": [dict(N=256, H=64, V=2000)],
+        "linear_cross_entropy": [dict(N=256, H=64, V=2000)],
         "kl": [dict(N=1 << 14)],
         "segment_sum": [dict(N=1 << 14, S=64)],
         "group_advantages": [dict(N=1 << 12, G=8)],
@@ -56,7 +59,7 @@ def _make_case(op: str, shape: dict, device: str, dtype):
     def rand(*s, scale=1.0, grad=False):
         return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
 
-    if op in ("linear_logprobs", "linear_entropy"):
+    if op in ("linear_logprobs", "linear_entropy", "linear_cross_entropy"):
         N, H, V = shape["N"], shape["H"], shape["V"]
 
         def make():
@@ -65,12 +68,16 @@ def _make_case(op: str, shape: dict, device: str, dtype):
 
         def eager(h, w, t):
             logits = (h @ w.T).float()
+            if op == "linear_cross_entropy":
+                return torch.nn.functional.cross_entropy(logits, t)
             logp = torch.log_softmax(logits, -1)
             if op == "linear_logprobs":
                 return logp.gather(1, t[:, None])[:, 0]
             return -(logp.exp() * logp).sum(-1)
 
         def fused(h, w, t, backend):
+            if op == "linear_cross_entropy":
+                return ops.linear_cross_entropy(h, w, t, backend=backend)
             if op == "linear_logprobs":
                 return ops.linear_logprobs(h, w, t, backend=backend)
             return ops.linear_entropy(h, w, backend=backend)
@@ -106,31 +113,73 @@ def _make_case(op: str, shape: dict, device: str, dtype):
     raise ValueError(f"unknown op {op!r}")
 
 
-def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repeats: int) -> dict:
-    """Runs in the child process: returns time (ms, median) and peak extra memory (MiB) of forward+backward."""
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_memory_baseline() -> int:
+    """Resident bytes now, with the peak reset to now: freed temporaries of the input set-up must not hide the
+    step's own peak (they would under a never-reset high-water mark)."""
+    import ctypes
     import resource
 
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so "resident" means "live"
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+        rss = _status_bytes("VmRSS")
+        if rss is not None and _status_bytes("VmHWM") is not None:
+            return rss
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_peak_resident() -> int:
+    import resource
+
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repeats: int) -> dict:
+    """Runs in the child process: returns time (ms, median) and peak extra memory (MiB) of forward+backward."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    make, eager, fused = _make_case(op, shape, device, dtype)
-    if impl == "torch-eager":
-        fn = eager
-    elif impl == "torch-compile":
-        fn = torch.compile(eager)
-    else:
+
+    def implementation(make_case):
+        make, eager, fused = make_case
+        if impl == "torch-eager":
+            return make, eager
+        if impl == "torch-compile":
+            return make, torch.compile(eager, dynamic=False)
         backend = impl.split(":", 1)[1]
+        return make, lambda *a: fused(*a, backend)
 
-        def fn(*a):
-            return fused(*a, backend)
-    inputs = make()
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    def step_of(make, fn):
+        inputs = make()
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
-    def step():
-        for t in leaves:
-            t.grad = None
-        out = fn(*inputs)
-        out.float().sum().backward()
+        def step():
+            for t in leaves:
+                t.grad = None
+            out = fn(*inputs)
+            out.float().sum().backward()
+        return step
+
+    # Warm up on the quick preset's shape first: one-time costs (torch.library's first dispatch of a custom op
+    # holds ~100 MiB, BLAS buffers, thread pools) are process set-up, not the op's memory at the measured shape.
+    step_of(*implementation(_make_case(op, PRESETS["quick"][op][0], device, dtype)))()
+    step = step_of(*implementation(_make_case(op, shape, device, dtype)))
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -138,13 +187,13 @@ def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repe
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _cpu_memory_baseline()
     step()  # first run: compilation for torch.compile, and the memory high-water mark
     sync()
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _cpu_peak_resident() - base
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -6,11 +6,17 @@ BLAS/cuBLAS; the ``ra3._C`` kernels then fold it into an online log-sum-exp (for
 the gradient w.r.t. the logits (backward), which two more GEMMs carry to hidden and weight. The backward
 recomputes each tile instead of storing [N, V]: peak extra memory is one tile, O(N * vc).
 
-Both passes are ``torch.library`` custom ops, so ``torch.compile`` sees them as opaque nodes.
+Both passes are ``torch.library`` custom ops, so ``torch.compile`` sees them as opaque nodes. Their first
+argument is the resolved backend ('cpu', 'cuda' or 'triton') whose tile kernels ``_kernels.call`` runs.
+
+The triton backend has a second design for the linear ops, behind ``TRITON_FUSED_LINEAR``: Triton kernels that
+do the GEMM themselves over (token tile x vocabulary tile) and keep an online log-sum-exp in registers, so no
+logits tile reaches global memory (ra3/kernels/fused_linear.py; benchmarks/NOTES.md compares the two).
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -25,6 +31,10 @@ LOGPROB, ENTROPY, EXACT_KL = 0, 1, 2
 # while leaving the GEMMs large enough to run at full rate.
 TILE_ELEMENTS = 1 << 22
 MIN_CHUNK = 256
+
+# Triton backend only: the fused-matmul design for the linear ops instead of torch GEMM tiles. Off by default
+# until GPU measurements say it wins (none recorded yet); RA3_TRITON_FUSED_LINEAR=1 turns it on.
+TRITON_FUSED_LINEAR = os.environ.get("RA3_TRITON_FUSED_LINEAR", "0") == "1"
 
 
 def chunk_size(n: int, vocab: int) -> int:
@@ -48,10 +58,19 @@ class _Source:
             # A float tile of the right dtype can be read in place through its row stride.
             self.in_place = hidden.dtype == dtype and hidden.stride(1) == 1
         self.n = hidden.shape[0]
+        self._buffer: Optional[Tensor] = None
 
     def tile(self, v0: int, v1: int) -> Tensor:
+        """The tile [N, v1 - v0]. For the linear source it is written into one buffer reused by every call:
+        a fresh GEMM output per chunk would keep two tiles alive (the new one is allocated before the old one
+        is dropped) and fragment the CPU heap, which showed as ~4 extra tiles of peak resident memory."""
         if self.linear:
-            z = self.hidden @ self.weight[v0:v1].to(self.dtype).T
+            width = v1 - v0
+            if self._buffer is None:
+                self._buffer = torch.empty(self.n * width, dtype=self.dtype, device=self.hidden.device)
+            z = self._buffer[:self.n * width].view(self.n, width)
+            w = self.weight[v0:v1]
+            torch.mm(self.hidden, (w if w.dtype == self.dtype else w.to(self.dtype)).T, out=z)
             if self.bias is not None:
                 z += self.bias[v0:v1].to(self.dtype)
             return z
@@ -68,29 +87,40 @@ def _ld(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.stride(0)
 
 
-def forward(mode: int, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp: float):
+def _fused(backend: str, weight) -> bool:
+    return backend == "triton" and weight is not None and TRITON_FUSED_LINEAR
+
+
+def forward(backend: str, mode: int, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+            inv_temp: float):
     """Returns (out[N], lse[N], lse_ref[N]) in the compute dtype; out is the log-prob, entropy or KL."""
     dt = compute_dtype(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    src = _Source(hidden, weight, bias, dt)
-    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if mode == EXACT_KL else None
-    n, vocab, dev = src.n, src.vocab, hidden.device
+    n, dev = hidden.shape[0], hidden.device
+    vocab = hidden.shape[1] if weight is None else weight.shape[0]
     if n == 0:
         return tuple(torch.zeros(0, dtype=dt, device=dev) for _ in range(3))
     m = torch.full((n,), -math.inf, dtype=dt, device=dev)
     s = torch.zeros(n, dtype=dt, device=dev)
     a = torch.zeros(n, dtype=dt, device=dev)
     tgt = torch.zeros(n, dtype=dt, device=dev)
-    mr = torch.full((n,), -math.inf, dtype=dt, device=dev) if ref else None
-    sr = torch.zeros(n, dtype=dt, device=dev) if ref else None
+    kl = mode == EXACT_KL
+    mr = torch.full((n,), -math.inf, dtype=dt, device=dev) if kl else None
+    sr = torch.zeros(n, dtype=dt, device=dev) if kl else None
     code = _kernels.dtype_code(dt)
-    step = chunk_size(n, vocab)
-    p = _kernels.ptr
-    for v0 in range(0, vocab, step):
-        v1 = min(vocab, v0 + step)
-        z = src.tile(v0, v1)
-        r = ref.tile(v0, v1) if ref else None
-        _kernels.call("softmax_stats_fwd", dev, mode, code, p(z), _ld(z), p(r), _ld(r), n, v1 - v0, v0,
-                      inv_temp, p(targets), p(m), p(s), p(a), p(mr), p(sr), p(tgt))
+    if _fused(backend, weight):  # the whole vocabulary in one pass, GEMMs inside the kernel
+        _kernels.call(backend, "linear_softmax_stats_fwd", dev, mode, code, hidden.contiguous(), weight.contiguous(),
+                      bias, ref_hidden.contiguous() if kl else None, ref_weight.contiguous() if kl else None,
+                      ref_bias if kl else None, targets, inv_temp, m, s, a, mr, sr, tgt)
+    else:
+        src = _Source(hidden, weight, bias, dt)
+        ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if kl else None
+        step = chunk_size(n, vocab)
+        for v0 in range(0, vocab, step):
+            v1 = min(vocab, v0 + step)
+            z = src.tile(v0, v1)
+            r = ref.tile(v0, v1) if ref else None
+            _kernels.call(backend, "softmax_stats_fwd", dev, mode, code, z, _ld(z), r, _ld(r), n, v1 - v0, v0,
+                          inv_temp, targets, m, s, a, mr, sr, tgt)
     lse = m + torch.log(s)
     if mode == LOGPROB:
         out = torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse))
@@ -102,8 +132,8 @@ def forward(mode: int, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, t
     return out, lse, torch.empty(0, dtype=dt, device=dev)
 
 
-def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-             targets, inv_temp: float, need_weight_grad: bool):
+def backward(backend: str, mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight,
+             ref_bias, targets, inv_temp: float, need_weight_grad: bool):
     """Gradients (w.r.t. hidden or logits, weight, bias) of sum(grad_out * out); absent ones are empty tensors."""
     dt = lse.dtype
     src = _Source(hidden, weight, bias, dt)
@@ -118,7 +148,6 @@ def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hid
     if mode == LOGPROB:
         g = torch.where(targets >= 0, g, torch.zeros_like(g))
     code = _kernels.dtype_code(dt)
-    p = _kernels.ptr
     aux = out.contiguous() if mode != LOGPROB else None
     lse_r_arg = lse_r if mode == EXACT_KL else None
     if src.linear:
@@ -134,8 +163,8 @@ def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hid
         z = src.tile(v0, v1)
         r = ref.tile(v0, v1) if ref else None
         dst = z if src.linear else grad_logits[:, v0:v1]
-        _kernels.call("softmax_grad", dev, mode, code, p(z), _ld(z), p(r), _ld(r), p(dst), _ld(dst), n, v1 - v0,
-                      v0, inv_temp, p(targets), p(lse), p(lse_r_arg), p(aux), p(g))
+        _kernels.call(backend, "softmax_grad", dev, mode, code, z, _ld(z), r, _ld(r), dst, _ld(dst), n, v1 - v0,
+                      v0, inv_temp, targets, lse, lse_r_arg, aux, g)
         if src.linear:
             grad_hidden.addmm_(dst, weight[v0:v1].to(dt))
             if need_weight_grad:
@@ -150,14 +179,14 @@ def backward(mode: int, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hid
 # --- torch.library registration -------------------------------------------------------------------------------
 
 @torch.library.custom_op("ra3::vocab_softmax", mutates_args=())
-def vocab_softmax_op(mode: int, hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def vocab_softmax_op(backend: str, mode: int, hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
                      targets: Optional[Tensor], inv_temp: float) -> tuple[Tensor, Tensor, Tensor]:
-    return forward(mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp)
+    return forward(backend, mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp)
 
 
 @vocab_softmax_op.register_fake
-def _(mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp):
+def _(backend, mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp):
     dt = compute_dtype(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
@@ -165,16 +194,17 @@ def _(mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv
 
 
 @torch.library.custom_op("ra3::vocab_softmax_backward", mutates_args=())
-def vocab_softmax_backward_op(mode: int, grad_out: Tensor, out: Tensor, lse: Tensor, lse_r: Tensor, hidden: Tensor,
-                              weight: Optional[Tensor], bias: Optional[Tensor], ref_hidden: Optional[Tensor],
-                              ref_weight: Optional[Tensor], ref_bias: Optional[Tensor], targets: Optional[Tensor],
-                              inv_temp: float, need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return backward(mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+def vocab_softmax_backward_op(backend: str, mode: int, grad_out: Tensor, out: Tensor, lse: Tensor, lse_r: Tensor,
+                              hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                              ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
+                              targets: Optional[Tensor], inv_temp: float,
+                              need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return backward(backend, mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                     targets, inv_temp, need_weight_grad)
 
 
 @vocab_softmax_backward_op.register_fake
-def _(mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp,
+def _(backend, mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp,
       need_weight_grad):
     dt = lse.dtype
     if weight is None:
@@ -185,21 +215,22 @@ def _(mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_wei
 
 
 def _setup_context(ctx, inputs, output):
-    mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp = inputs
+    backend, mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp = inputs
     out, lse, lse_r = output
-    ctx.mode, ctx.inv_temp = mode, inv_temp
+    ctx.backend, ctx.mode, ctx.inv_temp = backend, mode, inv_temp
     ctx.need_weight_grad = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
     ctx.save_for_backward(out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_lse_r):
     out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets = ctx.saved_tensors
-    gh, gw, gb = vocab_softmax_backward_op(ctx.mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden,
-                                           ref_weight, ref_bias, targets, ctx.inv_temp, ctx.need_weight_grad)
+    gh, gw, gb = vocab_softmax_backward_op(ctx.backend, ctx.mode, grad_out, out, lse, lse_r, hidden, weight, bias,
+                                           ref_hidden, ref_weight, ref_bias, targets, ctx.inv_temp,
+                                           ctx.need_weight_grad)
     gh = gh.to(hidden.dtype)
     gw = gw.to(weight.dtype) if weight is not None and gw.numel() else None
     gb = gb.to(bias.dtype) if bias is not None and gb.numel() else None
-    return None, gh, gw, gb, None, None, None, None, None
+    return None, None, gh, gw, gb, None, None, None, None, None
 
 
 vocab_softmax_op.register_autograd(_backward, setup_context=_setup_context)
