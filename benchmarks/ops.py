@@ -24,8 +24,19 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# op -> list of shape dicts, per preset. 'cpu' holds the issue's CPU target (N=2048, H=512, V=32000).
+_LINEAR_GPU = [dict(N=n, H=h, V=v) for n in (4096, 16384, 65536) for h in (2048, 4096) for v in (32000, 151936)]
+
+# op -> list of shape dicts, per preset. 'cpu' holds the issue's CPU target (N=2048, H=512, V=32000); 'gpu' the
+# GPU comparison's shapes (run it with --dtype bfloat16).
 PRESETS = {
+    "gpu": {
+        "linear_cross_entropy": _LINEAR_GPU,
+        "linear_logprobs": _LINEAR_GPU,
+        "kl": [dict(N=1 << 28)],
+        "segment_sum": [dict(N=1 << 28, S=1 << 16)],
+        "group_advantages": [dict(N=1 << 26, G=16)],
+        "policy_loss": [dict(B=4096, T=16384)],
+    },
     "cpu": {
         "linear_logprobs": [dict(N=2048, H=512, V=32000)],
         "linear_entropy": [dict(N=2048, H=512, V=32000)],
@@ -45,6 +56,23 @@ PRESETS = {
         "policy_loss": [dict(B=16, T=256)],
     },
 }
+
+
+def _liger(h, w, t):
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss()(w, h, t)
+
+
+def _cce(h, w, t):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, w, t)
+
+
+# Peers' fused linear cross-entropy (mean over tokens, as ra3's linear_cross_entropy), by implementation name.
+PEERS = {"liger": _liger, "cce": _cce}
+_PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
 def _make_case(op: str, shape: dict, device: str, dtype):
@@ -76,6 +104,8 @@ def _make_case(op: str, shape: dict, device: str, dtype):
             return -(logp.exp() * logp).sum(-1)
 
         def fused(h, w, t, backend):
+            if backend in PEERS:
+                return PEERS[backend](h, w, t)
             if op == "linear_cross_entropy":
                 return ops.linear_cross_entropy(h, w, t, backend=backend)
             if op == "linear_logprobs":
@@ -111,6 +141,63 @@ def _make_case(op: str, shape: dict, device: str, dtype):
                 lambda lp, old, adv, m, ref, backend: ops.policy_loss(lp, old, adv, m, ref_logprobs=ref,
                                                                       kl_coef=0.05, backend=backend).loss)
     raise ValueError(f"unknown op {op!r}")
+
+
+def flops(op: str, shape: dict) -> float | None:
+    """FLOPs of the fused linear ops' forward+backward: the three [N, H] x [H, V] GEMMs of eager, 6 N H V."""
+    if op.startswith("linear_"):
+        return 6.0 * shape["N"] * shape["H"] * shape["V"]
+    return None
+
+
+def min_bytes(op: str, shape: dict, itemsize: int) -> float | None:
+    """Bytes a memory-bound op's forward+backward must move at the least (each input read once, each output
+    written once; int64 ids 8 bytes), for its effective bandwidth."""
+    if op == "kl":  # fwd: lp, ref -> kl; bwd: lp, ref, grad -> grad_lp
+        return 7.0 * shape["N"] * itemsize
+    if op == "segment_sum":  # fwd: values, ids -> sums; bwd: grad_sums[ids], ids -> grad_values
+        return 2.0 * shape["N"] * (itemsize + 8)
+    if op == "group_advantages":  # fwd: rewards -> advantages; bwd: grad, rewards -> grad_rewards
+        return 5.0 * shape["N"] * itemsize
+    if op == "policy_loss":  # fwd: lp, old, mask, ref -> grad (saved); bwd: grad -> grad_lp
+        return 7.0 * shape["B"] * shape["T"] * itemsize
+    return None
+
+
+def device_peaks(device: str, dtype_name: str) -> dict:
+    """The device's dense matmul rate (TFLOP/s, in ``dtype``) and copy bandwidth (GB/s, read + write), measured
+    here, so each row can say what fraction of the machine it reached."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    cuda = device == "cuda"
+    n = 8192 if cuda else 2048
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def best(fn, repeats=5):
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    matmul_s = best(lambda: a @ b)
+    del a, b
+    elements = (1 << 28) if cuda else (1 << 25)  # 1 GiB / 128 MiB of float32
+    src = torch.empty(elements, device=device)
+    dst = torch.empty_like(src)
+    copy_s = best(lambda: dst.copy_(src))
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"matmul_tflops": 2 * n ** 3 / matmul_s / 1e12, "matmul_shape": [n, n, n], "matmul_dtype": dtype_name,
+            "copy_gbps": 2 * elements * 4 / copy_s / 1e9, "copy_bytes": elements * 4}
 
 
 def _status_bytes(field: str) -> int | None:
@@ -217,26 +304,44 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _implementations(device: str, with_compile: bool) -> list[str]:
+def _implementations(op: str, device: str, with_compile: bool) -> list[str]:
     from ra3 import ops
 
     impls = ["torch-eager"] + (["torch-compile"] if with_compile else [])
-    return impls + [f"ra3:{b}" for b in ops.available_backends(device) if b != "torch"] + ["ra3:torch"]
+    impls += [f"ra3:{b}" for b in ops.available_backends(device) if b != "torch"] + ["ra3:torch"]
+    if op == "linear_cross_entropy" and device == "cuda":  # the peers' kernels are CUDA-only
+        import importlib.util
+
+        impls += [f"peer:{name}" for name, mod in _PEER_MODULES.items() if importlib.util.find_spec(mod)]
+    return impls
 
 
 def _markdown(report: dict) -> str:
-    rows = ["| op | shape | implementation | fwd+bwd ms (median) | peak extra MiB | speed-up vs eager |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| op | shape | implementation | fwd+bwd ms (median) | peak extra MiB | speed-up vs eager | rate |",
+            "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "error" in r:
-            rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error']} | | |")
+            rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error']} | | | |")
             continue
+        rate = ""
+        if "tflops" in r:
+            rate = f"{r['tflops']:.2f} TFLOP/s" + (f" ({100 * r['matmul_fraction']:.0f}% of matmul)"
+                                                    if "matmul_fraction" in r else "")
+        elif "gbps" in r:
+            rate = f"{r['gbps']:.1f} GB/s" + (f" ({100 * r['copy_fraction']:.0f}% of copy)"
+                                               if "copy_fraction" in r else "")
         rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} "
-                    f"| {r.get('speedup_vs_eager', float('nan')):.2f}x |")
+                    f"| {r.get('speedup_vs_eager', float('nan')):.2f}x | {rate} |")
     head = [f"# ra3 op benchmark: {report['device_name']}", "",
             f"- command: `{report['command']}`", f"- date: {report['date']}",
             f"- versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
-            f"- dtype: {report['dtype']}, repeats: {report['repeats']}, threads: {report['threads']}", ""]
+            f"- dtype: {report['dtype']}, repeats: {report['repeats']}, threads: {report['threads']}"]
+    if report.get("peaks"):
+        p = report["peaks"]
+        head.append(f"- measured peaks: {p['matmul_tflops']:.2f} TFLOP/s {p['matmul_dtype']} matmul "
+                    f"{p['matmul_shape']}, {p['copy_gbps']:.1f} GB/s copy (read + write of {p['copy_bytes'] >> 20} MiB)")
+    head += ["- rate: TFLOP/s of the 6 N H V GEMM FLOPs (linear ops), or GB/s of the least bytes the op must move "
+             "(memory-bound ops)", ""]
     return "\n".join(head + rows) + "\n"
 
 
@@ -248,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--impls", default=None, help="comma-separated subset of implementations, e.g. "
+                        "torch-eager,ra3:cuda,peer:cce")
+    parser.add_argument("--max-shapes", type=int, default=None, help="the first N shapes of each op only")
+    parser.add_argument("--no-peaks", action="store_true", help="skip measuring the device's matmul / copy peak")
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -269,10 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--ops: unknown op(s) {sorted(unknown)}; choose from {sorted(preset)}")
     root = Path(__file__).resolve().parent.parent
+    peaks = None if args.no_peaks else device_peaks(args.device, args.dtype)
+    if peaks:
+        print(f"device peaks: {peaks['matmul_tflops']:.1f} TFLOP/s {args.dtype} matmul, "
+              f"{peaks['copy_gbps']:.1f} GB/s copy", flush=True)
     rows = []
     for op, shapes in wanted.items():
-        for shape in shapes:
-            for impl in _implementations(args.device, not args.no_compile):
+        for shape in shapes[:args.max_shapes]:
+            for impl in _implementations(op, args.device, not args.no_compile):
+                if args.impls and impl not in args.impls.split(","):
+                    continue
                 spec = json.dumps({"op": op, "shape": shape, "impl": impl})
                 cmd = [sys.executable, "-m", "benchmarks.ops", "--child", spec, "--device", args.device,
                        "--dtype", args.dtype, "--repeats", str(args.repeats)]
@@ -289,6 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         eager = next((r for r in rows if r["op"] == row["op"] and r["shape"] == row["shape"]
                       and r["impl"] == "torch-eager" and "time_ms" in r), None)
+        if "time_ms" in row:
+            seconds = row["time_ms"] * 1e-3
+            if flops(row["op"], row["shape"]):
+                row["tflops"] = flops(row["op"], row["shape"]) / seconds / 1e12
+                if peaks:
+                    row["matmul_fraction"] = row["tflops"] / peaks["matmul_tflops"]
+            itemsize = getattr(torch, args.dtype).itemsize
+            if min_bytes(row["op"], row["shape"], itemsize):
+                row["gbps"] = min_bytes(row["op"], row["shape"], itemsize) / seconds / 1e9
+                if peaks:
+                    row["copy_fraction"] = row["gbps"] / peaks["copy_gbps"]
         if eager and "time_ms" in row:
             row["speedup_vs_eager"] = eager["time_ms"] / row["time_ms"]
             row["memory_vs_eager"] = row["peak_extra_mib"] / max(eager["peak_extra_mib"], 1e-9)
@@ -298,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now.isoformat(timespec="seconds"), "device": args.device, "device_name": _device_name(args.device),
         "dtype": args.dtype, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "versions": {"ra3": ra3.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "rows": rows,
+        "peaks": peaks, "rows": rows,
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

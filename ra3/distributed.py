@@ -11,6 +11,13 @@
         dist.save_checkpoint({"model": model, "optimizer": optimizer, "step": step + 1}, ckpt_dir)
     dist.teardown()
 
+Training code that computes a loss outside ``model.forward`` (from the final hidden states and the lm_head weight,
+as ra3's loops do) runs it through ``forward(model, fn)``, so DDP synchronises and FSDP2 gathers for it;
+no-grad work that needs every weight at once (sampling, scoring) runs inside ``with full_params(model) as m``.
+``session``, ``shard`` / ``gather_shards``, ``gather_objects``, ``rank_seed``, ``scale_for_global_mean``,
+``reduce_metrics``, ``clip_grad_norm_``, ``frozen_copy`` and ``save_pretrained`` are the rest of what a loop
+needs.
+
 Backend: NCCL when CUDA is available, else gloo (CPU). Each rank feeds its own slice of the data (e.g.
 ``batch[info.rank::info.world_size]``); DDP averages gradients over ranks, FSDP2 (``fully_shard``) shards
 parameters, gradients and optimizer state over ranks and averages gradients the same way. Checkpoints are
@@ -19,7 +26,11 @@ or strategy, single process included.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
+import weakref
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -98,6 +109,30 @@ def teardown() -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def session(strategy: str, backend: Optional[str] = None):
+    """The process group of one run with ``strategy``: ``setup()`` on entry, ``teardown()`` on exit when this call
+    created the group (a caller that set one up keeps it). Yields the DistInfo.
+
+    Refuses strategy 'none' under a multi-process launch (each process would train alone and write the same
+    run directory): a ValueError that names ``distributed``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed must be one of {STRATEGIES}, got {strategy!r}")
+    world_size = torch.distributed.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy == "none" and world_size > 1:
+        # (the helpers below shard data whenever a group is up: 'none' there would train unsynchronised replicas)
+        raise ValueError(f"distributed='none' but torchrun started {world_size} processes (WORLD_SIZE={world_size}): "
+                         f"pass --distributed ddp or fsdp, or run without torchrun")
+    created = strategy != "none" and not _initialized()
+    info = setup(backend) if strategy != "none" else get_info()
+    try:
+        yield info
+    finally:
+        if created:
+            teardown()
+
+
 def is_main() -> bool:
     """True on rank 0, and in a single process."""
     return not _initialized() or torch.distributed.get_rank() == 0
@@ -133,6 +168,118 @@ def mean_over_ranks(value) -> float:
     return float(t)
 
 
+def shard(items: list) -> list:
+    """This rank's share of ``items``: every world_size-th one from its rank (all of them in a single process)."""
+    if not _initialized():
+        return items
+    return items[torch.distributed.get_rank()::torch.distributed.get_world_size()]
+
+
+def gather_shards(local):
+    """Undo ``shard``: every rank's share (a list, or a tensor split along dim 0) back in the original order, on
+    every rank. The inverse of ``shard(full)`` for any length; ``local`` itself in a single process."""
+    if not _initialized():
+        return local
+    world = torch.distributed.get_world_size()
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, local.cpu() if torch.is_tensor(local) else list(local))
+    n = sum(len(part) for part in parts)
+    if torch.is_tensor(local):
+        out = local.new_empty((n, *local.shape[1:]))
+        for r, part in enumerate(parts):
+            out[r::world] = part.to(out.device)
+        return out
+    out = [None] * n
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def gather_objects(obj) -> list:
+    """[every rank's ``obj``] (picklable), indexed by rank, on every rank; ``[obj]`` in a single process."""
+    if not _initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` in a single process; a distinct, reproducible 31-bit seed per rank otherwise, so ranks sampling
+    with the same seed draw different streams."""
+    if not _initialized():
+        return seed
+    return zlib.crc32(f"{int(seed)}/rank{torch.distributed.get_rank()}".encode()) & 0x7FFFFFFF
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=get_info().device)
+    torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def scale_for_global_mean(loss: torch.Tensor, count) -> torch.Tensor:
+    """``loss``, a mean over this rank's ``count`` items (tokens, sequences), rescaled by
+    world_size * count / (all ranks' count) so that the gradients DDP / FSDP2 average over ranks are the
+    gradients of the mean over every rank's items, as one process on the whole batch would compute them.
+    Unchanged in a single process."""
+    if not _initialized():
+        return loss
+    total = _all_reduce([float(count)])[0]
+    return loss * (torch.distributed.get_world_size() * float(count) / max(total, 1.0))
+
+
+def reduce_metrics(metrics: dict, *, weights: Optional[dict] = None, sums=(), maxes=()) -> dict:
+    """This rank's metrics of a step -> the metrics of the whole global batch, the same on every rank.
+
+    Per numeric key: in ``sums``, summed over ranks (counts); in ``maxes``, the largest (wall-clock seconds:
+    the slowest rank); in ``weights`` (key -> this rank's weight, e.g. its token count for a per-token mean),
+    the mean weighted by it (a rank of weight 0 adds nothing, even a NaN); otherwise the plain mean over ranks.
+    Other values (None, strings, bools) are this rank's. Every rank must call it with the same keys, in the same
+    order (two all_reduces in all). In a single process ``metrics`` is returned as it is.
+    """
+    if not _initialized():
+        return metrics
+    weights = dict(weights or {})
+    numeric = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    unknown = sorted((set(weights) | set(sums) | set(maxes)) - set(numeric))
+    if unknown:
+        raise KeyError(f"reduce_metrics: {unknown} are not numeric entries of metrics")
+    summed = [k for k in numeric if k not in maxes]
+    vec = []
+    for k in summed:
+        v = float(metrics[k])
+        if k in weights:
+            w = float(weights[k])
+            vec += [v * w if w else 0.0, w]
+        else:
+            vec.append(v)
+    world = torch.distributed.get_world_size()
+    totals = iter(_all_reduce(vec) if vec else [])
+    maxed = [k for k in numeric if k in maxes]
+    biggest = dict(zip(maxed, _all_reduce([float(metrics[k]) for k in maxed], torch.distributed.ReduceOp.MAX)
+                       if maxed else []))
+    reduced = {}
+    for k in summed:
+        if k in weights:
+            num, den = next(totals), next(totals)
+            reduced[k] = num / den if den else 0.0
+        elif k in sums:
+            reduced[k] = next(totals)
+        else:
+            reduced[k] = next(totals) / world
+    reduced.update(biggest)
+    out = {}
+    for k, v in metrics.items():
+        if k not in reduced:
+            out[k] = v
+        elif isinstance(v, int) and (k in sums or k in maxes):
+            out[k] = int(round(reduced[k]))  # counts stay integers
+        else:
+            out[k] = reduced[k]
+    return out
+
+
 def _layer_classes(model: torch.nn.Module, layer_classes) -> tuple[type, ...]:
     if layer_classes is not None:
         classes = tuple(layer_classes)
@@ -147,6 +294,32 @@ def _layer_classes(model: torch.nn.Module, layer_classes) -> tuple[type, ...]:
     return classes
 
 
+# FSDP2 models cannot be deep-copied: wrap_model keeps what frozen_copy needs to build a copy sharded the same way
+# (the module structure with parameters on the meta device, and the sharding arguments), keyed by the model.
+_FSDP_SPECS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters are empty meta tensors (no memory); buffers are copied."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _fully_shard(model: torch.nn.Module, classes: tuple, mixed_precision: Optional[torch.dtype]) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    info = get_info()
+    kwargs = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}
+    if mixed_precision is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    for module in list(model.modules()):
+        if module is not model and isinstance(module, classes):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+
+
 def wrap_model(model: torch.nn.Module, strategy: str = "ddp", *, layer_classes=None,
                mixed_precision: Optional[torch.dtype] = None):
     """Move ``model`` to this rank's device and wrap it for data-parallel training.
@@ -157,32 +330,29 @@ def wrap_model(model: torch.nn.Module, strategy: str = "ddp", *, layer_classes=N
     same model object, its parameters now DTensor shards). Embeddings and lm_head stay with the root, so a
     tied lm_head and ra3's fused head (``apply_ra3``) see the whole weight during the forward.
     mixed_precision: FSDP2 parameter dtype for compute (e.g. torch.bfloat16; gradients reduced in float32).
-    In a single process every strategy returns the model on its device, unwrapped.
+    A model without trainable parameters (a frozen reference) has no gradients to synchronise: 'ddp' returns
+    it unwrapped on the rank's device ('fsdp' still shards it, to save memory).
+    In a single process every strategy returns the model unwrapped and where it is (the caller chose its device).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     info = get_info()
+    if not info.distributed:
+        return model
     model = model.to(info.device)
-    if not info.distributed or strategy == "none":
+    if strategy == "none":
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if not any(p.requires_grad for p in model.parameters()):
+            return model
         return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    kwargs = {"mesh": mesh}
-    if mixed_precision is not None:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
     classes = _layer_classes(model, layer_classes)
-    for module in list(model.modules()):
-        if module is not model and isinstance(module, classes):
-            fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)
+    _FSDP_SPECS[model] = (_meta_skeleton(model), classes, mixed_precision)
+    _fully_shard(model, classes, mixed_precision)
     return model
 
 
@@ -193,42 +363,239 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def forward(model: torch.nn.Module, fn):
+    """``fn(module)`` run as ``model``'s forward pass; returns what ``fn`` returns.
+
+    For a loss computed outside ``model.forward`` (say from ``model.get_decoder()`` hidden states and the
+    lm_head weight): under DDP only a forward through the wrapper makes the backward average gradients over
+    ranks, and under FSDP2 only the root's forward gathers the root's parameters (embeddings, norm, lm_head).
+    ``fn`` receives the unwrapped model; a plain model just gets ``fn(model)``. Every rank must call it the
+    same number of times, each followed by a backward of (a function of) the result.
+    """
+    inner = unwrap(model)
+    if inner is model and not _is_fsdp(model):
+        return fn(model)
+
+    def run():
+        out = fn(inner)
+        if not _is_fsdp(inner):
+            return out
+        # FSDP2 hooks the backward on the output tensors; an output that is a view (a stat sliced from a
+        # bigger tensor) would lose that hook to a later in-place op, so hand back copies of views
+        from torch.utils._pytree import tree_map
+
+        return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t._base is not None else t, out)
+
+    missing = object()
+    saved = inner.__dict__.get("forward", missing)
+    inner.forward = run  # shadows the class's forward for this one call
+    try:
+        return model()
+    finally:
+        if saved is missing:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
+@contextlib.contextmanager
+def full_params(model: Optional[torch.nn.Module]):
+    """``with full_params(model) as m``: the unwrapped model with every parameter whole, under ``torch.no_grad()``,
+    for work that calls its parts directly or a data-dependent number of times (sampling, scoring).
+
+    Under FSDP2 every rank must enter together: all parameters are all-gathered once and kept gathered (no
+    per-layer collectives inside, so ranks may run different numbers of forwards), and sharded again on exit.
+    Under DDP it is the ``.module``; a plain model is itself; ``None`` gives ``None``. Gradients taken inside
+    would not be synchronised, hence no_grad.
+    """
+    if model is None:
+        yield None
+        return
+    inner = unwrap(model)
+    with torch.no_grad():
+        if not _is_fsdp(inner) or not _initialized():
+            yield inner
+            return
+        forward(inner, lambda m: None)  # FSDP2 finds its root in the root's first forward; make sure it has
+        modules = _fsdp_modules(inner)
+        inner.set_reshard_after_forward(False)
+        for m in modules:
+            m.unshard()
+        try:
+            yield inner
+        finally:
+            inner.set_reshard_after_forward(True)
+            inner.set_reshard_after_forward(False, recurse=False)  # the root's default
+            for m in modules:
+                m.reshard()
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy (eval mode, no gradients) of ``model``'s current weights, e.g. a reference policy: a deep
+    copy of the plain (DDP: unwrapped) model; under FSDP2 (a model from ``wrap_model``) a copy sharded the same
+    way, so it costs 1/world_size of the memory (read it inside ``full_params``)."""
+    inner = unwrap(model)
+    if not (_is_fsdp(inner) and _initialized()):
+        out = copy.deepcopy(inner).eval()
+        for p in out.parameters():
+            p.requires_grad_(False)
+        return out
+    if inner not in _FSDP_SPECS:
+        raise ValueError("frozen_copy of an FSDP2 model needs one sharded by ra3.distributed.wrap_model")
+    skeleton, classes, mixed_precision = _FSDP_SPECS[inner]
+    out = copy.deepcopy(skeleton)
+    for p in out.parameters():
+        p.requires_grad_(False)
+    _fully_shard(out, classes, mixed_precision)
+    out.to_empty(device=get_info().device)
+    for m in _fsdp_modules(inner):
+        m.reshard()
+    out.load_state_dict(inner.state_dict())  # sharded DTensors into the same sharding: local copies
+    sources = dict(inner.named_buffers())
+    with torch.no_grad():
+        for name, buf in out.named_buffers():
+            buf.copy_(sources[name])  # persistent or not (rotary tables are not in the state dict)
+    return out.eval()
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over ``model``'s parameters; returns the total norm as a plain tensor
+    (FSDP2: over all shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def save_pretrained(model: torch.nn.Module, directory, *others) -> None:
+    """Hugging Face ``save_pretrained(directory)`` of the whole model (gathered under FSDP2) and of ``others``
+    (e.g. the tokenizer), written by rank 0. Every rank must call it."""
+    inner = unwrap(model)
+    if not _initialized():
+        inner.save_pretrained(directory)
+        for o in others:
+            o.save_pretrained(directory)
+        return
+    state = None
+    if _is_fsdp(inner):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        for m in _fsdp_modules(inner):
+            m.reshard()
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main():
+        if state is None:
+            inner.save_pretrained(directory)
+        else:
+            inner.save_pretrained(directory, state_dict=state)
+        for o in others:
+            o.save_pretrained(directory)
+    barrier()
+
+
+class _Opaque:
+    """One picklable checkpoint entry kept whole: torch.distributed.checkpoint would flatten a nested dict into
+    per-leaf keys (and drop empty ones), which a later load could not name in advance."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+
 class _TrainState:
-    """A torch.distributed.checkpoint Stateful over {'model', 'optimizer', extra entries}."""
+    """A torch.distributed.checkpoint Stateful over {'model', 'optimizer', other modules, extra entries}."""
 
     def __init__(self, state: dict):
         if not isinstance(state, dict) or not isinstance(state.get("model"), torch.nn.Module):
-            raise ValueError("state must be a dict with 'model': nn.Module, optionally 'optimizer': Optimizer "
-                             "and extra picklable entries (e.g. 'step')")
+            raise ValueError("state must be a dict with 'model': nn.Module, optionally 'optimizer': Optimizer, "
+                             "other nn.Module entries and extra picklable entries (e.g. 'step')")
         optimizer = state.get("optimizer")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"state['optimizer'] must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer = unwrap(state["model"]), optimizer
-        self.extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        self.modules = {k: unwrap(v) for k, v in rest.items() if isinstance(v, torch.nn.Module)}
+        self.extra = {k: v for k, v in rest.items() if k not in self.modules}
+
+    def _reshard(self) -> None:
+        # an FSDP2 root keeps its parameters gathered after a forward; its state dict must be the shards
+        for model in (self.model, *self.modules.values()):
+            for m in _fsdp_modules(model):
+                m.reshard()
 
     def state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+        self._reshard()
         model_sd, optim_sd = get_state_dict(self.model, [self.optimizer] if self.optimizer else [])
-        out = {"model": model_sd, "extra": dict(self.extra)}
+        out = {"model": model_sd, "extra": {k: _Opaque(v) for k, v in self.extra.items()}}
         if self.optimizer is not None:
             out["optimizer"] = optim_sd
+        if self.modules:
+            out["modules"] = {k: get_model_state_dict(m) for k, m in self.modules.items()}
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         set_state_dict(self.model, [self.optimizer] if self.optimizer else [], model_state_dict=sd["model"],
                        optim_state_dict=sd.get("optimizer", {}))
-        self.extra = dict(sd["extra"])
+        for k, m in self.modules.items():
+            set_model_state_dict(m, sd["modules"][k])
+        self.extra = {k: v.value if isinstance(v, _Opaque) else v for k, v in sd["extra"].items()}
+
+
+def checkpoint_contents(directory) -> dict:
+    """What a ``save_checkpoint`` directory holds, from its metadata alone (no process group, no model needed):
+    {'optimizer': bool, 'modules': [names of the other nn.Module entries], 'extra': [names of the extra
+    entries]}. Raises FileNotFoundError when ``directory`` holds no checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+    if not (Path(directory) / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory} holds no checkpoint (no .metadata); save one with save_checkpoint")
+    keys = list(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+
+    def names(prefix: str) -> list[str]:
+        return sorted({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
+
+    return {"optimizer": any(k.startswith("train.optimizer.") for k in keys), "modules": names("train.modules."),
+            "extra": names("train.extra.")}
+
+
+def read_checkpoint_extras(directory) -> dict:
+    """The extra entries of a ``save_checkpoint`` directory (e.g. {'step': 100}) without loading any model: for
+    deciding what to build before ``load_checkpoint``. Reads files only, so any rank may call it alone."""
+    import torch.distributed.checkpoint as dcp
+
+    names = checkpoint_contents(directory)["extra"]
+    state = {"train": {"extra": {k: _Opaque() for k in names}}}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return {k: v.value if isinstance(v, _Opaque) else v for k, v in state["train"]["extra"].items()}
 
 
 def save_checkpoint(state: dict, directory) -> Path:
-    """Save {'model', 'optimizer'?, extra picklable entries} as a sharded checkpoint in ``directory``.
+    """Save {'model', 'optimizer'?, other nn.Module entries?, extra picklable entries} as a sharded checkpoint in
+    ``directory``.
 
-    Every rank must call it (each writes its shards; rank 0 also the metadata). Models wrapped by DDP or
-    FSDP2, or plain ones, all save the same fully-qualified parameter names, so any of them can load it.
-    Returns the directory.
+    Every rank must call it (each writes its shards; rank 0 also the metadata and the extra entries, each
+    pickled whole). Other modules (e.g. a frozen reference policy, plain or sharded) are saved like 'model'.
+    Models wrapped by DDP or FSDP2, or plain ones, all save the same fully-qualified parameter names, so any
+    of them can load it. Returns the directory.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -244,10 +611,13 @@ def save_checkpoint(state: dict, directory) -> Path:
 
 
 def load_checkpoint(state: dict, directory) -> dict:
-    """Load a ``save_checkpoint`` directory into state['model'] (and state['optimizer']) in place.
+    """Load a ``save_checkpoint`` directory into state['model'] (and state['optimizer'], and the other nn.Module
+    entries of ``state``) in place.
 
     Every rank must call it, after ``wrap_model`` and after creating the optimizer. Returns the extra entries
-    that were saved (e.g. {'step': 100}). Raises FileNotFoundError when ``directory`` holds no checkpoint.
+    that were saved (e.g. {'step': 100}); ``checkpoint_contents`` tells beforehand which optimizer and modules
+    it holds. Raises FileNotFoundError when ``directory`` holds no checkpoint, ValueError when ``state`` asks
+    for a module it does not hold.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -257,11 +627,17 @@ def load_checkpoint(state: dict, directory) -> dict:
         raise FileNotFoundError(f"{directory} holds no checkpoint (no .metadata); save one with save_checkpoint")
     train = _TrainState(state)
     # The saved extra keys are unknown before loading: read them from the checkpoint's metadata.
-    meta = dcp.FileSystemReader(str(directory)).read_metadata()
-    train.extra = {k.split(".", 2)[2]: None for k in meta.state_dict_metadata if k.startswith("train.extra.")}
+    contents = checkpoint_contents(directory)
+    missing = sorted(set(train.modules) - set(contents["modules"]))
+    if missing:
+        raise ValueError(f"{directory} holds no {missing} to load (it has modules {contents['modules']})")
+    train.extra = {k: _Opaque() for k in contents["extra"]}
     dcp.load({"train": train}, checkpoint_id=str(directory), no_dist=not _initialized())
     return train.extra
 
 
-__all__ = ["DistInfo", "setup", "teardown", "get_info", "is_main", "barrier", "log", "progress", "mean_over_ranks",
-           "wrap_model", "unwrap", "save_checkpoint", "load_checkpoint", "STRATEGIES"]
+__all__ = ["DistInfo", "setup", "teardown", "session", "get_info", "is_main", "barrier", "log", "progress",
+           "mean_over_ranks", "shard", "gather_shards", "gather_objects", "rank_seed", "scale_for_global_mean",
+           "reduce_metrics", "wrap_model", "unwrap", "forward", "full_params", "frozen_copy", "clip_grad_norm_",
+           "save_pretrained", "save_checkpoint", "load_checkpoint", "checkpoint_contents", "read_checkpoint_extras",
+           "STRATEGIES"]

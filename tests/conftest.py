@@ -1,10 +1,18 @@
 """Shared fixtures: the backends under test, per-dtype tolerances, small vocabulary chunks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from ra3.ops import registry
+# Without a CUDA GPU the triton backend runs in Triton's interpreter on CPU tensors. Triton reads the variable
+# when a kernel is decorated, so it must be set before anything imports ra3.kernels (ra3 never imports triton at
+# import time). An explicit TRITON_INTERPRET in the environment wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ra3.ops import registry  # noqa: E402
 
 # Every backend runs every case where it can; one that cannot run here is skipped with the reason.
 ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")

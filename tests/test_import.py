@@ -1,11 +1,16 @@
 """`import ra3` is lean, and a missing extension degrades to the PyTorch path with one clear warning."""
+import os
 import subprocess
 import sys
 import textwrap
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    # A plain user environment: without the TRITON_INTERPRET=1 that conftest.py sets for the CPU suite, which
+    # would make the triton backend available on CPU tensors.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_import_is_lean():

@@ -166,3 +166,23 @@ def test_policy_loss_gradcheck():
         assert torch.autograd.gradcheck(
             lambda x: ops.policy_loss(x, old, adv, mask, ref_logprobs=ref, kl_coef=0.3, backend=backend,
                                       aggregation="seq-mean-token-mean").loss, (lp,))
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_custom_ops_pass_opcheck(backend):
+    """The RL custom ops are well-formed for torch.compile: schema, fake tensors, autograd registration."""
+    device = require_backend(backend, "kl")
+    from ra3.ops.group_advantages import _group_adv_op
+    from ra3.ops.kl import _kl_op
+    from ra3.ops.policy_loss import _policy_loss_op
+    from ra3.ops.segment_sum import _segment_sum_op
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(12, generator=g).to(device).requires_grad_()
+    ids = torch.tensor([0, 2, 2, -1, 1, 0, 0, 3, 1, 2, -1, 0], device=device)
+    torch.library.opcheck(_segment_sum_op, (backend, x, ids, 5))
+    torch.library.opcheck(_kl_op, (backend, x, torch.randn(12, generator=g).to(device), 3))
+    torch.library.opcheck(_group_adv_op, (backend, x, torch.arange(12, device=device) // 4, 3, 2, 1e-6))
+    lp, old, adv, mask, ref = (t.to(device) for t in _policy_inputs(3, 4, torch.float32))
+    torch.library.opcheck(_policy_loss_op, (backend, lp.requires_grad_(), old, adv, mask.float(), ref, 0.1, 3, 0.2,
+                                            0.28, 2))

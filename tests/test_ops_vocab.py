@@ -164,7 +164,7 @@ def test_entropy_and_exact_kl_from_logits(backend, small_chunks):
     assert ops.exact_kl(logits, logits.detach(), backend=backend).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("backend", ("torch", "cpu"))
+@pytest.mark.parametrize("backend", ("torch", "cpu", "triton"))
 def test_gradcheck_float64(backend, small_chunks):
     device = require_backend(backend, "logprobs")
     g = torch.Generator().manual_seed(3)
@@ -183,16 +183,20 @@ def test_gradcheck_float64(backend, small_chunks):
         lambda h, w: ops.linear_exact_kl(h, w, ref_hidden, ref_weight, backend=backend), (hidden, weight))
 
 
-def test_native_ops_pass_opcheck(small_chunks):
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_native_ops_pass_opcheck(backend, small_chunks):
     """The custom ops are well-formed for torch.compile: schema, fake tensors, autograd registration."""
-    require_backend("cpu", "logprobs")
-    from ra3.ops._vocab_chunks import ENTROPY, LOGPROB, vocab_softmax_op
+    device = require_backend(backend, "logprobs")
+    from ra3.ops._vocab_chunks import ENTROPY, EXACT_KL, LOGPROB, vocab_softmax_op
 
-    hidden = torch.randn(5, 6, requires_grad=True)
-    weight = torch.randn(20, 6, requires_grad=True)
-    targets = torch.tensor([1, 2, -1, 19, 0])
-    torch.library.opcheck(vocab_softmax_op, (LOGPROB, hidden, weight, None, None, None, None, targets, 1.0))
-    torch.library.opcheck(vocab_softmax_op, (ENTROPY, hidden, None, None, None, None, None, None, 0.5))
+    hidden = torch.randn(5, 6, device=device, requires_grad=True)
+    weight = torch.randn(20, 6, device=device, requires_grad=True)
+    targets = torch.tensor([1, 2, -1, 19, 0], device=device)
+    torch.library.opcheck(vocab_softmax_op, (backend, LOGPROB, hidden, weight, None, None, None, None, targets, 1.0))
+    torch.library.opcheck(vocab_softmax_op, (backend, ENTROPY, hidden, None, None, None, None, None, None, 0.5))
+    ref = torch.randn(5, 20, device=device)
+    torch.library.opcheck(vocab_softmax_op, (backend, EXACT_KL, hidden @ weight.detach().T, None, None, ref, None,
+                                             None, None, 0.8))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -219,9 +223,10 @@ def test_linear_logprobs_under_torch_compile(backend):
 @pytest.mark.parametrize("reduction", ("mean", "sum"))
 def test_linear_cross_entropy_matches_reference(backend, dtype, reduction, monkeypatch):
     device = require_backend(backend, "logprobs")
-    from ra3.ops import _vocab_chunks
+    from ra3.ops import cross_entropy
 
-    monkeypatch.setattr(_vocab_chunks, "TILE_ELEMENTS", 3 * 50)  # token chunks of 3 rows, a ragged last one
+    monkeypatch.setattr(cross_entropy, "TILE_ELEMENTS", 3 * 50)  # token chunks of 3 rows, a ragged last one
+    monkeypatch.setattr(cross_entropy, "MIN_ROWS", 1)
     hidden, weight, b, targets, _ = _inputs(13, 16, 50, dtype, device, bias=True)
     targets[[1, 5]] = -100
     loss = ops.linear_cross_entropy(hidden, weight, targets, bias=b, temperature=0.8, reduction=reduction,

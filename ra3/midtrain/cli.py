@@ -3,6 +3,9 @@
 With no arguments it runs the embedded default (ra3-tiny on the embedded corpus, RA3 then the NTP baseline)
 to completion on a CPU in a few minutes. Every config field is a flag (``--think-cost 0.2``); a field given
 on the command line wins over the config file, which wins over the defaults.
+
+Data-parallel over several processes: ``torchrun --nproc_per_node=2 -m ra3.cli midtrain --distributed ddp``
+(or ``fsdp``); every rank trains on its share of each step, rank 0 writes the run directory.
 """
 from __future__ import annotations
 

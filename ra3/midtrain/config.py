@@ -17,8 +17,9 @@ KL_FORMS = ("fixed", "exact")
 ADVANTAGES = ("return", "returns-to-go")
 NORMALIZE = ("std", "mean", "rloo", "none")
 MSTEP_TOKENS = ("all", "code")
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+DISTRIBUTED = ("none", "ddp", "fsdp")  # ra3.distributed strategies
 
 
 @dataclass
@@ -39,6 +40,7 @@ class MidtrainConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N
     ops_backend: str = "auto"  # backend of every ra3.ops call: auto | torch | cpu | cuda | triton
     cpu_threads: int = 1  # torch CPU threads during the run (tiny models run fastest on 1); 0: leave torch's
+    distributed: str = "none"  # none | ddp | fsdp: data-parallel over torchrun's processes (device: each rank's)
     # --- the loop
     objective: str = "both"  # 'ra3', 'ntp' (the baseline) or 'both' (ra3, then ntp on the same budget)
     em_iterations: int = 2  # EM rounds
@@ -78,7 +80,7 @@ class MidtrainConfig:
     resume: bool = True  # continue from DIR's checkpoint when there is one
     stop_after_steps: int | None = None  # stop (as if killed) after this many optimizer steps; resume later
     num_samples: int = 3  # annotated samples written per EM round
-    engine: str = "hf"  # rollout engine
+    engine: str = "hf"  # rollout engine: "hf" (Hugging Face, any device) | "vllm" (needs vllm and a CUDA GPU)
     progress: bool = True  # tqdm progress bars
 
     # --------------------------------------------------------------------------------------------- checks
@@ -108,7 +110,7 @@ class MidtrainConfig:
         for name, choices in (("objective", OBJECTIVES), ("kl_form", KL_FORMS), ("advantage", ADVANTAGES),
                               ("advantage_normalize", NORMALIZE), ("mstep_tokens", MSTEP_TOKENS),
                               ("engine", ENGINES), ("ops_backend", BACKENDS), ("action_unit", ("line", "block")),
-                              ("kl_estimator", ("k1", "k2", "k3")),
+                              ("kl_estimator", ("k1", "k2", "k3")), ("distributed", DISTRIBUTED),
                               ("dtype", ("float32", "bfloat16", "float16", "float64"))):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {choices}")
@@ -144,6 +146,9 @@ class MidtrainConfig:
             bad("model", "must name a model")
         if not self.out:
             bad("out", "must be a directory path")
+        if self.distributed != "none" and self.engine != "hf":
+            bad("engine", f"must be 'hf' with distributed={self.distributed!r} (each rank samples with its own "
+                          f"Hugging Face model)")
         return self
 
     # --------------------------------------------------------------------------------------------- I/O

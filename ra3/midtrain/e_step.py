@@ -2,13 +2,18 @@
 the latent's cost, take group-relative advantages and a PPO-clipped policy-gradient step on the decision and
 comment tokens only (``ops.group_advantages`` + ``ops.policy_loss``). Also: annotate documents with the
 current q and measure the ELBO on them.
+
+Under ddp / fsdp each rank updates on its own documents (the loop hands it its share) and the gradients are
+averaged over ranks as for one token-mean over all of them; the metrics returned describe every rank's rollouts.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
+from ra3 import distributed as dist
 from ra3 import ops
 from ra3.data.sequences import DecisionTokens, Document, build_sequence
 from ra3.midtrain.batch import pack
@@ -36,39 +41,47 @@ def _advantages(cfg: MidtrainConfig, rewards, valid, boundary, mask) -> tuple[to
 
 def e_step(policy, ref, optimizer, docs: list[Document], generator, head: HeadRows, tokens: DecisionTokens,
            cfg: MidtrainConfig, *, seed: int) -> dict:
-    """One E-step update on ``docs`` (G rollouts each). Returns the step's metrics (floats)."""
+    """One E-step update on ``docs`` (G rollouts each; under ddp / fsdp this rank's share of the step's documents).
+    Returns the step's metrics (floats), over all ranks' rollouts."""
     t0 = time.perf_counter()
-    device = output_head(policy)[0].device
     expanded = [d for d in docs for _ in range(cfg.group_size)]
-    policy.eval()
-    generator.sync_weights(policy)
-    comments = generator.rollout(expanded, seed=seed)
-    t_rollout = time.perf_counter() - t0
-    batch = pack([build_sequence(d, tokens, c) for d, c in zip(expanded, comments)], tokens.pad_id,
-                 cfg.max_rationale_tokens, device)
     kw = {"temperature": cfg.rollout_temperature, "backend": cfg.ops_backend}
-    weight, bias = output_head(policy)
-    with torch.no_grad():
-        h = hidden_states(policy, batch)
-        scores = score_rollouts(policy, batch, head, hidden=h, **kw)
+    policy.eval()
+    # sampling and scoring need the whole weights at once (gathered under fsdp), and no gradients
+    with dist.full_params(policy) as q, dist.full_params(ref) as q_ref:
+        device = output_head(q)[0].device
+        generator.sync_weights(q)
+        comments = generator.rollout(expanded, seed=dist.rank_seed(seed))
+        t_rollout = time.perf_counter() - t0
+        batch = pack([build_sequence(d, tokens, c) for d, c in zip(expanded, comments)], tokens.pad_id,
+                     cfg.max_rationale_tokens, device)
+        weight, bias = output_head(q)
+        h = hidden_states(q, batch)
+        scores = score_rollouts(q, batch, head, hidden=h, **kw)
         old_lp, mask, boundary = policy_logprobs(h, weight, bias, batch, head, **kw)
         ref_lp = None
         if cfg.kl_coef > 0:
-            ref_w, ref_b = output_head(ref)
-            ref_lp = policy_logprobs(hidden_states(ref, batch), ref_w, ref_b, batch, head, **kw)[0]
+            ref_w, ref_b = output_head(q_ref)
+            ref_lp = policy_logprobs(hidden_states(q_ref, batch), ref_w, ref_b, batch, head, **kw)[0]
     rewards = line_rewards(scores, kl_form=cfg.kl_form, think_cost=cfg.think_cost, alpha=cfg.alpha,
                            comment_vocab_size=head.comment_vocab_size, format_penalty=cfg.format_penalty)
     adv, ret = _advantages(cfg, rewards, scores.valid, boundary, mask)
+
+    def clipped_loss(model):
+        w, b = output_head(model)
+        lp, _, _ = policy_logprobs(hidden_states(model, batch), w, b, batch, head, **kw)
+        return ops.policy_loss(lp, old_lp, adv, mask.float(), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                               ref_logprobs=ref_lp, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+                               aggregation="token-mean", backend=cfg.ops_backend)
+
     policy.train()
+    n_policy_tokens = int(mask.sum())
     stats = []
     for _ in range(cfg.ppo_epochs):
-        lp, _, _ = policy_logprobs(hidden_states(policy, batch), weight, bias, batch, head, **kw)
-        out = ops.policy_loss(lp, old_lp, adv, mask.float(), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                              ref_logprobs=ref_lp, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-                              aggregation="token-mean", backend=cfg.ops_backend)
+        out = dist.forward(policy, clipped_loss)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        dist.scale_for_global_mean(out.loss, n_policy_tokens).backward()
+        grad_norm = dist.clip_grad_norm_(policy, cfg.grad_clip)
         optimizer.step()
         stats.append(tuple(float(x.detach()) for x in (out.loss, out.clip_fraction, out.kl_mean, out.ratio_mean,
                                                            grad_norm)))
@@ -77,8 +90,9 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: HeadRo
     parts = elbo(scores, think_cost=cfg.think_cost, alpha=cfg.alpha, comment_vocab_size=head.comment_vocab_size)
     n_lines = float(scores.valid.sum())
     n_thinks = float(parts["thinks"].sum())
+    n_adv = float(mask.sum() if adv.dim() == 2 else len(adv))
     loss, clip, kl, ratio, gnorm = (sum(s[i] for s in stats) / len(stats) for i in range(5))
-    return {
+    metrics = {
         "return_mean": float(ret.mean()), "return_std": float(ret.std()) if len(ret) > 1 else 0.0,
         "advantage_abs_mean": float(adv.abs().sum() / (mask.sum() if adv.dim() == 2 else len(adv))),
         "expert_loglik": float(parts["expert_loglik"].mean()), "elbo": float(parts[f"elbo_{cfg.kl_form}"].mean()),
@@ -88,30 +102,54 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: HeadRo
         "tokens": batch.num_tokens, "tokens_per_s": batch.num_tokens / max(elapsed, 1e-9),
         "rollout_s": t_rollout, "time_s": elapsed,
     }
+    return _over_ranks(metrics, ret, n_lines=n_lines, n_thinks=n_thinks, n_adv=n_adv, n_tokens=n_policy_tokens)
+
+
+def _over_ranks(m: dict, ret: torch.Tensor, *, n_lines, n_thinks, n_adv, n_tokens) -> dict:
+    """The E-step metrics of every rank's rollouts, each mean weighted by what it averages over (``m`` as it is
+    in a single process)."""
+    if not dist.get_info().distributed:
+        return m
+    n = len(ret)
+    per_token = ("policy_loss", "clip_fraction", "ref_kl", "ratio_mean")
+    weights = {"return_mean": n, "return_sq": n, "expert_loglik": n, "elbo": n, "advantage_abs_mean": n_adv,
+               "thinks_per_100_lines": n_lines, "rationale_len_mean": n_thinks, **{k: n_tokens for k in per_token}}
+    g = dist.reduce_metrics({**m, "return_sq": float((ret.double() ** 2).mean()), "rollouts": n}, weights=weights,
+                            sums=("tokens", "rollouts"), maxes=("rollout_s", "time_s"))
+    n_all = g.pop("rollouts")
+    var = (g.pop("return_sq") - g["return_mean"] ** 2) * n_all / max(n_all - 1, 1)
+    g["return_std"] = math.sqrt(max(var, 0.0)) if n_all > 1 else 0.0
+    g["tokens_per_s"] = g["tokens"] / max(g["time_s"], 1e-9)
+    return g
 
 
 @torch.no_grad()
 def annotate(model, generator, docs: list[Document], head: HeadRows, tokens: DecisionTokens, cfg: MidtrainConfig,
              *, seed: int) -> tuple[list[dict[int, list[int]]], dict[str, torch.Tensor], float]:
     """One rollout per document with the current q: (comments per document, ELBO parts per document [N],
-    tokens/s of the pass)."""
+    tokens/s of the pass). Under ddp / fsdp each rank annotates its share of ``docs`` and every rank gets all."""
     t0 = time.perf_counter()
-    device = output_head(model)[0].device
-    model.eval()
-    generator.sync_weights(model)
-    comments = generator.rollout(docs, seed=seed)
+    mine = dist.shard(docs)
     parts: dict[str, list[torch.Tensor]] = {}
     n_tokens = 0
-    for start in range(0, len(docs), cfg.eval_batch_size):
-        chunk = range(start, min(start + cfg.eval_batch_size, len(docs)))
-        batch = pack([build_sequence(docs[i], tokens, comments[i]) for i in chunk], tokens.pad_id,
-                     cfg.max_rationale_tokens, device)
-        n_tokens += batch.num_tokens
-        scores = score_rollouts(model, batch, head, temperature=cfg.rollout_temperature, backend=cfg.ops_backend)
-        for k, v in elbo(scores, think_cost=cfg.think_cost, alpha=cfg.alpha,
-                         comment_vocab_size=head.comment_vocab_size).items():
-            parts.setdefault(k, []).append(v)
-        parts.setdefault("num_lines", []).append(scores.valid.sum(1).float())
-        parts.setdefault("rationale_tokens", []).append(scores.comment_len.sum(1).float())
-        parts.setdefault("code_tokens", []).append(torch.tensor([float(docs[i].num_code_tokens) for i in chunk]))
-    return comments, {k: torch.cat(v) for k, v in parts.items()}, n_tokens / max(time.perf_counter() - t0, 1e-9)
+    with dist.full_params(model) as q:
+        device = output_head(q)[0].device
+        q.eval()
+        generator.sync_weights(q)
+        comments = generator.rollout(mine, seed=dist.rank_seed(seed))
+        for start in range(0, len(mine), cfg.eval_batch_size):
+            chunk = range(start, min(start + cfg.eval_batch_size, len(mine)))
+            batch = pack([build_sequence(mine[i], tokens, comments[i]) for i in chunk], tokens.pad_id,
+                         cfg.max_rationale_tokens, device)
+            n_tokens += batch.num_tokens
+            scores = score_rollouts(q, batch, head, temperature=cfg.rollout_temperature, backend=cfg.ops_backend)
+            for k, v in elbo(scores, think_cost=cfg.think_cost, alpha=cfg.alpha,
+                             comment_vocab_size=head.comment_vocab_size).items():
+                parts.setdefault(k, []).append(v)
+            parts.setdefault("num_lines", []).append(scores.valid.sum(1).float())
+            parts.setdefault("rationale_tokens", []).append(scores.comment_len.sum(1).float())
+            parts.setdefault("code_tokens", []).append(torch.tensor([float(mine[i].num_code_tokens) for i in chunk]))
+    parts = {k: dist.gather_shards(torch.cat(v)) for k, v in parts.items()}
+    speed = dist.reduce_metrics({"tokens": n_tokens, "s": max(time.perf_counter() - t0, 1e-9)}, sums=("tokens",),
+                                maxes=("s",))
+    return dist.gather_shards(comments), parts, speed["tokens"] / speed["s"]

@@ -4,6 +4,11 @@ annotated code), held-out NTP loss. ``objective='ntp'`` runs the baseline: the s
 Resumable: ``DIR/checkpoints/<objective>/latest.pt`` holds the weights, the optimizer, the reference policy, the
 annotations and the position in the loop; every random draw is seeded by (seed, objective, round, phase,
 step), so a resumed run writes the same metrics as an uninterrupted one.
+
+Distributed (``distributed: ddp | fsdp`` under torchrun): every rank samples and trains on its share of each
+step's documents, gradients are averaged over ranks (DDP / FSDP2), metrics describe the whole step, rank 0
+alone writes files and logs; the checkpoint is then a sharded ``DIR/checkpoints/<objective>/sharded``
+directory (``ra3.distributed.save_checkpoint``) holding the same things, resumable under ddp or fsdp.
 """
 from __future__ import annotations
 
@@ -17,17 +22,20 @@ from pathlib import Path
 
 import torch
 
+from ra3 import distributed as dist
 from ra3.data.corpus import load_code_corpus
 from ra3.data.sequences import DecisionTokens, Document, annotated_text, build_sequence, tokenize_documents
 from ra3.midtrain.config import MidtrainConfig
 from ra3.midtrain.e_step import annotate, e_step
 from ra3.midtrain.m_step import heldout_ntp_loss, m_step
-from ra3.midtrain.records import MetricsWriter, load_checkpoint, save_checkpoint, summary_table
+from ra3.midtrain.records import (MetricsWriter, load_run_state, save_checkpoint, save_sharded_checkpoint,
+                                  summary_table)
 from ra3.midtrain.rollout import HFGenerator
 from ra3.midtrain.scoring import HeadRows, output_head
 
 # config fields that may change between a run and its resumption without changing what it computes
-_RESUME_FREE_FIELDS = ("out", "resume", "stop_after_steps", "progress", "checkpoint_every", "num_samples")
+_RESUME_FREE_FIELDS = ("out", "resume", "stop_after_steps", "progress", "checkpoint_every", "num_samples",
+                       "distributed")
 
 
 class StopRun(Exception):
@@ -68,6 +76,17 @@ def _batch_indices(n: int, batch_size: int, step: int, *seed_parts) -> list[int]
     return out
 
 
+def _rollout_engine(cfg: MidtrainConfig, model, tokenizer, tokens: DecisionTokens, *, progress: bool):
+    """The E-step's rollout engine: Hugging Face (shares the trainer's model) or vLLM (a synced copy)."""
+    if cfg.engine == "vllm":
+        from ra3.midtrain.rollout_vllm import VLLMGenerator  # noqa: PLC0415  (vllm loads only when asked for)
+
+        return VLLMGenerator(model, tokenizer, tokens, max_rationale_tokens=cfg.max_rationale_tokens,
+                             temperature=cfg.rollout_temperature, seed=cfg.seed)
+    return HFGenerator(model, tokens, max_rationale_tokens=cfg.max_rationale_tokens,
+                       temperature=cfg.rollout_temperature, batch_size=cfg.rollout_batch_size, progress=progress)
+
+
 def _check_resumable(saved: dict, cfg: MidtrainConfig) -> None:
     now = cfg.to_dict()
     diff = sorted(k for k in now if k not in _RESUME_FREE_FIELDS and saved["config"].get(k) != now[k])
@@ -77,13 +96,22 @@ def _check_resumable(saved: dict, cfg: MidtrainConfig) -> None:
 
 
 def run_midtrain(cfg: MidtrainConfig) -> dict:
-    """Run (or resume) the configured objective(s) to completion. Returns {'status', 'out', 'records', 'table'}."""
+    """Run (or resume) the configured objective(s) to completion. Returns {'status', 'out', 'records', 'table'}.
+
+    With ``distributed`` ddp / fsdp, every process torchrun started calls it (it joins their process group)."""
     cfg.validate()
+    with dist.session(cfg.distributed, backend="gloo" if cfg.device == "cpu" else None):
+        return _run_midtrain(cfg)
+
+
+def _run_midtrain(cfg: MidtrainConfig) -> dict:
     out = Path(cfg.out)
     objectives = ["ra3", "ntp"] if cfg.objective == "both" else [cfg.objective]
-    if not cfg.resume:
+    sharded = cfg.distributed != "none"
+    if not cfg.resume and dist.is_main():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    saved = {o: load_checkpoint(out / "checkpoints" / o) if cfg.resume else None for o in objectives}
+    dist.barrier()
+    saved = {o: load_run_state(out / "checkpoints" / o, sharded=sharded) if cfg.resume else None for o in objectives}
     keep = 0  # metrics lines that the checkpoint we resume from had written
     for o in objectives:
         if saved[o] is None:
@@ -92,9 +120,10 @@ def run_midtrain(cfg: MidtrainConfig) -> dict:
         keep = saved[o]["metrics_lines"]
         if not saved[o]["progress"]["done"]:
             break
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    print(f"ra3 midtrain: config ({out / 'config.yaml'})\n{cfg.to_yaml()}", flush=True)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    dist.log(f"ra3 midtrain: config ({out / 'config.yaml'})\n{cfg.to_yaml()}")
     writer = MetricsWriter(out, keep_lines=keep)
     budget = {"steps": 0}
     status = "completed"
@@ -105,19 +134,20 @@ def run_midtrain(cfg: MidtrainConfig) -> dict:
     try:
         for o in objectives:
             if saved[o] is not None and saved[o]["progress"]["done"]:
-                print(f"ra3 midtrain: {o} already complete in {out}; skipping", flush=True)
+                dist.log(f"ra3 midtrain: {o} already complete in {out}; skipping")
                 continue
             _run_objective(o, cfg, out, writer, saved[o], budget)
     except StopRun:
         status = "stopped"
-        print(f"ra3 midtrain: stopped after {budget['steps']} steps (stop_after_steps); rerun to resume",
-              flush=True)
+        dist.log(f"ra3 midtrain: stopped after {budget['steps']} steps (stop_after_steps); rerun to resume")
     finally:
         torch.set_num_threads(threads)
+    dist.barrier()  # rank 0 has written every record
     records = writer.records()
     table = summary_table(records)
-    (out / "summary.md").write_text(table + "\n", encoding="utf-8")
-    print(f"\n{table}\n\nmetrics: {writer.path}", flush=True)
+    if dist.is_main():
+        (out / "summary.md").write_text(table + "\n", encoding="utf-8")
+    dist.log(f"\n{table}\n\nmetrics: {writer.path}")
     return {"status": status, "out": str(out), "records": records, "table": table}
 
 
@@ -128,8 +158,10 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
     from ra3.models import ensure_decision_tokens, load_model
 
     ra3 = objective == "ra3"
+    info = dist.get_info()
     try:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(info.device) if info.distributed
+                                      else cfg.device, seed=cfg.seed)
     except ValueError as exc:
         name = "device" if str(exc).startswith("device") else "model"
         raise ValueError(f"config field {name!r}: {exc}") from exc
@@ -138,27 +170,31 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
     weight = output_head(model)[0]
     head = HeadRows(tokens, weight.shape[0], weight.device)
     train_docs, heldout_docs = prepare_documents(cfg, tokenizer)
+    _check_rank_shares(cfg, ra3, len(train_docs), info.world_size)
     heldout_plain = [build_sequence(d, tokens) for d in heldout_docs]
-    generator = HFGenerator(model, tokens, max_rationale_tokens=cfg.max_rationale_tokens,
-                            temperature=cfg.rollout_temperature, batch_size=cfg.rollout_batch_size,
-                            progress=cfg.progress)
+    generator = _rollout_engine(cfg, model, tokenizer, tokens, progress=cfg.progress and info.is_main)
     ckpt_dir = out / "checkpoints" / objective
     first_phase = "e_step" if ra3 else "annotate"
     p = {"iteration": 0, "phase": first_phase, "phase_step": 0, "step": 0, "done": False, "acc": {}}
     ref_state = opt_state = annotations = None
+    model = dist.wrap_model(model, cfg.distributed)  # DDP / FSDP2 under torchrun; the model itself otherwise
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        p, ref_state, opt_state, annotations = saved["progress"], saved["ref"], saved["optimizer"], saved["annotations"]
-        print(f"ra3 midtrain: resuming {objective} at round {p['iteration']}, {p['phase']} step {p['phase_step']}",
-              flush=True)
+        ref_state, opt_state = _restore_weights(saved, model, cfg)
+        p, annotations = saved["progress"], saved["annotations"]
+        dist.log(f"ra3 midtrain: resuming {objective} at round {p['iteration']}, {p['phase']} step {p['phase_step']}")
     live = {"ref": None, "opt": None}
 
     def checkpoint():
+        run_state = {"config": cfg.to_dict(), "progress": copy.deepcopy(p), "annotations": annotations,
+                     "metrics_lines": writer.lines}
+        if cfg.distributed != "none":
+            save_sharded_checkpoint(ckpt_dir, {**run_state, "model": model, "ref": live["ref"],
+                                               "optimizer": live["opt"]})
+            return
         save_checkpoint(ckpt_dir, {
-            "config": cfg.to_dict(), "progress": copy.deepcopy(p), "model": model.state_dict(),
+            **run_state, "model": model.state_dict(),
             "ref": live["ref"].state_dict() if live["ref"] is not None else None,
-            "optimizer": live["opt"].state_dict() if live["opt"] is not None else None,
-            "annotations": annotations, "metrics_lines": writer.lines})
+            "optimizer": live["opt"].state_dict() if live["opt"] is not None else None})
 
     def finish_step(record: dict):
         p["step"] += 1
@@ -180,7 +216,7 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
 
     steps_per_round = (cfg.e_steps if ra3 else 0) + cfg.m_steps
     bar = tqdm(total=cfg.em_iterations * steps_per_round, initial=p["step"], desc=f"midtrain {objective}",
-               unit="step", disable=not cfg.progress, dynamic_ncols=True)
+               unit="step", disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
     try:
         while p["iteration"] < cfg.em_iterations:
             it = p["iteration"]
@@ -191,18 +227,16 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
 
             # ---- E-step: RL over latents (q = the policy; the reference is the policy at the round's start)
             if p["phase"] == "e_step":
-                live["ref"] = copy.deepcopy(model).eval() if cfg.kl_coef > 0 else None
+                live["ref"] = dist.frozen_copy(model) if cfg.kl_coef > 0 else None
                 if ref_state is not None and live["ref"] is not None:
                     live["ref"].load_state_dict(ref_state)
-                for prm in (live["ref"].parameters() if live["ref"] is not None else ()):
-                    prm.requires_grad_(False)
                 live["opt"] = optimizer(cfg.e_lr, opt_state)
                 ref_state = opt_state = None
                 while p["phase_step"] < cfg.e_steps:
                     s = p["phase_step"]
                     perm = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(
                         step_seed(*seed, "e_step-docs", s)))
-                    docs = [train_docs[i] for i in perm[:cfg.e_docs_per_step].tolist()]
+                    docs = dist.shard([train_docs[i] for i in perm[:cfg.e_docs_per_step].tolist()])  # this rank's
                     m = e_step(model, live["ref"], live["opt"], docs, generator, head, tokens, cfg,
                                seed=step_seed(*seed, "e_step", s))
                     acc = p["acc"]
@@ -235,8 +269,9 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                         "kl_decision": float(parts["kl_decision"].mean()),
                         "kl_comment": float(parts["kl_comment"].mean()),
                         "annotate_tokens_per_s": tps})
-                    _write_samples(out / "samples" / f"{objective}-iter{it}.md", round_docs, annotations, parts,
-                                   tokenizer, cfg.num_samples)
+                    if info.is_main:
+                        _write_samples(out / "samples" / f"{objective}-iter{it}.md", round_docs, annotations, parts,
+                                       tokenizer, cfg.num_samples)
                 else:
                     annotations = [{} for _ in round_docs]
                 p["phase"], p["phase_step"] = "m_step", 0
@@ -250,7 +285,7 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                 while p["phase_step"] < cfg.m_steps:
                     s = p["phase_step"]
                     idx = _batch_indices(len(data), cfg.m_batch_size, s, *seed, "m_step")
-                    m = m_step(model, live["opt"], [data[i] for i in idx], pad_id=tokens.pad_id,
+                    m = m_step(model, live["opt"], [data[i] for i in dist.shard(idx)], pad_id=tokens.pad_id,
                                max_rationale_tokens=cfg.max_rationale_tokens, tokens=cfg.mstep_tokens,
                                grad_clip=cfg.grad_clip, backend=cfg.ops_backend)
                     acc = p["acc"]
@@ -287,13 +322,39 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                 p.update({"iteration": it + 1, "phase": first_phase, "phase_step": 0, "acc": {}})
                 annotations = None
                 checkpoint()
-        final = out / objective / "final"
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        dist.save_pretrained(model, out / objective / "final", tokenizer)
         p["done"] = True
         checkpoint()
     finally:
         bar.close()
+
+
+def _check_rank_shares(cfg: MidtrainConfig, ra3: bool, n_train: int, world_size: int) -> None:
+    """Under ddp / fsdp every rank needs at least one document (rollout group, sequence) of every step."""
+    if world_size == 1:
+        return
+    counts = {"m_batch_size": cfg.m_batch_size}
+    if ra3:
+        counts["e_docs_per_step"] = cfg.e_docs_per_step if cfg.e_steps else world_size
+        counts["annotate_docs"] = min(cfg.annotate_docs or n_train, n_train)
+    for name, n in counts.items():
+        if n < world_size:
+            raise ValueError(f"config field {name!r}: {n} cannot be shared by {world_size} ranks (each needs at "
+                             f"least one); use at least {world_size}")
+
+
+def _restore_weights(saved: dict, model, cfg: MidtrainConfig) -> tuple[dict | None, dict | None]:
+    """Load the checkpoint's weights into ``model``; return (reference policy state, optimizer state), each None
+    where the checkpoint has none, to load when their phase starts."""
+    if "sharded" not in saved:
+        model.load_state_dict(saved["model"])
+        return saved["ref"], saved["optimizer"]
+    # sharded: load in place, into a reference policy and an optimizer built like the saved ones
+    held = dist.checkpoint_contents(saved["sharded"])
+    ref = dist.frozen_copy(model) if "ref" in held["modules"] else None
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=cfg.weight_decay) if held["optimizer"] else None
+    dist.load_checkpoint({"model": model, "optimizer": opt, "ref": ref}, saved["sharded"])
+    return (None if ref is None else ref.state_dict()), (None if opt is None else opt.state_dict())
 
 
 def _write_samples(path: Path, docs, annotations, parts, tokenizer, n: int) -> None:

@@ -1,11 +1,15 @@
 """M-step: next-token prediction on the expert code with the sampled comments inserted (the NTP baseline is the
-same step on the code alone), through the fused ``ops.linear_logprobs``; and the held-out NTP loss."""
+same step on the code alone), through the fused ``ops.linear_logprobs``; and the held-out NTP loss.
+
+Under ddp / fsdp each rank trains on its share of the batch; the gradients and the reported loss are those of
+the mean over every rank's tokens (what one process on the whole batch computes)."""
 from __future__ import annotations
 
 import time
 
 import torch
 
+from ra3 import distributed as dist
 from ra3 import ops
 from ra3.data.sequences import Sequence
 from ra3.midtrain.batch import PackedBatch, pack
@@ -29,34 +33,42 @@ def ntp_logprobs(model, batch: PackedBatch, *, tokens: str = "all", backend: str
 
 def m_step(model, optimizer, seqs: list[Sequence], *, pad_id: int, max_rationale_tokens: int, tokens: str = "all",
            grad_clip: float = 1.0, backend: str = "auto") -> dict:
-    """One NTP update on ``seqs`` (mean negative log-likelihood per covered token). Returns the step's metrics."""
+    """One NTP update on ``seqs`` (mean negative log-likelihood per covered token; under ddp / fsdp ``seqs`` is
+    this rank's share of the batch). Returns the step's metrics, over all ranks."""
     t0 = time.perf_counter()
-    device = output_head(model)[0].device
+    device = output_head(dist.unwrap(model))[0].device
     batch = pack(seqs, pad_id, max_rationale_tokens, device)
     model.train()
-    loss = -ntp_logprobs(model, batch, tokens=tokens, backend=backend).mean()
+    logprobs = dist.forward(model, lambda m: ntp_logprobs(m, batch, tokens=tokens, backend=backend))
+    loss = -logprobs.mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    dist.scale_for_global_mean(loss, logprobs.numel()).backward()
+    grad_norm = dist.clip_grad_norm_(model, grad_clip)
     optimizer.step()
     model.eval()
     elapsed = time.perf_counter() - t0
-    return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "tokens": batch.num_tokens,
-            "tokens_per_s": batch.num_tokens / max(elapsed, 1e-9), "time_s": elapsed}
+    m = dist.reduce_metrics({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "tokens": batch.num_tokens,
+                             "time_s": elapsed}, weights={"loss": logprobs.numel()}, sums=("tokens",),
+                            maxes=("time_s",))
+    return {"loss": m["loss"], "grad_norm": m["grad_norm"], "tokens": m["tokens"],
+            "tokens_per_s": m["tokens"] / max(m["time_s"], 1e-9), "time_s": m["time_s"]}
 
 
 @torch.no_grad()
 def heldout_ntp_loss(model, seqs: list[Sequence], *, pad_id: int, batch_size: int = 64,
                      backend: str = "auto") -> float:
-    """Mean NLL per token (nats) of plain documents (every token after BOS), the same for RA3 and NTP models."""
+    """Mean NLL per token (nats) of plain documents (every token after BOS), the same for RA3 and NTP models.
+    Under ddp / fsdp each rank scores its share of ``seqs``; the mean is over all of them."""
     if not seqs:
         return float("nan")
-    device = output_head(model)[0].device
-    model.eval()
+    mine = dist.shard(seqs)
     total, count = 0.0, 0
-    for start in range(0, len(seqs), batch_size):
-        batch = pack(seqs[start:start + batch_size], pad_id, 0, device)
-        lp = ntp_logprobs(model, batch, tokens="all", backend=backend)
-        total -= float(lp.double().sum())
-        count += lp.numel()
-    return total / max(count, 1)
+    with dist.full_params(model) as q:
+        device = output_head(q)[0].device
+        q.eval()
+        for start in range(0, len(mine), batch_size):
+            batch = pack(mine[start:start + batch_size], pad_id, 0, device)
+            lp = ntp_logprobs(q, batch, tokens="all", backend=backend)
+            total -= float(lp.double().sum())
+            count += lp.numel()
+    return dist.reduce_metrics({"nll": total / max(count, 1)}, weights={"nll": count})["nll"]

@@ -4,23 +4,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from ra3 import distributed as dist
+
 CHECKPOINT_FILE = "latest.pt"
+SHARDED_DIR = "sharded"  # distributed runs: a torch.distributed.checkpoint directory
 
 
 class MetricsWriter:
-    """Appends one JSON record per line to ``out/metrics.jsonl``; mirrors scalars to TensorBoard if available."""
+    """Appends one JSON record per line to ``out/metrics.jsonl``; mirrors scalars to TensorBoard if available.
+
+    Under ddp / fsdp only rank 0 writes (every rank passes the same records; the others only count lines).
+    """
 
     def __init__(self, out: Path, *, keep_lines: int = 0):
         self.path = Path(out) / "metrics.jsonl"
+        self.enabled = dist.is_main()
+        self._tb = None
+        if not self.enabled:
+            self.lines = keep_lines
+            return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True) if self.path.exists() else []
         # resuming: drop what was written after the checkpoint we resume from, so records are not duplicated
         self.path.write_text("".join(lines[:keep_lines]), encoding="utf-8")
         self.lines = min(keep_lines, len(lines))
-        self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -29,6 +40,9 @@ class MetricsWriter:
             pass
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            self.lines += 1
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
@@ -60,6 +74,49 @@ def load_checkpoint(directory: Path) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_sharded_checkpoint(directory: Path, state: dict) -> None:
+    """``state`` ({'model', 'optimizer', 'ref', picklable entries}; see ``ra3.distributed.save_checkpoint``) as
+    ``directory/sharded``, every rank writing its shards; the previous one is replaced only once it is complete."""
+    final, tmp, old = (directory / name for name in (SHARDED_DIR, SHARDED_DIR + ".tmp", SHARDED_DIR + ".old"))
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.save_checkpoint(state, tmp)
+    if dist.is_main():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def sharded_checkpoint(directory: Path) -> Path | None:
+    """The sharded checkpoint directory in ``directory`` (or the one before it, when a save was cut short)."""
+    for name in (SHARDED_DIR, SHARDED_DIR + ".old"):
+        if (directory / name / ".metadata").is_file():
+            return directory / name
+    return None
+
+
+def load_run_state(directory: Path, *, sharded: bool) -> dict | None:
+    """What resuming needs before the model exists: the checkpoint's config, progress, annotations and
+    metrics_lines (sharded: plus 'sharded', its directory; the weights load later); the whole ``latest.pt``
+    otherwise. None when there is no checkpoint; a ValueError naming ``distributed`` when the checkpoint
+    there has the other format."""
+    path = sharded_checkpoint(directory)
+    if not sharded:
+        if path is not None and not (directory / CHECKPOINT_FILE).exists():
+            raise ValueError(f"config field 'distributed': {directory} holds a sharded checkpoint of a ddp / fsdp "
+                             f"run; resume it with --distributed ddp or fsdp (or pass --resume false)")
+        return load_checkpoint(directory)
+    if path is None:
+        if (directory / CHECKPOINT_FILE).exists():
+            raise ValueError(f"config field 'distributed': {directory} holds the checkpoint of a "
+                             f"distributed='none' run; resume it with --distributed none (or pass --resume false)")
+        return None
+    return {**dist.read_checkpoint_extras(path), "sharded": path}
 
 
 def summary_table(records: list[dict]) -> str:

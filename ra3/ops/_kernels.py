@@ -1,4 +1,11 @@
-"""Calls into ``ra3._C`` across its torch-free boundary: pointers, sizes, a dtype tag and, on CUDA, the stream."""
+"""The one call site of every kernel: ``call(backend, name, device, *args)``.
+
+``args`` follow the C ABI of ``ra3._C`` (csrc/ra3_native.h) with a tensor (or None) wherever the ABI takes a
+pointer. Backend 'cpu' / 'cuda' turns them into raw addresses (0 for None) and calls ``cpu_<name>`` or
+``cuda_<name>`` (on the current stream of ``device``) across the extension's torch-free boundary; backend
+'triton' hands the tensors to the launcher ``ra3.kernels.launcher(name)``, imported only then (``import ra3.ops``
+never imports triton).
+"""
 from __future__ import annotations
 
 import torch
@@ -17,12 +24,23 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def call(name: str, device: torch.device, *args):
-    """Runs ``cpu_<name>`` or ``cuda_<name>`` (on the current stream of ``device``) with ``args``."""
+def call(backend: str, name: str, device: torch.device, *args):
+    """Runs kernel ``name`` of ``backend`` ('cpu', 'cuda' or 'triton') with ``args`` (tensors for pointers)."""
+    if backend == "triton":
+        from ra3 import kernels  # noqa: PLC0415  (lazy: triton loads on the first Triton kernel only)
+
+        launch = kernels.launcher(name)
+        if device.type == "cuda":
+            with torch.cuda.device(device):  # Triton launches on the current device (and its current stream)
+                return launch(*args)
+        return launch(*args)
     mod = _native.load()
     if mod is None:
         raise RuntimeError(f"ra3._C is not available; {_native.REBUILD_HINT}")
-    if device.type == "cuda":
+    raw = [ptr(a) if a is None or isinstance(a, torch.Tensor) else a for a in args]
+    if backend == "cuda":
         stream = torch.cuda.current_stream(device).cuda_stream
-        return getattr(mod, "cuda_" + name)(*args, stream)
-    return getattr(mod, "cpu_" + name)(*args)
+        return getattr(mod, "cuda_" + name)(*raw, stream)
+    if backend == "cpu":
+        return getattr(mod, "cpu_" + name)(*raw)
+    raise ValueError(f"no kernels for backend {backend!r}")

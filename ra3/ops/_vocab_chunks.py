@@ -136,11 +136,11 @@ def backward(backend: str, mode: int, grad_out, out, lse, lse_r, hidden, weight,
              ref_bias, targets, inv_temp: float, need_weight_grad: bool):
     """Gradients (w.r.t. hidden or logits, weight, bias) of sum(grad_out * out); absent ones are empty tensors."""
     dt = lse.dtype
-    src = _Source(hidden, weight, bias, dt)
-    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if mode == EXACT_KL else None
-    n, vocab, dev = src.n, src.vocab, hidden.device
+    linear = weight is not None
+    n, dev = hidden.shape[0], hidden.device
+    vocab = weight.shape[0] if linear else hidden.shape[1]
     if n == 0:
-        gw = torch.zeros(weight.shape, dtype=dt, device=dev) if (src.linear and need_weight_grad) else None
+        gw = torch.zeros(weight.shape, dtype=dt, device=dev) if (linear and need_weight_grad) else None
         gb = torch.zeros(bias.shape, dtype=dt, device=dev) if (gw is not None and bias is not None) else None
         return torch.zeros(hidden.shape, dtype=dt, device=dev), gw if gw is not None else _empty(dt, dev), \
             gb if gb is not None else _empty(dt, dev)
@@ -150,28 +150,38 @@ def backward(backend: str, mode: int, grad_out, out, lse, lse_r, hidden, weight,
     code = _kernels.dtype_code(dt)
     aux = out.contiguous() if mode != LOGPROB else None
     lse_r_arg = lse_r if mode == EXACT_KL else None
-    if src.linear:
+    if linear:
         grad_hidden = torch.zeros(n, hidden.shape[1], dtype=dt, device=dev)
         grad_weight = torch.empty(weight.shape, dtype=dt, device=dev) if need_weight_grad else _empty(dt, dev)
         grad_bias = torch.empty(vocab, dtype=dt, device=dev) if (bias is not None and need_weight_grad) \
             else _empty(dt, dev)
     else:
         grad_logits = torch.empty(n, vocab, dtype=dt, device=dev)
+    if _fused(backend, weight):  # tiles recomputed in registers, GEMMs inside the kernel
+        kl = mode == EXACT_KL
+        _kernels.call(backend, "linear_softmax_grad", dev, mode, code, hidden.contiguous(), weight.contiguous(),
+                      bias, ref_hidden.contiguous() if kl else None, ref_weight.contiguous() if kl else None,
+                      ref_bias if kl else None, targets, inv_temp, lse, lse_r_arg, aux, g, grad_hidden,
+                      grad_weight if need_weight_grad else None,
+                      grad_bias if (bias is not None and need_weight_grad) else None)
+        return grad_hidden, grad_weight, grad_bias
+    src = _Source(hidden, weight, bias, dt)
+    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if mode == EXACT_KL else None
     step = chunk_size(n, vocab)
     for v0 in range(0, vocab, step):
         v1 = min(vocab, v0 + step)
         z = src.tile(v0, v1)
         r = ref.tile(v0, v1) if ref else None
-        dst = z if src.linear else grad_logits[:, v0:v1]
+        dst = z if linear else grad_logits[:, v0:v1]
         _kernels.call(backend, "softmax_grad", dev, mode, code, z, _ld(z), r, _ld(r), dst, _ld(dst), n, v1 - v0,
                       v0, inv_temp, targets, lse, lse_r_arg, aux, g)
-        if src.linear:
+        if linear:
             grad_hidden.addmm_(dst, weight[v0:v1].to(dt))
             if need_weight_grad:
                 torch.mm(dst.T, src.hidden, out=grad_weight[v0:v1])
                 if bias is not None:
                     torch.sum(dst, 0, out=grad_bias[v0:v1])
-    if src.linear:
+    if linear:
         return grad_hidden, grad_weight, grad_bias
     return grad_logits, _empty(dt, dev), _empty(dt, dev)
 
@@ -204,8 +214,8 @@ def vocab_softmax_backward_op(backend: str, mode: int, grad_out: Tensor, out: Te
 
 
 @vocab_softmax_backward_op.register_fake
-def _(backend, mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp,
-      need_weight_grad):
+def _(backend, mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+      inv_temp, need_weight_grad):
     dt = lse.dtype
     if weight is None:
         return hidden.new_empty(hidden.shape, dtype=dt), lse.new_empty(0), lse.new_empty(0)

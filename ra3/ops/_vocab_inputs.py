@@ -45,7 +45,8 @@ def targets_input(targets, n: int, vocab: int, ignore_index: int, device) -> tor
 
 def run(op: str, mode: int, backend: str, device, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
         targets, temperature: float, reference_fn):
-    """Dispatches to the reference (backend 'torch') or the native custom op; returns [N] in the compute dtype."""
+    """Dispatches to the reference (backend 'torch') or the custom op of the resolved backend; returns [N] in the
+    compute dtype."""
     name = registry.resolve(op, backend, device)
     if name == "torch":
         return reference_fn()
@@ -54,8 +55,8 @@ def run(op: str, mode: int, backend: str, device, hidden, weight, bias, ref_hidd
         hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
         if ref_hidden is not None and ref_hidden.stride(1) != 1:
             ref_hidden = ref_hidden.contiguous()
-    out, _lse, _lse_r = vocab_softmax_op(mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                                         1.0 / temperature)
+    out, _lse, _lse_r = vocab_softmax_op(name, mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                         targets, 1.0 / temperature)
     return out
 
 

@@ -10,49 +10,49 @@ from ra3.ops import _validate as check
 _NORMALIZE_CODE = {"none": 0, "mean": 1, "std": 2, "rloo": 3}
 
 
+# ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernels the op body calls.
 @torch.library.custom_op("ra3::group_advantages", mutates_args=())
-def _group_adv_op(rewards: Tensor, group_ids: Tensor, num_groups: int, normalize: int,
+def _group_adv_op(backend: str, rewards: Tensor, group_ids: Tensor, num_groups: int, normalize: int,
                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
     out = torch.empty_like(rewards)
     mean = torch.empty(num_groups, dtype=rewards.dtype, device=rewards.device)
     std = torch.empty_like(mean)
-    _kernels.call("group_adv_fwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards.data_ptr(),
-                  group_ids.data_ptr(), rewards.numel(), num_groups, normalize, eps, out.data_ptr(),
-                  mean.data_ptr(), std.data_ptr())
+    _kernels.call(backend, "group_adv_fwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards, group_ids,
+                  rewards.numel(), num_groups, normalize, eps, out, mean, std)
     return out, mean, std
 
 
 @_group_adv_op.register_fake
-def _(rewards, group_ids, num_groups, normalize, eps):
+def _(backend, rewards, group_ids, num_groups, normalize, eps):
     return torch.empty_like(rewards), rewards.new_empty(num_groups), rewards.new_empty(num_groups)
 
 
 @torch.library.custom_op("ra3::group_advantages_backward", mutates_args=())
-def _group_adv_backward_op(rewards: Tensor, group_ids: Tensor, num_groups: int, normalize: int, eps: float,
-                           mean: Tensor, std: Tensor, grad_out: Tensor) -> Tensor:
+def _group_adv_backward_op(backend: str, rewards: Tensor, group_ids: Tensor, num_groups: int, normalize: int,
+                           eps: float, mean: Tensor, std: Tensor, grad_out: Tensor) -> Tensor:
     grad = torch.empty_like(rewards)
-    _kernels.call("group_adv_bwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards.data_ptr(),
-                  group_ids.data_ptr(), rewards.numel(), num_groups, normalize, eps, mean.data_ptr(),
-                  std.data_ptr(), grad_out.data_ptr(), grad.data_ptr())
+    _kernels.call(backend, "group_adv_bwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards, group_ids,
+                  rewards.numel(), num_groups, normalize, eps, mean, std, grad_out, grad)
     return grad
 
 
 @_group_adv_backward_op.register_fake
-def _(rewards, group_ids, num_groups, normalize, eps, mean, std, grad_out):
+def _(backend, rewards, group_ids, num_groups, normalize, eps, mean, std, grad_out):
     return torch.empty_like(rewards)
 
 
 def _setup(ctx, inputs, output):
-    rewards, group_ids, num_groups, normalize, eps = inputs
-    ctx.args = (num_groups, normalize, eps)
+    backend, rewards, group_ids, num_groups, normalize, eps = inputs
+    ctx.args = (backend, num_groups, normalize, eps)
     ctx.save_for_backward(rewards, group_ids, output[1], output[2])
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_std):
     rewards, group_ids, mean, std = ctx.saved_tensors
-    num_groups, normalize, eps = ctx.args
-    grad = _group_adv_backward_op(rewards, group_ids, num_groups, normalize, eps, mean, std, grad_out.contiguous())
-    return grad, None, None, None, None
+    backend, num_groups, normalize, eps = ctx.args
+    grad = _group_adv_backward_op(backend, rewards, group_ids, num_groups, normalize, eps, mean, std,
+                                  grad_out.contiguous())
+    return None, grad, None, None, None, None
 
 
 _group_adv_op.register_autograd(_backward, setup_context=_setup)
@@ -96,5 +96,6 @@ def group_advantages(rewards, group_size=None, group_ids=None, normalize: str = 
     if name == "torch":
         return reference.group_advantages(rewards, ids, num_groups, normalize, eps)
     dt = check.compute_dtype(rewards)
-    out, _mean, _std = _group_adv_op(rewards.to(dt).contiguous(), ids, num_groups, _NORMALIZE_CODE[normalize], eps)
+    out, _mean, _std = _group_adv_op(name, rewards.to(dt).contiguous(), ids, num_groups,
+                                    _NORMALIZE_CODE[normalize], eps)
     return out

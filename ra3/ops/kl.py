@@ -10,43 +10,43 @@ from ra3.ops import _validate as check
 _ESTIMATOR_CODE = {"k1": 1, "k2": 2, "k3": 3}
 
 
+# ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernels the op body calls.
 @torch.library.custom_op("ra3::kl_estimator", mutates_args=())
-def _kl_op(logprobs: Tensor, ref_logprobs: Tensor, estimator: int) -> Tensor:
+def _kl_op(backend: str, logprobs: Tensor, ref_logprobs: Tensor, estimator: int) -> Tensor:
     out = torch.empty_like(logprobs)
-    _kernels.call("kl_estimator_fwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
-                  logprobs.data_ptr(), ref_logprobs.data_ptr(), logprobs.numel(), out.data_ptr())
+    _kernels.call(backend, "kl_estimator_fwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
+                  logprobs, ref_logprobs, logprobs.numel(), out)
     return out
 
 
 @_kl_op.register_fake
-def _(logprobs, ref_logprobs, estimator):
+def _(backend, logprobs, ref_logprobs, estimator):
     return torch.empty_like(logprobs)
 
 
 @torch.library.custom_op("ra3::kl_estimator_backward", mutates_args=())
-def _kl_backward_op(logprobs: Tensor, ref_logprobs: Tensor, grad_out: Tensor, estimator: int) -> Tensor:
+def _kl_backward_op(backend: str, logprobs: Tensor, ref_logprobs: Tensor, grad_out: Tensor, estimator: int) -> Tensor:
     grad = torch.empty_like(logprobs)
-    _kernels.call("kl_estimator_bwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
-                  logprobs.data_ptr(), ref_logprobs.data_ptr(), grad_out.data_ptr(), logprobs.numel(),
-                  grad.data_ptr())
+    _kernels.call(backend, "kl_estimator_bwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
+                  logprobs, ref_logprobs, grad_out, logprobs.numel(), grad)
     return grad
 
 
 @_kl_backward_op.register_fake
-def _(logprobs, ref_logprobs, grad_out, estimator):
+def _(backend, logprobs, ref_logprobs, grad_out, estimator):
     return torch.empty_like(logprobs)
 
 
 def _setup(ctx, inputs, output):
-    ctx.estimator = inputs[2]
-    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.backend, ctx.estimator = inputs[0], inputs[3]
+    ctx.save_for_backward(inputs[1], inputs[2])
 
 
 def _backward(ctx, grad_out):
     logprobs, ref_logprobs = ctx.saved_tensors
-    grad = _kl_backward_op(logprobs, ref_logprobs, grad_out.contiguous(), ctx.estimator)
+    grad = _kl_backward_op(ctx.backend, logprobs, ref_logprobs, grad_out.contiguous(), ctx.estimator)
     # Every estimator is a function of logprobs - ref_logprobs, so the reference's gradient is the negative.
-    return grad, -grad, None
+    return None, grad, -grad, None
 
 
 _kl_op.register_autograd(_backward, setup_context=_setup)
@@ -68,4 +68,5 @@ def kl(logprobs, ref_logprobs, estimator: str = "k3", *, backend: str = "auto") 
     if name == "torch":
         return reference.kl(logprobs, ref_logprobs, estimator)
     dt = check.compute_dtype(logprobs, ref_logprobs)
-    return _kl_op(logprobs.to(dt).contiguous(), ref_logprobs.to(dt).contiguous(), _ESTIMATOR_CODE[estimator])
+    return _kl_op(name, logprobs.to(dt).contiguous(), ref_logprobs.to(dt).contiguous(),
+                  _ESTIMATOR_CODE[estimator])

@@ -20,23 +20,23 @@ class PolicyLoss(NamedTuple):
     ratio_mean: torch.Tensor  # scalar, masked mean of exp(logprobs - old_logprobs)
 
 
+# ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernel the op body calls.
 @torch.library.custom_op("ra3::policy_loss", mutates_args=())
-def _policy_loss_op(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+def _policy_loss_op(backend: str, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                     ref_logprobs: Tensor | None, kl_coef: float, kl_estimator: int, clip_low: float,
                     clip_high: float, aggregation: int) -> tuple[Tensor, Tensor, Tensor]:
     B, T = logprobs.shape
     loss = torch.empty(1, dtype=logprobs.dtype, device=logprobs.device)
     grad = torch.empty_like(logprobs)
     stats = torch.empty(4, dtype=logprobs.dtype, device=logprobs.device)
-    _kernels.call("policy_loss_fwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), B, T,
-                  logprobs.data_ptr(), old_logprobs.data_ptr(), advantages.data_ptr(), int(advantages.dim() == 2),
-                  mask.data_ptr(), _kernels.ptr(ref_logprobs), kl_coef, kl_estimator, clip_low, clip_high,
-                  aggregation, loss.data_ptr(), grad.data_ptr(), stats.data_ptr())
+    _kernels.call(backend, "policy_loss_fwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), B, T,
+                  logprobs, old_logprobs, advantages, int(advantages.dim() == 2), mask, ref_logprobs, kl_coef,
+                  kl_estimator, clip_low, clip_high, aggregation, loss, grad, stats)
     return loss[0], grad, stats
 
 
 @_policy_loss_op.register_fake
-def _(logprobs, old_logprobs, advantages, mask, ref_logprobs, kl_coef, kl_estimator, clip_low, clip_high,
+def _(backend, logprobs, old_logprobs, advantages, mask, ref_logprobs, kl_coef, kl_estimator, clip_low, clip_high,
       aggregation):
     return logprobs.new_empty(()), torch.empty_like(logprobs), logprobs.new_empty(4)
 
@@ -48,7 +48,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_grad, _grad_stats):
     (grad_lp,) = ctx.saved_tensors
     # The per-token gradient was computed in the forward pass (the loss is its only consumer): just scale it.
-    return grad_loss * grad_lp, None, None, None, None, None, None, None, None, None
+    return None, grad_loss * grad_lp, None, None, None, None, None, None, None, None, None
 
 
 _policy_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -99,8 +99,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
     def prep(t):
         return t.detach().to(dt).contiguous()
 
-    loss, _grad, stats = _policy_loss_op(logprobs.to(dt).contiguous(), prep(old_logprobs), prep(advantages),
-                                         prep(mask), prep(ref_logprobs) if use_ref else None, kl_coef,
-                                         _ESTIMATOR_CODE[kl_estimator], clip_low, clip_high,
+    loss, _grad, stats = _policy_loss_op(name, logprobs.to(dt).contiguous(), prep(old_logprobs),
+                                         prep(advantages), prep(mask), prep(ref_logprobs) if use_ref else None,
+                                         kl_coef, _ESTIMATOR_CODE[kl_estimator], clip_low, clip_high,
                                          _AGGREGATION_CODE[aggregation])
     return PolicyLoss(loss, stats[0], stats[1], stats[2])

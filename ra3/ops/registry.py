@@ -19,14 +19,14 @@ from ra3 import _native
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
-# Which ops each backend implements. Triton kernels are tracked in issue 4; until they land, the triton
-# backend implements none and naming it explicitly raises.
+# Which ops each backend implements (an op name naming a backend that lacks it raises). 'logprobs' covers
+# linear_cross_entropy too.
 OPS = ("logprobs", "entropy", "exact_kl", "kl", "segment_sum", "group_advantages", "policy_loss")
 IMPLEMENTED = {
     "torch": set(OPS),
     "cpu": set(OPS),
     "cuda": set(OPS),
-    "triton": set(),
+    "triton": set(OPS),
 }
 
 # Per device type, the order ``auto`` tries. For CUDA it should follow the recorded GPU benchmarks

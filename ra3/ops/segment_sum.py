@@ -8,39 +8,41 @@ from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
 
 
+# ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernels the op body calls.
 @torch.library.custom_op("ra3::segment_sum", mutates_args=())
-def _segment_sum_op(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+def _segment_sum_op(backend: str, values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
     out = torch.empty(num_segments, dtype=values.dtype, device=values.device)
-    _kernels.call("segment_sum_fwd", values.device, _kernels.dtype_code(values.dtype), values.data_ptr(),
-                  segment_ids.data_ptr(), values.numel(), num_segments, out.data_ptr())
+    _kernels.call(backend, "segment_sum_fwd", values.device, _kernels.dtype_code(values.dtype), values,
+                  segment_ids, values.numel(), num_segments, out)
     return out
 
 
 @_segment_sum_op.register_fake
-def _(values, segment_ids, num_segments):
+def _(backend, values, segment_ids, num_segments):
     return values.new_empty(num_segments)
 
 
 @torch.library.custom_op("ra3::segment_sum_backward", mutates_args=())
-def _segment_sum_backward_op(grad_out: Tensor, segment_ids: Tensor) -> Tensor:
+def _segment_sum_backward_op(backend: str, grad_out: Tensor, segment_ids: Tensor) -> Tensor:
     grad = torch.empty(segment_ids.numel(), dtype=grad_out.dtype, device=grad_out.device)
-    _kernels.call("segment_sum_bwd", grad_out.device, _kernels.dtype_code(grad_out.dtype), grad_out.data_ptr(),
-                  segment_ids.data_ptr(), segment_ids.numel(), grad.data_ptr())
+    _kernels.call(backend, "segment_sum_bwd", grad_out.device, _kernels.dtype_code(grad_out.dtype), grad_out,
+                  segment_ids, segment_ids.numel(), grad)
     return grad
 
 
 @_segment_sum_backward_op.register_fake
-def _(grad_out, segment_ids):
+def _(backend, grad_out, segment_ids):
     return grad_out.new_empty(segment_ids.shape)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+    ctx.backend = inputs[0]
+    ctx.save_for_backward(inputs[2])
 
 
 def _backward(ctx, grad_out):
     (segment_ids,) = ctx.saved_tensors
-    return _segment_sum_backward_op(grad_out.contiguous(), segment_ids), None, None
+    return None, _segment_sum_backward_op(ctx.backend, grad_out.contiguous(), segment_ids), None, None
 
 
 _segment_sum_op.register_autograd(_backward, setup_context=_setup)
@@ -60,4 +62,4 @@ def segment_sum(values, segment_ids, num_segments: int, *, backend: str = "auto"
     if name == "torch":
         return reference.segment_sum(values, segment_ids, num_segments)
     dt = check.compute_dtype(values)
-    return _segment_sum_op(values.to(dt).contiguous(), segment_ids.long().contiguous(), num_segments)
+    return _segment_sum_op(name, values.to(dt).contiguous(), segment_ids.long().contiguous(), num_segments)

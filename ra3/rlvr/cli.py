@@ -5,12 +5,14 @@
     ra3 rlvr --model runs/midtrain/final --tasks mbpp --data mbpp.jsonl --split train --steps 200 \\
              --max-new-tokens 384 --lr 1e-6 --out runs/rlvr-ra3
     ra3 rlvr --out runs/rlvr-ra3 --resume             # continue from the latest checkpoint
+    torchrun --nproc_per_node=2 -m ra3.cli rlvr --distributed ddp   # data-parallel (or fsdp) over 2 processes
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ra3 rlvr: error: {exc}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports (every rank has the same metrics)
+        return 0
     if metrics:
         keys = ("step", "reward_mean", "pass_rate", "kl", "entropy")
         print(json.dumps({k: metrics[k] for k in keys}))

@@ -60,6 +60,7 @@ class RLVRConfig:
     # runtime
     dtype: str = "float32"
     device: str | None = None  # default: cuda when available, else cpu
+    distributed: str = "none"  # none | ddp | fsdp: data-parallel over torchrun's processes (device: each rank's)
     generation_batch_size: int = 64  # sequences per HF generate call
     backend: str = "auto"  # ra3.ops backend for the fused loss ops
     seed: int = 0
@@ -105,7 +106,8 @@ class RLVRConfig:
         for name, choices in (("tasks", TASK_SOURCES), ("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS),
                               ("kl_estimator", KL_ESTIMATORS),
                               ("dtype", ("float32", "bfloat16", "float16")),
-                              ("backend", ("auto", "torch", "cpu", "cuda", "triton"))):
+                              ("backend", ("auto", "torch", "cpu", "cuda", "triton")),
+                              ("distributed", ("none", "ddp", "fsdp"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not isinstance(self.model, str) or not self.model:

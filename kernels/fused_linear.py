@@ -1,0 +1,341 @@
+"""The fused-matmul design of the linear softmax-over-vocabulary ops (log-probs, entropy, exact KL): the GEMM
+``hidden @ weight.T`` runs inside the kernel, tile by tile, so no logits tile ever reaches global memory
+(Cut Cross-Entropy's approach). The chunked design (a torch GEMM per vocabulary chunk, then the tile kernels of
+softmax_vocab.py) stays the default; ra3.ops._vocab_chunks.TRITON_FUSED_LINEAR selects this one.
+
+Forward (linear_softmax_stats_fwd): the grid is (token tiles x vocabulary splits). A program walks its split in
+tiles of BLOCK_V entries; per tile it forms the logits [BLOCK_N, BLOCK_V] in registers with tl.dot over the
+hidden dimension (plus bias, times inv_temp) and folds them into a per-row online log-sum-exp, the same state
+(m, s, a, mr, sr, tgt) as softmax_vocab.py. With several splits, each writes a partial state and a second
+kernel merges them in split order. Exact KL forms the reference tile the same way in the same loop.
+
+Backward (linear_softmax_grad): one program per (token tile, vocabulary tile) recomputes its logits tile, turns
+it into d(value)/dlogits in registers (the formulas of softmax_vocab._grad_kernel) and adds d @ W[tile] into
+grad_hidden and d^T @ hidden into grad_weight with atomic adds, BLOCK_H columns at a time. The order of those
+adds varies on a GPU, so the last bits of the gradients may vary run to run (the chunked design is exact-order).
+
+Operands: hidden/weight of any float dtype. Float32 compute upcasts in registers and runs IEEE float32 dots
+(no TF32), except that bf16/fp16 hidden and weight of one dtype are dotted natively with float32 accumulation
+(their products are exact in float32). Float64 compute runs float64 dots.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ra3.kernels._common import block, check_dtype, scalar_as
+from ra3.kernels.softmax_vocab import ENTROPY, EXACT_KL, LOGPROB, _check_mode
+
+# Tile shapes; float64 tiles are smaller (twice the registers per element).
+TILES = {torch.float32: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32), torch.float64: dict(BLOCK_N=32, BLOCK_V=32,
+                                                                                       BLOCK_H=16)}
+# Programs to aim for when splitting the vocabulary (a few per SM of a large GPU).
+TARGET_PROGRAMS = 264
+
+
+@triton.jit
+def _logits_tile(h_ptr, ldh, w_ptr, ldw, b_ptr, rows, row_ok, cols, col_ok, hdim, inv, DT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """(hidden[rows] @ weight[cols].T + bias[cols]) * inv as [BLOCK_N, BLOCK_V] in DT; -inf in columns past the
+    tile's end, so they drop out of every max and sum."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], DT)
+    for k0 in range(0, hdim, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < hdim
+        h = tl.load(h_ptr + rows[:, None] * ldh + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * ldw + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if NATIVE_DOT:
+            acc = tl.dot(h, w, acc)
+        else:
+            acc = tl.dot(h.to(DT), w.to(DT), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(DT)[None, :]
+    return tl.where(col_ok[None, :], acc * inv, -float("inf"))
+
+
+@triton.jit
+def _fold_rows(m, s, a, x, term, WITH_A: tl.constexpr):
+    """Folds a tile x [BLOCK_N, BLOCK_V] (and, WITH_A, term summed into a) into the per-row state, as _fold_block
+    does for one row in softmax_vocab.py."""
+    mn = tl.maximum(m, tl.max(x, 1))
+    live = mn != -float("inf")
+    base = tl.where(live, mn, 0.0)
+    rescale = tl.exp(m - base)
+    e = tl.exp(x - base[:, None])
+    s_new = s * rescale + tl.sum(e, 1)
+    if WITH_A:
+        a = tl.where(live, a * rescale + tl.sum(e * tl.where(e > 0, term, 0.0), 1), a)
+    return tl.where(live, mn, m), tl.where(live, s_new, s), a
+
+
+@triton.jit
+def _linear_stats_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, targets_ptr, n, hdim,
+                         rhdim, vocab, v_per_split, inv_temp: tl.float64, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr,
+                         tgt_ptr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+                         HAS_TARGETS: tl.constexpr, NATIVE_DOT: tl.constexpr, REF_NATIVE_DOT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    split = tl.program_id(1).to(tl.int64)
+    dt = m_ptr.dtype.element_ty
+    inv = scalar_as(inv_temp, dt)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    v_begin = split * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, vocab)
+    m = tl.full([BLOCK_N], -float("inf"), dt)
+    s = tl.zeros([BLOCK_N], dt)
+    a = tl.zeros([BLOCK_N], dt)
+    mr = tl.full([BLOCK_N], -float("inf"), dt)
+    sr = tl.zeros([BLOCK_N], dt)
+    tgt = tl.zeros([BLOCK_N], dt)
+    t = tl.full([BLOCK_N], -1, tl.int64)
+    if HAS_TARGETS:
+        t = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        x = _logits_tile(h_ptr, ldh, w_ptr, ldw, b_ptr, rows, row_ok, cols, col_ok, hdim, inv, dt, HAS_BIAS,
+                         NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
+        if MODE == 0:
+            m, s, a = _fold_rows(m, s, a, x, x, False)
+            tgt += tl.sum(tl.where(cols[None, :] == t[:, None], x, 0.0), 1)  # each target lies in one tile
+        elif MODE == 1:
+            m, s, a = _fold_rows(m, s, a, x, x, True)
+        else:
+            y = _logits_tile(rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, rows, row_ok, cols, col_ok, rhdim, inv, dt,
+                             HAS_REF_BIAS, REF_NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
+            m, s, a = _fold_rows(m, s, a, x, x - tl.where(x == -float("inf"), 0.0, y), True)
+            mr, sr, _unused = _fold_rows(mr, sr, a, y, y, False)
+    out = split * n + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    if MODE == 0:
+        tl.store(tgt_ptr + out, tgt, mask=row_ok)
+    else:
+        tl.store(a_ptr + out, a, mask=row_ok)
+    if MODE == 2:
+        tl.store(mr_ptr + out, mr, mask=row_ok)
+        tl.store(sr_ptr + out, sr, mask=row_ok)
+
+
+@triton.jit
+def _merge(m, s, a, mk, sk, ak):
+    """Merges the partial state (mk, sk, ak) of one vocabulary split into (m, s, a)."""
+    mn = tl.maximum(m, mk)
+    live = mn != -float("inf")
+    base = tl.where(live, mn, 0.0)
+    f = tl.exp(m - base)
+    fk = tl.exp(mk - base)
+    return tl.where(live, mn, m), tl.where(live, s * f + sk * fk, s), tl.where(live, a * f + ak * fk, a)
+
+
+@triton.jit
+def _merge_splits_kernel(pm_ptr, ps_ptr, pa_ptr, pmr_ptr, psr_ptr, ptgt_ptr, n, splits, m_ptr, s_ptr, a_ptr,
+                         mr_ptr, sr_ptr, tgt_ptr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n
+    dt = m_ptr.dtype.element_ty
+    m = tl.full([BLOCK], -float("inf"), dt)
+    s = tl.zeros([BLOCK], dt)
+    a = tl.zeros([BLOCK], dt)
+    mr = tl.full([BLOCK], -float("inf"), dt)
+    sr = tl.zeros([BLOCK], dt)
+    tgt = tl.zeros([BLOCK], dt)
+    for k in range(0, splits):
+        off = k * n + rows
+        mk = tl.load(pm_ptr + off, mask=ok, other=-float("inf"))
+        sk = tl.load(ps_ptr + off, mask=ok, other=0.0)
+        if MODE == 0:
+            m, s, a = _merge(m, s, a, mk, sk, tl.zeros_like(sk))
+            tgt += tl.load(ptgt_ptr + off, mask=ok, other=0.0)  # zero in every split but the target's
+        else:
+            m, s, a = _merge(m, s, a, mk, sk, tl.load(pa_ptr + off, mask=ok, other=0.0))
+        if MODE == 2:
+            mrk = tl.load(pmr_ptr + off, mask=ok, other=-float("inf"))
+            mr, sr, _unused = _merge(mr, sr, tl.zeros_like(sr), mrk, tl.load(psr_ptr + off, mask=ok, other=0.0),
+                                     tl.zeros_like(sr))
+    tl.store(m_ptr + rows, m, mask=ok)
+    tl.store(s_ptr + rows, s, mask=ok)
+    if MODE == 0:
+        tl.store(tgt_ptr + rows, tgt, mask=ok)
+    else:
+        tl.store(a_ptr + rows, a, mask=ok)
+    if MODE == 2:
+        tl.store(mr_ptr + rows, mr, mask=ok)
+        tl.store(sr_ptr + rows, sr, mask=ok)
+
+
+@triton.jit
+def _linear_grad_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, targets_ptr, lse_ptr,
+                        lse_r_ptr, aux_ptr, g_ptr, n, hdim, rhdim, vocab, inv_temp: tl.float64, gh_ptr, gw_ptr,
+                        gb_ptr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+                        HAS_TARGETS: tl.constexpr, NEED_WEIGHT_GRAD: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                        REF_NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    dt = gh_ptr.dtype.element_ty
+    inv = scalar_as(inv_temp, dt)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n
+    col_ok = cols < vocab
+    x = _logits_tile(h_ptr, ldh, w_ptr, ldw, b_ptr, rows, row_ok, cols, col_ok, hdim, inv, dt, HAS_BIAS,
+                     NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
+    c = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv  # 0 on rows past the end: their d is 0
+    lp = x - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    p = tl.exp(lp)  # 0 in columns past the end (x = -inf)
+    live = p > 0
+    lp = tl.where(live, lp, 0.0)
+    if MODE == 0:
+        d = -c[:, None] * p
+        if HAS_TARGETS:
+            t = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+            d = tl.where(cols[None, :] == t[:, None], d + c[:, None], d)
+    elif MODE == 1:
+        aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
+        d = tl.where(live, -c[:, None] * p * (lp + aux[:, None]), 0.0)
+    else:
+        y = _logits_tile(rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, rows, row_ok, cols, col_ok, rhdim, inv, dt,
+                         HAS_REF_BIAS, REF_NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
+        lq = tl.where(live, y - tl.load(lse_r_ptr + rows, mask=row_ok, other=0.0)[:, None], 0.0)
+        aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
+        d = tl.where(live, c[:, None] * p * (lp - lq - aux[:, None]), 0.0)
+    d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
+    # The tile's share of grad_hidden = d @ W and grad_weight = d^T @ hidden, BLOCK_H columns at a time.
+    for k0 in range(0, hdim, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < hdim
+        w = tl.load(w_ptr + cols[:, None] * ldw + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        tl.atomic_add(gh_ptr + rows[:, None] * hdim + ks[None, :], tl.dot(d, w.to(dt), input_precision="ieee"),
+                      mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
+        if NEED_WEIGHT_GRAD:
+            h = tl.load(h_ptr + rows[:, None] * ldh + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.atomic_add(gw_ptr + cols[:, None] * hdim + ks[None, :],
+                          tl.dot(tl.trans(d), h.to(dt), input_precision="ieee"),
+                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+    if NEED_WEIGHT_GRAD and HAS_BIAS:
+        tl.atomic_add(gb_ptr + cols, tl.sum(d, 0), mask=col_ok, sem="relaxed")
+
+
+def _native_dot(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> bool:
+    """Whether a and b go into tl.dot as they are (16-bit, float32 accumulation) rather than upcast to dt."""
+    if dt != torch.float32 or a.dtype != b.dtype:
+        return False
+    if a.dtype == torch.float16:
+        return True
+    # Triton's interpreter (3.9) multiplies bf16 operands as their raw bit patterns, so there they are upcast.
+    return a.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels need unit stride along the hidden dimension; rows may be strided."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _ld(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def _splits(n_tiles: int, vocab_tiles: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, n_tiles)))
+
+
+def linear_softmax_stats_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None, ref_hidden: torch.Tensor | None,
+                             ref_weight: torch.Tensor | None, ref_bias: torch.Tensor | None,
+                             targets: torch.Tensor | None, inv_temp: float, m: torch.Tensor, s: torch.Tensor,
+                             a: torch.Tensor | None, mr: torch.Tensor | None, sr: torch.Tensor | None,
+                             tgt: torch.Tensor | None, *, splits: int | None = None) -> None:
+    """The softmax state of logits = hidden @ weight.T (+ bias) over the whole vocabulary, written to [n] tensors.
+
+    hidden [n, H], weight [V, H], bias [V] | None: any float dtype; ref_* likewise (mode 2, H_ref may differ);
+    targets [n] int64 (-1: ignored; mode 0). Writes m, s and (mode 0) tgt, (modes 1-2) a, (mode 2) mr, sr: the
+    state softmax_stats_fwd leaves after walking every chunk from an empty state (tgt = 0 for ignored rows).
+    The state tensors have the compute dtype (tag ``dtype``). ``splits``: vocabulary splits (default: enough
+    programs for the GPU; 1 off it).
+    """
+    _check_mode(mode)
+    dt = check_dtype(dtype, m, s, a if mode != LOGPROB else None, mr, sr, tgt if mode == LOGPROB else None)
+    needed = {LOGPROB: (tgt,), ENTROPY: (a,), EXACT_KL: (a, mr, sr, ref_hidden, ref_weight)}[mode]
+    if any(t is None for t in needed):
+        raise ValueError(f"mode {mode} needs tgt (0), a (1-2), and mr, sr, ref_hidden, ref_weight (2)")
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    if n == 0:
+        return
+    kl = mode == EXACT_KL
+    hidden, weight = _rows(hidden), _rows(weight)
+    ref_hidden, ref_weight = (_rows(ref_hidden), _rows(ref_weight)) if kl else (None, None)
+    tiles = TILES[dt]
+    bn, bv = tiles["BLOCK_N"], tiles["BLOCK_V"]
+    n_tiles, vocab_tiles = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
+    splits = _splits(n_tiles, vocab_tiles, hidden.device) if splits is None else max(1, min(splits, vocab_tiles))
+    v_per_split = triton.cdiv(vocab_tiles, splits) * bv
+    splits = triton.cdiv(vocab, v_per_split)
+    if splits == 1:
+        state = (m, s, a, mr, sr, tgt)
+    else:
+        def part(t, on):
+            return torch.empty(splits, n, dtype=dt, device=m.device) if on else None
+        state = (part(m, True), part(s, True), part(a, mode != LOGPROB), part(mr, kl), part(sr, kl),
+                 part(tgt, mode == LOGPROB))
+    has_targets = mode == LOGPROB and targets is not None
+    pm, ps, pa, pmr, psr, ptgt = state
+    _linear_stats_kernel[(n_tiles, splits)](
+        hidden, _ld(hidden), weight, _ld(weight), bias, ref_hidden, _ld(ref_hidden), ref_weight, _ld(ref_weight),
+        ref_bias if kl else None, targets if has_targets else None, n, hdim, ref_hidden.shape[1] if kl else 0, vocab,
+        v_per_split, inv_temp, pm, ps, pa if mode != LOGPROB else None, pmr if kl else None, psr if kl else None,
+        ptgt if mode == LOGPROB else None, MODE=mode, HAS_BIAS=bias is not None,
+        HAS_REF_BIAS=kl and ref_bias is not None, HAS_TARGETS=has_targets,
+        NATIVE_DOT=_native_dot(hidden, weight, dt), REF_NATIVE_DOT=kl and _native_dot(ref_hidden, ref_weight, dt),
+        **tiles)
+    if splits > 1:
+        rows = block(n, 256)
+        _merge_splits_kernel[(triton.cdiv(n, rows),)](
+            *state, n, splits, m, s, a if mode != LOGPROB else None,
+            mr if kl else None, sr if kl else None, tgt if mode == LOGPROB else None, MODE=mode, BLOCK=rows)
+
+
+def linear_softmax_grad(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None,
+                        ref_bias: torch.Tensor | None, targets: torch.Tensor | None, inv_temp: float,
+                        lse: torch.Tensor, lse_r: torch.Tensor | None, aux: torch.Tensor | None, g: torch.Tensor,
+                        grad_hidden: torch.Tensor, grad_weight: torch.Tensor | None,
+                        grad_bias: torch.Tensor | None) -> None:
+    """Gradients of sum_i g[i] * value_i (log-prob of the target, entropy or KL) w.r.t. hidden, weight and bias.
+
+    Inputs as linear_softmax_stats_fwd; lse, lse_r [n] the forward's log-sum-exps, aux [n] the value (modes 1-2),
+    g [n] the upstream gradient (0 on ignored rows in mode 0). Writes grad_hidden [n, H] and, when given,
+    grad_weight [V, H] and grad_bias [V], contiguous in the compute dtype.
+    """
+    _check_mode(mode)
+    dt = check_dtype(dtype, lse, lse_r, aux, g, grad_hidden, grad_weight, grad_bias)
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    grad_hidden.zero_()  # the kernel accumulates with atomic adds
+    for t in (grad_weight, grad_bias):
+        if t is not None:
+            t.zero_()
+    if n == 0:
+        return
+    kl = mode == EXACT_KL
+    hidden, weight = _rows(hidden), _rows(weight)
+    ref_hidden, ref_weight = (_rows(ref_hidden), _rows(ref_weight)) if kl else (None, None)
+    tiles = TILES[dt]
+    need_w = grad_weight is not None
+    has_targets = mode == LOGPROB and targets is not None
+    _linear_grad_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))](
+        hidden, _ld(hidden), weight, _ld(weight), bias, ref_hidden, _ld(ref_hidden), ref_weight, _ld(ref_weight),
+        ref_bias if kl else None, targets if has_targets else None, lse, lse_r if kl else None,
+        aux if mode != LOGPROB else None, g, n, hdim, ref_hidden.shape[1] if kl else 0, vocab, inv_temp, grad_hidden,
+        grad_weight, grad_bias if need_w else None, MODE=mode, HAS_BIAS=bias is not None,
+        HAS_REF_BIAS=kl and ref_bias is not None, HAS_TARGETS=has_targets, NEED_WEIGHT_GRAD=need_w,
+        NATIVE_DOT=_native_dot(hidden, weight, dt), REF_NATIVE_DOT=kl and _native_dot(ref_hidden, ref_weight, dt),
+        **tiles)
+
+
+__all__ = ["linear_softmax_stats_fwd", "linear_softmax_grad", "LOGPROB", "ENTROPY", "EXACT_KL"]

@@ -1,0 +1,165 @@
+"""Group-relative advantages (GRPO family) and their exact gradient w.r.t. the rewards.
+
+normalize: 0 none (r), 1 mean (r - mean), 2 std ((r - mean) / (unbiased std + eps)), 3 rloo (r - mean of the
+others = (r - mean) * c / (c - 1)). Per-group moments come from atomic scatters into scratch (counts as exact
+integers), then elementwise kernels; the variance is two-pass (squared deviations from the finished mean), as
+in csrc/cpu/group_advantages.cpp. Group ids outside [0, num_groups) read as "no group": out and grad get 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ra3.kernels._common import check_dtype, grid_1d, scalar_as, sqrt_rn
+
+BLOCK = 1024
+NONE, MEAN, STD, RLOO = 0, 1, 2, 3
+
+
+@triton.jit
+def _load_group(gid_ptr, i, n, num_groups):
+    valid = i < n
+    k = tl.load(gid_ptr + i, mask=valid, other=-1)
+    live = valid & (k >= 0) & (k < num_groups)
+    return tl.where(live, k, 0), valid, live
+
+
+@triton.jit
+def _count_sum_kernel(r_ptr, gid_ptr, n, num_groups, count_ptr, sum_ptr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k, valid, live = _load_group(gid_ptr, i, n, num_groups)
+    r = tl.load(r_ptr + i, mask=valid, other=0.0)
+    tl.atomic_add(count_ptr + k, tl.full(k.shape, 1, tl.int64), mask=live, sem="relaxed")
+    tl.atomic_add(sum_ptr + k, r, mask=live, sem="relaxed")
+
+
+@triton.jit
+def _sq_dev_kernel(r_ptr, gid_ptr, n, num_groups, count_ptr, sum_ptr, ss_ptr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k, valid, live = _load_group(gid_ptr, i, n, num_groups)
+    r = tl.load(r_ptr + i, mask=valid, other=0.0)
+    c = tl.load(count_ptr + k, mask=live, other=1)
+    # The same division as the finished mean in _moments_kernel, so the deviations are from that exact mean.
+    mu = tl.load(sum_ptr + k, mask=live, other=0.0) / c.to(r.dtype)
+    d = r - mu
+    tl.atomic_add(ss_ptr + k, d * d, mask=live, sem="relaxed")
+
+
+@triton.jit
+def _moments_kernel(count_ptr, sum_ptr, ss_ptr, num_groups, mean_ptr, std_ptr, BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = k < num_groups
+    c = tl.load(count_ptr + k, mask=valid, other=0)
+    total = tl.load(sum_ptr + k, mask=valid, other=0.0)
+    cf = c.to(total.dtype)
+    mean = tl.where(c > 0, total / tl.maximum(cf, 1), 0.0)  # empty groups: mean 0, std 0
+    ss = tl.load(ss_ptr + k, mask=valid, other=0.0)
+    sd = tl.where(c > 1, sqrt_rn(ss / tl.maximum(cf - 1, 1)), 0.0)  # groups of one: std 0
+    tl.store(mean_ptr + k, mean, mask=valid)
+    tl.store(std_ptr + k, sd, mask=valid)
+
+
+@triton.jit
+def _adv_out_kernel(r_ptr, gid_ptr, n, num_groups, eps: tl.float64, count_ptr, mean_ptr, std_ptr, out_ptr,
+                    NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k, valid, live = _load_group(gid_ptr, i, n, num_groups)
+    r = tl.load(r_ptr + i, mask=valid, other=0.0)
+    if NORMALIZE == 0:
+        val = r
+    else:
+        mu = tl.load(mean_ptr + k, mask=live, other=0.0)
+        if NORMALIZE == 1:
+            val = r - mu
+        elif NORMALIZE == 2:
+            sd = tl.load(std_ptr + k, mask=live, other=0.0)
+            val = (r - mu) / (sd + scalar_as(eps, r.dtype))
+        else:
+            c = tl.load(count_ptr + k, mask=live, other=0).to(r.dtype)
+            val = tl.where(c > 1, (r - mu) * c / tl.maximum(c - 1, 1), 0.0)
+    tl.store(out_ptr + i, tl.where(live, val, 0.0), mask=valid)
+
+
+@triton.jit
+def _grad_sums_kernel(r_ptr, gid_ptr, g_ptr, n, num_groups, mean_ptr, count_ptr, gsum_ptr, cov_ptr,
+                      BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k, valid, live = _load_group(gid_ptr, i, n, num_groups)
+    r = tl.load(r_ptr + i, mask=valid, other=0.0)
+    g = tl.load(g_ptr + i, mask=valid, other=0.0)
+    mu = tl.load(mean_ptr + k, mask=live, other=0.0)
+    tl.atomic_add(count_ptr + k, tl.full(k.shape, 1, tl.int64), mask=live, sem="relaxed")
+    tl.atomic_add(gsum_ptr + k, g, mask=live, sem="relaxed")
+    tl.atomic_add(cov_ptr + k, g * (r - mu), mask=live, sem="relaxed")
+
+
+@triton.jit
+def _adv_grad_kernel(r_ptr, gid_ptr, g_ptr, n, num_groups, eps: tl.float64, mean_ptr, std_ptr, count_ptr, gsum_ptr,
+                     cov_ptr, grad_ptr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k, valid, live = _load_group(gid_ptr, i, n, num_groups)
+    g = tl.load(g_ptr + i, mask=valid, other=0.0)
+    if NORMALIZE == 0:
+        gr = g
+    else:
+        c = tl.load(count_ptr + k, mask=live, other=1).to(g.dtype)
+        centred = g - tl.load(gsum_ptr + k, mask=live, other=0.0) / tl.maximum(c, 1)
+        if NORMALIZE == 1:
+            gr = centred
+        elif NORMALIZE == 3:
+            gr = tl.where(c > 1, centred * c / tl.maximum(c - 1, 1), 0.0)
+        else:
+            # out_j = (r_j - mu) / (sd + eps): the centring term, plus the term through sd (absent when sd is 0).
+            r = tl.load(r_ptr + i, mask=valid, other=0.0)
+            mu = tl.load(mean_ptr + k, mask=live, other=0.0)
+            sd = tl.load(std_ptr + k, mask=live, other=0.0)
+            cov = tl.load(cov_ptr + k, mask=live, other=0.0)
+            s = sd + scalar_as(eps, g.dtype)
+            through_sd = (r - mu) * cov / (tl.maximum(c - 1, 1) * tl.where(sd > 0, sd, 1) * s * s)
+            gr = centred / s - tl.where((c > 1) & (sd > 0), through_sd, 0.0)
+    tl.store(grad_ptr + i, tl.where(live, gr, 0.0), mask=valid)
+
+
+def _check_normalize(normalize: int) -> None:
+    if normalize not in (NONE, MEAN, STD, RLOO):
+        raise ValueError(f"normalize must be 0 (none), 1 (mean), 2 (std) or 3 (rloo), got {normalize}")
+
+
+def group_adv_fwd(dtype: int, rewards: torch.Tensor, gids: torch.Tensor, n: int, num_groups: int, normalize: int,
+                  eps: float, out: torch.Tensor, mean: torch.Tensor, std_out: torch.Tensor) -> None:
+    """rewards [n] float32|float64, gids [n] int64 -> out [n] advantages, mean [num_groups], std_out [num_groups]
+    (unbiased; 0 for groups of one and empty groups), all overwritten."""
+    _check_normalize(normalize)
+    dt = check_dtype(dtype, rewards, out, mean, std_out)
+    dev = rewards.device
+    if num_groups > 0:
+        count = torch.zeros(num_groups, dtype=torch.int64, device=dev)
+        total = torch.zeros(num_groups, dtype=dt, device=dev)
+        ss = torch.zeros(num_groups, dtype=dt, device=dev)
+        if n > 0:
+            _count_sum_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, count, total, BLOCK=BLOCK)
+            _sq_dev_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, count, total, ss, BLOCK=BLOCK)
+        _moments_kernel[grid_1d(num_groups, BLOCK)](count, total, ss, num_groups, mean, std_out, BLOCK=BLOCK)
+    else:
+        count = torch.zeros(1, dtype=torch.int64, device=dev)  # never read: every id is out of range
+    if n > 0:
+        _adv_out_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, eps, count, mean, std_out, out,
+                                           NORMALIZE=normalize, BLOCK=BLOCK)
+
+
+def group_adv_bwd(dtype: int, rewards: torch.Tensor, gids: torch.Tensor, n: int, num_groups: int, normalize: int,
+                  eps: float, mean: torch.Tensor, std_in: torch.Tensor, g: torch.Tensor, grad_r: torch.Tensor) -> None:
+    """grad_r [n] = (d out / d rewards)^T g, from the forward's mean and std; std's derivative at sd = 0 is dropped."""
+    _check_normalize(normalize)
+    dt = check_dtype(dtype, rewards, mean, std_in, g, grad_r)
+    if n <= 0:
+        return
+    size = max(num_groups, 1)
+    count = torch.zeros(size, dtype=torch.int64, device=rewards.device)
+    gsum = torch.zeros(size, dtype=dt, device=rewards.device)
+    cov = torch.zeros(size, dtype=dt, device=rewards.device)
+    if normalize != NONE and num_groups > 0:
+        _grad_sums_kernel[grid_1d(n, BLOCK)](rewards, gids, g, n, num_groups, mean, count, gsum, cov, BLOCK=BLOCK)
+    _adv_grad_kernel[grid_1d(n, BLOCK)](rewards, gids, g, n, num_groups, eps, mean, std_in, count, gsum, cov, grad_r,
+                                        NORMALIZE=normalize, BLOCK=BLOCK)

@@ -1,0 +1,161 @@
+"""PPO-clipped policy loss with an optional KL penalty, fused: loss, per-token gradient and statistics.
+
+Three launches, as in csrc/cuda/policy_loss.cu:
+  1. one program per row: each masked token's loss and unscaled gradient, the row's partial sums into scratch;
+  2. one program: totals over rows in row order, the loss, the statistics and each row's aggregation weight;
+  3. elementwise: each token's gradient times its row's weight.
+Every sum has a fixed shape (no atomics), so the result is reproducible run to run. Tokens with mask 0
+contribute exactly 0, even where their log-probs are inf or NaN padding (they are never loaded).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ra3.kernels._common import block, check_dtype, grid_1d, scalar_as
+from ra3.kernels.token_math import check_estimator, kl_dlogprob, kl_value
+
+# Per-row partial sums, the columns of the [B, 5] scratch.
+MASK, LOSS, CLIPPED, KL, RATIO, NUM_ROW_SUMS = 0, 1, 2, 3, 4, 5
+TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN = 0, 1, 2
+BLOCK = 1024
+
+
+@triton.jit
+def _ppo_rows_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, T, kl_coef: tl.float64, clip_low: tl.float64,
+                     clip_high: tl.float64, grad_ptr, rows_ptr, ADV_PER_TOKEN: tl.constexpr, USE_KL: tl.constexpr,
+                     ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    dt = lp_ptr.dtype.element_ty
+    lo = 1 - scalar_as(clip_low, dt)
+    hi = 1 + scalar_as(clip_high, dt)
+    coef = scalar_as(kl_coef, dt)
+    acc_mask = tl.zeros([BLOCK_T], dt)
+    acc_loss = tl.zeros([BLOCK_T], dt)
+    acc_clipped = tl.zeros([BLOCK_T], dt)
+    acc_kl = tl.zeros([BLOCK_T], dt)
+    acc_ratio = tl.zeros([BLOCK_T], dt)
+    if not ADV_PER_TOKEN:
+        adv_row = tl.load(adv_ptr + b)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        valid = t < T
+        i = b * T + t
+        w = tl.load(mask_ptr + i, mask=valid, other=0.0)
+        on = w != 0
+        lp = tl.load(lp_ptr + i, mask=on, other=0.0)
+        old = tl.load(old_ptr + i, mask=on, other=0.0)
+        if ADV_PER_TOKEN:
+            adv = tl.load(adv_ptr + i, mask=on, other=0.0)
+        else:
+            adv = adv_row
+        ratio = tl.exp(lp - old)
+        clamped = tl.where(ratio < lo, lo, tl.where(ratio > hi, hi, ratio))
+        unclipped = -ratio * adv
+        clipped_term = -clamped * adv
+        is_clipped = clipped_term > unclipped  # the clamped branch is strictly larger: active, no gradient
+        loss = tl.where(is_clipped, clipped_term, unclipped)
+        dloss = tl.where(is_clipped, 0.0, unclipped)  # d(-ratio A)/d lp = -ratio A
+        kl = tl.zeros([BLOCK_T], dt)
+        if USE_KL:
+            d = lp - tl.load(ref_ptr + i, mask=on, other=0.0)
+            kl = kl_value(d, ESTIMATOR)
+            loss = loss + coef * kl
+            dloss = dloss + coef * kl_dlogprob(d, ESTIMATOR)
+        acc_mask += tl.where(on, w, 0.0)
+        acc_loss += tl.where(on, w * loss, 0.0)
+        acc_clipped += tl.where(on & is_clipped, w, 0.0)
+        acc_kl += tl.where(on, w * kl, 0.0)
+        acc_ratio += tl.where(on, w * ratio, 0.0)
+        tl.store(grad_ptr + i, tl.where(on, w * dloss, 0.0), mask=valid)  # times the row's weight, in launch 3
+    row = rows_ptr + b * 5
+    tl.store(row + 0, tl.sum(acc_mask, 0))
+    tl.store(row + 1, tl.sum(acc_loss, 0))
+    tl.store(row + 2, tl.sum(acc_clipped, 0))
+    tl.store(row + 3, tl.sum(acc_kl, 0))
+    tl.store(row + 4, tl.sum(acc_ratio, 0))
+
+
+@triton.jit
+def _row_scale(row_mask, total_mask, B, tiny, AGGREGATION: tl.constexpr):
+    """Aggregation weight of each row: loss = sum_b scale_b * sum_t mask * l."""
+    if AGGREGATION == 0:  # token-mean
+        safe = tl.where(total_mask > 0, total_mask, 1)
+        return tl.where(total_mask > 0, 1 / safe, 0.0) + row_mask * 0
+    elif AGGREGATION == 1:  # seq-mean-token-sum
+        return row_mask * 0 + 1 / scalar_as(B, row_mask.dtype)
+    else:  # seq-mean-token-mean
+        return 1 / (scalar_as(B, row_mask.dtype) * tl.maximum(row_mask, tiny))
+
+
+@triton.jit
+def _ppo_reduce_kernel(rows_ptr, B, tiny: tl.float64, scale_ptr, loss_ptr, stats_ptr, AGGREGATION: tl.constexpr,
+                       BLOCK_B: tl.constexpr):
+    dt = rows_ptr.dtype.element_ty
+    tiny_t = scalar_as(tiny, dt)
+    acc_mask = tl.zeros([BLOCK_B], dt)
+    acc_clipped = tl.zeros([BLOCK_B], dt)
+    acc_kl = tl.zeros([BLOCK_B], dt)
+    acc_ratio = tl.zeros([BLOCK_B], dt)
+    for b0 in range(0, B, BLOCK_B):
+        b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+        valid = b < B
+        acc_mask += tl.load(rows_ptr + b * 5 + 0, mask=valid, other=0.0)
+        acc_clipped += tl.load(rows_ptr + b * 5 + 2, mask=valid, other=0.0)
+        acc_kl += tl.load(rows_ptr + b * 5 + 3, mask=valid, other=0.0)
+        acc_ratio += tl.load(rows_ptr + b * 5 + 4, mask=valid, other=0.0)
+    total_mask = tl.sum(acc_mask, 0)
+    acc_loss = tl.zeros([BLOCK_B], dt)
+    for b0 in range(0, B, BLOCK_B):
+        b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+        valid = b < B
+        row_mask = tl.load(rows_ptr + b * 5 + 0, mask=valid, other=0.0)
+        row_loss = tl.load(rows_ptr + b * 5 + 1, mask=valid, other=0.0)
+        scale = _row_scale(row_mask, total_mask, B, tiny_t, AGGREGATION)
+        tl.store(scale_ptr + b, scale, mask=valid)
+        acc_loss += tl.where(valid, scale * row_loss, 0.0)
+    tl.store(loss_ptr, tl.sum(acc_loss, 0))
+    some = total_mask > 0
+    denom = tl.where(some, total_mask, 1)
+    tl.store(stats_ptr + 0, tl.where(some, tl.sum(acc_clipped, 0) / denom, 0.0))
+    tl.store(stats_ptr + 1, tl.where(some, tl.sum(acc_kl, 0) / denom, 0.0))
+    tl.store(stats_ptr + 2, tl.where(some, tl.sum(acc_ratio, 0) / denom, 0.0))
+    tl.store(stats_ptr + 3, total_mask)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, scale_ptr, numel, T, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < numel
+    g = tl.load(grad_ptr + i, mask=valid, other=0.0)
+    sc = tl.load(scale_ptr + i // T, mask=valid, other=0.0)
+    tl.store(grad_ptr + i, g * sc, mask=valid)
+
+
+def policy_loss_fwd(dtype: int, B: int, T: int, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+                    adv_per_token: int, mask: torch.Tensor, ref: torch.Tensor | None, kl_coef: float,
+                    kl_estimator: int, clip_low: float, clip_high: float, aggregation: int, loss_out: torch.Tensor,
+                    grad_lp: torch.Tensor, stats_out: torch.Tensor) -> None:
+    """lp, old, mask, ref: [B, T] contiguous float32|float64 (mask as 0/1 or weights); adv: [B] or [B, T].
+
+    Writes loss_out [1], grad_lp [B, T] (d loss / d lp) and stats_out [4] = (clip fraction, KL mean, ratio mean,
+    mask total), the means over masked tokens (0 when there are none). ref is read only when kl_coef != 0.
+    """
+    check_estimator(kl_estimator)
+    if aggregation not in (TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN):
+        raise ValueError(f"aggregation must be 0, 1 or 2, got {aggregation}")
+    dt = check_dtype(dtype, lp, old, adv, mask, ref, loss_out, grad_lp, stats_out)
+    use_kl = ref is not None and kl_coef != 0
+    rows = torch.empty(max(B, 1), NUM_ROW_SUMS, dtype=dt, device=lp.device)
+    scale = torch.empty(max(B, 1), dtype=dt, device=lp.device)
+    if B > 0 and T > 0:
+        _ppo_rows_kernel[(B,)](lp, old, adv, mask, ref if use_kl else None, T, kl_coef, clip_low, clip_high, grad_lp,
+                               rows, ADV_PER_TOKEN=bool(adv_per_token), USE_KL=use_kl, ESTIMATOR=kl_estimator,
+                               BLOCK_T=block(T, BLOCK))
+    else:
+        rows.zero_()
+    _ppo_reduce_kernel[(1,)](rows, B, torch.finfo(dt).tiny, scale, loss_out, stats_out, AGGREGATION=aggregation,
+                             BLOCK_B=block(B, BLOCK))
+    if B * T > 0:
+        _scale_rows_kernel[grid_1d(B * T, BLOCK)](grad_lp, scale, B * T, T, BLOCK=BLOCK)

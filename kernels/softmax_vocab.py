@@ -1,0 +1,176 @@
+"""Softmax over one vocabulary chunk: the online log-sum-exp forward (softmax_stats_fwd) and the gradient w.r.t.
+the logits chunk (softmax_grad), for log-probs (mode 0), entropy (mode 1) and exact KL (mode 2).
+
+The Triton twin of csrc/cpu/softmax_vocab.cpp, same arguments and state. A chunk is z [n, vc] with row stride
+ldz (unit column stride), read as x = z * inv_temp. Per row the running state is
+    m  = max over the columns seen so far,   s = sum exp(x - m),
+    a  = sum exp(x - m) * x             (entropy; H = lse - a / s),
+    a  = sum exp(x - m) * (x - y)       (exact KL, y = r * inv_temp; KL = a / s - lse + lse_r),
+    mr, sr: the same max and sum over y (exact KL),
+    tgt = x[targets - v_offset] when the target falls in this chunk (log-probs).
+The gradient kernel writes out = d(g * value)/dz for the chunk, given lse (and lse_r, aux = the value).
+
+One program per row walks the chunk in blocks of BLOCK_V columns, folding each block into the running state
+(a block max, then one rescale), so a chunk costs one read in each pass. Where p = exp(lp) is 0 (x = -inf,
+masked vocabulary), entropy and KL terms count as 0, not 0 * -inf = NaN.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ra3.kernels._common import block, check_dtype, scalar_as
+
+LOGPROB, ENTROPY, EXACT_KL = 0, 1, 2
+# Columns per block: 2048 float32 (1024 float64) values are 16 per thread of 4 warps, in registers.
+MAX_BLOCK_V = {torch.float32: 2048, torch.float64: 1024}
+
+
+@triton.jit
+def _fold_block(m, s, a, x, term, WITH_A: tl.constexpr):
+    """Folds one block of x (and, WITH_A, of the per-column term, summed into a) into the running (m, s, a).
+
+    While the max is still -inf nothing is added and the state stays as it was, as advance_max() in C++.
+    """
+    mn = tl.maximum(m, tl.max(x, 0))
+    live = mn != -float("inf")
+    base = tl.where(live, mn, 0.0)
+    rescale = tl.exp(m - base)  # m = -inf gives 0: nothing accumulated yet
+    e = tl.exp(x - base)
+    s_new = s * rescale + tl.sum(e, 0)
+    if WITH_A:
+        # p = 0 (x = -inf, masked vocabulary): 0 * -inf counts as 0. Selecting the factor, not the product,
+        # keeps NaN out of every intermediate.
+        a = tl.where(live, a * rescale + tl.sum(e * tl.where(e > 0, term, 0.0), 0), a)
+    return tl.where(live, mn, m), tl.where(live, s_new, s), a
+
+
+@triton.jit
+def _stats_fwd_kernel(z_ptr, ldz, r_ptr, ldr, vc, v_offset, inv_temp: tl.float64, targets_ptr, m_ptr, s_ptr, a_ptr,
+                      mr_ptr, sr_ptr, tgt_ptr, MODE: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    dt = z_ptr.dtype.element_ty
+    inv = scalar_as(inv_temp, dt)
+    z_row = z_ptr + row * ldz
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    a = tl.zeros((), dt)
+    if MODE != 0:
+        a = tl.load(a_ptr + row)
+    if MODE == 2:
+        r_row = r_ptr + row * ldr
+        mr = tl.load(mr_ptr + row)
+        sr = tl.load(sr_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vc, BLOCK_V):
+        j = start + cols
+        valid = j < vc
+        x = tl.load(z_row + j, mask=valid, other=-float("inf")) * inv
+        if MODE == 0:
+            m, s, a = _fold_block(m, s, a, x, x, False)
+        elif MODE == 1:
+            m, s, a = _fold_block(m, s, a, x, x, True)
+        else:
+            y = tl.load(r_row + j, mask=valid, other=-float("inf")) * inv
+            m, s, a = _fold_block(m, s, a, x, x - tl.where(x == -float("inf"), 0.0, y), True)  # no -inf - -inf
+            mr, sr, _unused = _fold_block(mr, sr, a, y, y, False)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    if MODE != 0:
+        tl.store(a_ptr + row, a)
+    if MODE == 2:
+        tl.store(mr_ptr + row, mr)
+        tl.store(sr_ptr + row, sr)
+    if MODE == 0 and HAS_TARGETS:
+        t = tl.load(targets_ptr + row)
+        local = t - v_offset
+        hit = (t >= 0) & (local >= 0) & (local < vc)
+        x_t = tl.load(z_row + tl.where(hit, local, 0), mask=hit, other=0.0) * inv
+        tl.store(tgt_ptr + row, x_t, mask=hit)  # rows whose target lies elsewhere keep their tgt
+
+
+@triton.jit
+def _grad_kernel(z_ptr, ldz, r_ptr, ldr, out_ptr, ldo, vc, v_offset, inv_temp: tl.float64, targets_ptr, lse_ptr,
+                 lse_r_ptr, aux_ptr, g_ptr, MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    dt = z_ptr.dtype.element_ty
+    inv = scalar_as(inv_temp, dt)
+    z_row = z_ptr + row * ldz
+    out_row = out_ptr + row * ldo  # may alias z_row (in-place backward): each block is read before it is written
+    c = tl.load(g_ptr + row) * inv
+    lse = tl.load(lse_ptr + row)
+    local = -1
+    if MODE == 0 and HAS_TARGETS:
+        t = tl.load(targets_ptr + row)
+        local = tl.where(t >= 0, t - v_offset, -1)
+    if MODE != 0:
+        aux = tl.load(aux_ptr + row)
+    if MODE == 2:
+        r_row = r_ptr + row * ldr
+        lse_r = tl.load(lse_r_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vc, BLOCK_V):
+        j = start + cols
+        valid = j < vc
+        lp = tl.load(z_row + j, mask=valid, other=0.0) * inv - lse
+        p = tl.exp(lp)
+        if MODE == 0:
+            val = -c * p
+            val = tl.where(j == local, val + c, val)  # the target's +c
+        else:
+            # Where p = 0 the value is 0 (not 0 * -inf); lp is zeroed there first so no NaN is ever formed.
+            live = p > 0
+            lp = tl.where(live, lp, 0.0)
+            if MODE == 1:
+                val = tl.where(live, -c * p * (lp + aux), 0.0)
+            else:
+                lq = tl.load(r_row + j, mask=valid, other=0.0) * inv - lse_r
+                val = tl.where(live, c * p * (lp - tl.where(live, lq, 0.0) - aux), 0.0)
+        tl.store(out_row + j, val, mask=valid)
+
+
+def _check_mode(mode: int) -> None:
+    if mode not in (LOGPROB, ENTROPY, EXACT_KL):
+        raise ValueError(f"mode must be 0 (logprob), 1 (entropy) or 2 (exact KL), got {mode}")
+
+
+def softmax_stats_fwd(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int, n: int,
+                      vc: int, v_offset: int, inv_temp: float, targets: torch.Tensor | None, m: torch.Tensor,
+                      s: torch.Tensor, a: torch.Tensor | None, mr: torch.Tensor | None, sr: torch.Tensor | None,
+                      tgt: torch.Tensor | None) -> None:
+    """Folds the chunk z [n, vc] (row stride ldz; r likewise, mode 2) into the per-row state [n] in place.
+
+    z, r and the state are float32 or float64 (the tag ``dtype``); targets [n] int64 (-1: ignored) and tgt are
+    read/written in mode 0 only, a in modes 1-2, mr and sr in mode 2. v_offset is the chunk's first column.
+    """
+    _check_mode(mode)
+    dt = check_dtype(dtype, z, r, m, s, a, mr, sr, tgt)
+    if n <= 0 or vc <= 0:
+        return
+    _stats_fwd_kernel[(n,)](
+        z, ldz, r if mode == EXACT_KL else None, ldr, vc, v_offset, inv_temp,
+        targets if mode == LOGPROB else None, m, s, a if mode != LOGPROB else None,
+        mr if mode == EXACT_KL else None, sr if mode == EXACT_KL else None, tgt if mode == LOGPROB else None,
+        MODE=mode, HAS_TARGETS=targets is not None and tgt is not None, BLOCK_V=block(vc, MAX_BLOCK_V[dt]))
+
+
+def softmax_grad(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int,
+                 out: torch.Tensor, ldo: int, n: int, vc: int, v_offset: int, inv_temp: float,
+                 targets: torch.Tensor | None, lse: torch.Tensor, lse_r: torch.Tensor | None,
+                 aux: torch.Tensor | None, g: torch.Tensor) -> None:
+    """Writes out [n, vc] (row stride ldo; may be z itself) = d(sum_i g[i] * value_i)/dz for the chunk.
+
+    value is the target's log-prob (mode 0; rows with targets < 0 must have g = 0), the entropy (1) or the KL (2),
+    with aux [n] = that value and lse, lse_r [n] the forward's log-sum-exps of z and r times inv_temp.
+    """
+    _check_mode(mode)
+    dt = check_dtype(dtype, z, r, out, lse, lse_r, aux, g)
+    if n <= 0 or vc <= 0:
+        return
+    _grad_kernel[(n,)](
+        z, ldz, r if mode == EXACT_KL else None, ldr, out, ldo, vc, v_offset, inv_temp,
+        targets if mode == LOGPROB else None, lse, lse_r if mode == EXACT_KL else None,
+        aux if mode != LOGPROB else None, g, MODE=mode, HAS_TARGETS=targets is not None,
+        BLOCK_V=block(vc, MAX_BLOCK_V[dt]))

@@ -1,0 +1,176 @@
+"""Compiles every Triton kernel of ``ra3.kernels`` for a CUDA target, without a GPU, to catch what the
+interpreter does not check (types of loop-carried values, constexpr branches, dot shapes, float64 support).
+
+Each launcher runs once per case below on CPU tensors with kernel launches intercepted: every launch's
+arguments give a signature (pointer dtypes, integer widths, constexpr values), and each distinct
+(kernel, signature) is compiled by Triton down to a cubin for the target (ptxas ships with triton).
+
+    python scripts/check_triton_compile.py              # all cases, sm_90
+    python scripts/check_triton_compile.py --arch 80 --quick
+
+Exit status 1 if any kernel fails to compile. TRITON_INTERPRET must be unset (the interpreter replaces the
+kernels by Python functions); this script clears it for itself.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# Shared memory per block, opt-in maximum (CUDA programming guide, compute capabilities 8.0 and 9.0).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+
+def _signature(fn: JITFunction, args, kwargs):
+    bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    sig, constexprs = {}, {}
+    for kp, (name, value) in zip(fn.params, bound.arguments.items()):
+        if kp.is_constexpr or value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                                 and value == 1):
+            # Triton specialises None and the integer 1 to constants, like constexpr parameters.
+            sig[name] = "constexpr"
+            constexprs[name] = value
+        elif kp.annotation_type:
+            sig[name] = kp.annotation_type
+        elif isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.fn.__name__}: cannot type argument {name}={value!r}")
+    return sig, constexprs
+
+
+def _cases(quick: bool):
+    """(description, thunk) pairs; each thunk calls launchers with small CPU tensors."""
+    from ra3.kernels import fused_linear, group_advantages, kl_estimator, policy_loss, segment_sum, softmax_vocab
+
+    cases = []
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.float64)
+    n, vc, V, H = 5, 40, 70, 24
+    for dt in dtypes:
+        code = 0 if dt == torch.float32 else 1
+        z, r = torch.randn(n, vc, dtype=dt), torch.randn(n, vc, dtype=dt)
+        tg = torch.tensor([0, 3, -1, 39, 2])
+        st = [torch.zeros(n, dtype=dt) for _ in range(6)]
+        for mode in (0, 1, 2):
+            cases.append((f"softmax_stats_fwd mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
+                          softmax_vocab.softmax_stats_fwd(mode, code, z, vc, r, vc, n, vc, 0, 0.7, tg, *st)))
+            cases.append((f"softmax_grad mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
+                          softmax_vocab.softmax_grad(mode, code, z, vc, r, vc, z.clone(), vc, n, vc, 0, 0.7, tg,
+                                                     st[0], st[1], st[2], st[3])))
+        for src in ((torch.float32, torch.bfloat16) if dt == torch.float32 else (torch.float64,)):
+            if quick and src != torch.bfloat16 and dt == torch.float32:
+                continue
+            h, w, b = torch.randn(n, H).to(src), torch.randn(V, H).to(src), torch.randn(V).to(src)
+            lse, aux, g = torch.zeros(n, dtype=dt), torch.zeros(n, dtype=dt), torch.ones(n, dtype=dt)
+            for mode in (0, 1, 2):
+                ref = (h, w, b) if mode == 2 else (None, None, None)
+                cases.append((f"linear_softmax_stats_fwd mode {mode} {src}->{dt} (2 splits)",
+                              lambda mode=mode, h=h, w=w, b=b, ref=ref, code=code, dt=dt:
+                              fused_linear.linear_softmax_stats_fwd(mode, code, h, w, b, *ref, tg, 0.7,
+                                                                    *[torch.zeros(n, dtype=dt) for _ in range(6)],
+                                                                    splits=2)))
+                cases.append((f"linear_softmax_grad mode {mode} {src}->{dt}",
+                              lambda mode=mode, h=h, w=w, b=b, ref=ref, code=code, dt=dt, lse=lse, aux=aux, g=g:
+                              fused_linear.linear_softmax_grad(mode, code, h, w, b, *ref, tg, 0.7, lse, lse, aux, g,
+                                                               torch.zeros(n, H, dtype=dt),
+                                                               torch.zeros(V, H, dtype=dt),
+                                                               torch.zeros(V, dtype=dt))))
+        x, ids = torch.randn(50, dtype=dt), torch.randint(-1, 4, (50,))
+        cases.append((f"segment_sum {dt}", lambda x=x, ids=ids, code=code: (
+            segment_sum.segment_sum_fwd(code, x, ids, 50, 4, torch.empty(4, dtype=x.dtype)),
+            segment_sum.segment_sum_bwd(code, torch.ones(4, dtype=x.dtype), ids, 50, torch.empty_like(x)))))
+        for est in (1, 2, 3):
+            cases.append((f"kl_estimator k{est} {dt}", lambda est=est, x=x, code=code: (
+                kl_estimator.kl_estimator_fwd(code, est, x, x, 50, torch.empty_like(x)),
+                kl_estimator.kl_estimator_bwd(code, est, x, x, x, 50, torch.empty_like(x)))))
+        gid = torch.randint(0, 4, (50,))
+        for norm in (0, 1, 2, 3):
+            def adv(norm=norm, x=x, code=code, dt=dt):
+                out, mean, std = torch.empty_like(x), torch.empty(4, dtype=dt), torch.empty(4, dtype=dt)
+                group_advantages.group_adv_fwd(code, x, gid, 50, 4, norm, 1e-6, out, mean, std)
+                group_advantages.group_adv_bwd(code, x, gid, 50, 4, norm, 1e-6, mean, std, x, torch.empty_like(x))
+            cases.append((f"group_advantages normalize {norm} {dt}", adv))
+        B, T = 3, 9
+        lp = torch.randn(B, T, dtype=dt)
+        for agg in (0, 1, 2):
+            for per_token, ref in ((False, None), (True, lp)):
+                cases.append((f"policy_loss agg {agg} per_token {per_token} kl {ref is not None} {dt}",
+                              lambda agg=agg, per_token=per_token, ref=ref, lp=lp, code=code, dt=dt:
+                              policy_loss.policy_loss_fwd(code, B, T, lp, lp, lp if per_token else lp[:, 0].clone(),
+                                                          int(per_token), torch.ones(B, T, dtype=dt), ref, 0.1, 3,
+                                                          0.2, 0.28, agg, torch.empty(1, dtype=dt),
+                                                          torch.empty(B, T, dtype=dt), torch.empty(4, dtype=dt))))
+            cases.append((f"policy_loss B=1 T=1 agg {agg} {dt}", lambda agg=agg, code=code, dt=dt:
+                          policy_loss.policy_loss_fwd(code, 1, 1, torch.zeros(1, 1, dtype=dt),
+                                                      torch.zeros(1, 1, dtype=dt), torch.zeros(1, dtype=dt), 0,
+                                                      torch.ones(1, 1, dtype=dt), None, 0.0, 1, 0.2, 0.2, agg,
+                                                      torch.empty(1, dtype=dt), torch.empty(1, 1, dtype=dt),
+                                                      torch.empty(4, dtype=dt))))
+    return cases
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90")
+    parser.add_argument("--quick", action="store_true", help="float32 only, one operand dtype per fused kernel")
+    args = parser.parse_args(argv)
+    launches = []
+    original = JITFunction.run
+
+    def capture(self, *a, grid, warmup, **kw):
+        launches.append((self, a, kw))
+
+    JITFunction.run = capture
+    try:
+        for what, thunk in _cases(args.quick):
+            thunk()
+    finally:
+        JITFunction.run = original
+    target = GPUTarget("cuda", args.arch, 32)
+    seen, failures, cubin_bytes, max_shared = set(), [], 0, 0
+    start = time.monotonic()
+    for fn, a, kw in launches:
+        sig, constexprs = _signature(fn, a, kw)
+        key = (fn.fn.__qualname__, tuple(sig.items()), tuple((k, repr(v)) for k, v in constexprs.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
+            cubin_bytes += len(compiled.asm["cubin"])
+            shared = compiled.metadata.shared
+            max_shared = max(max_shared, shared)
+            if shared > SHARED_LIMIT.get(args.arch, SHARED_LIMIT[80]):
+                failures.append(f"{fn.fn.__name__} {constexprs}: {shared} bytes of shared memory, over the "
+                                f"sm_{args.arch} limit")
+        except Exception as exc:  # report every failure, not only the first
+            failures.append(f"{fn.fn.__name__} {constexprs}: {type(exc).__name__}: {exc}")
+    print(f"compiled {len(seen)} kernel variants for sm_{args.arch} ({cubin_bytes >> 10} KiB of cubin, at most "
+          f"{max_shared >> 10} KiB of shared memory) in {time.monotonic() - start:.0f} s; {len(failures)} failed")
+    for f in failures:
+        print("FAILED", f[:4000], file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
