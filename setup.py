@@ -165,7 +165,7 @@ if not ext_modules and any((ROOT / "ra3").glob("_C.*")):
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"ra3": ["data/*.jsonl", "configs/*.yaml"]},
+    package_data={"ra3": ["data/*.jsonl", "configs/*.yaml", "ops/auto_order.json"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

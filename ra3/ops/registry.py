@@ -5,13 +5,16 @@ Backends:
   cpu     C++ kernels of ``ra3._C`` on CPU tensors (GEMMs of the fused linear ops go to torch's BLAS).
   cuda    CUDA kernels of ``ra3._C`` on CUDA tensors.
   triton  Triton kernels in ``ra3.kernels`` on CUDA tensors (or anywhere under TRITON_INTERPRET=1).
-``backend="auto"`` takes the first available entry of ``AUTO_ORDER`` for the tensor's device type.
+``backend="auto"`` takes, for the op and the tensor's device type, the first available backend of the order the
+recorded benchmarks measured (``auto_order.json``), then of the static ``AUTO_ORDER``.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -29,9 +32,29 @@ IMPLEMENTED = {
     "triton": set(OPS),
 }
 
-# Per device type, the order ``auto`` tries. For CUDA it should follow the recorded GPU benchmarks
-# (benchmarks/results/); none has been recorded yet, so the native CUDA kernels come first.
+# Per device type, the order ``auto`` tries when the measured table below has no entry for the op.
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+# Per device type and op, the backends fastest first as the recorded benchmarks measured them: written by
+# ``python -m benchmarks.auto_order`` from benchmarks/results/ops-*.json (the file names its sources).
+AUTO_TABLE_FILE = Path(__file__).with_name("auto_order.json")
+
+
+@functools.lru_cache(maxsize=None)
+def measured_order() -> dict:
+    """{device type: {op: [backend, ...]}} from ``auto_order.json``; empty if it is missing or unreadable."""
+    try:
+        table = json.loads(AUTO_TABLE_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {dev: {op: tuple(order) for op, order in ops.items()} for dev, ops in table.get("order", {}).items()}
+
+
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    """The order ``auto`` tries for ``op`` on ``device_type``: measured first, then the static fallback."""
+    measured = measured_order().get(device_type, {}).get(op, ())
+    fallback = AUTO_ORDER.get(device_type, ("torch",))
+    return tuple(measured) + tuple(b for b in fallback if b not in measured)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +90,7 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` for the requested ``backend`` ('auto' or a name)."""
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("torch",)):
+        for name in auto_order(op, device.type):
             if op in IMPLEMENTED[name] and _usable(name, device.type):
                 return name
         return "torch"
