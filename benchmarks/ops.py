@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -290,6 +291,13 @@ def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repe
     return {"time_ms": statistics.median(times), "time_ms_min": min(times), "peak_extra_mib": peak / 2 ** 20}
 
 
+def _error_line(stderr: str) -> str:
+    """The exception line of a failed child (the last line naming an Error / Exception), else its last line."""
+    lines = stderr.strip().splitlines() or ["failed"]
+    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln.strip())]
+    return (named or lines)[-1].strip()[:200]
+
+
 def _device_name(device: str) -> str:
     import torch
 
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                 if proc.returncode == 0:
                     row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 else:
-                    row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
+                    row["error"] = _error_line(proc.stderr)
                 rows.append(row)
                 shown = f"{row['time_ms']:9.1f} ms {row['peak_extra_mib']:9.1f} MiB" if "time_ms" in row \
                     else row["error"]

@@ -1,11 +1,77 @@
 // Per-token KL estimators k1/k2/k3 between policy and reference log-probs, and their gradient w.r.t. the policy.
-#include "../token_math.h"
+//
+// The same math as token_math.h's kl_value / kl_dlogprob (shared with CUDA), written for the CPU so that it
+// vectorises: the estimator is a template parameter (no branch in the loop) and k3's expm1 is the branch-free
+// vexpm1 (glibc's expm1f is an opaque scalar call: with it this kernel ran 5x slower than torch eager).
+// Blocks of kBlock tokens run in parallel; each block is a contiguous `omp simd` loop compiled per ISA level.
+#include <algorithm>
+
 #include "../ra3_native.h"
+#include "vec_math.h"
 
 namespace ra3::cpu {
 
 namespace {
 constexpr int64_t kParallelMin = int64_t(1) << 16;
+constexpr int64_t kBlock = int64_t(1) << 14;
+
+template <int E, typename T>
+RA3_INLINE T value(T d) {
+  if constexpr (E == 1) return d;
+  if constexpr (E == 2) return T(0.5) * d * d;
+  return vexpm1(-d) + d;
+}
+
+template <int E, typename T>
+RA3_INLINE T dlogprob(T d) {
+  if constexpr (E == 1) return T(1);
+  if constexpr (E == 2) return d;
+  return -vexpm1(-d);
+}
+
+template <int E, typename T>
+RA3_INLINE void fwd_block(const T* p, const T* q, T* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = value<E>(p[i] - q[i]);
+}
+
+template <int E, typename T>
+RA3_INLINE void bwd_block(const T* p, const T* q, const T* g, T* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] * dlogprob<E>(p[i] - q[i]);
+}
+
+template <typename T>
+RA3_INLINE void fwd_impl(int estimator, const T* p, const T* q, T* o, int64_t n) {
+  if (estimator == 1) fwd_block<1>(p, q, o, n);
+  else if (estimator == 2) fwd_block<2>(p, q, o, n);
+  else fwd_block<3>(p, q, o, n);
+}
+
+template <typename T>
+RA3_INLINE void bwd_impl(int estimator, const T* p, const T* q, const T* g, T* o, int64_t n) {
+  if (estimator == 1) bwd_block<1>(p, q, g, o, n);
+  else if (estimator == 2) bwd_block<2>(p, q, g, o, n);
+  else bwd_block<3>(p, q, g, o, n);
+}
+
+RA3_ROW_KERNEL void fwd_span(int e, const float* p, const float* q, float* o, int64_t n) { fwd_impl(e, p, q, o, n); }
+RA3_ROW_KERNEL void fwd_span(int e, const double* p, const double* q, double* o, int64_t n) {
+  fwd_impl(e, p, q, o, n);
+}
+RA3_ROW_KERNEL void bwd_span(int e, const float* p, const float* q, const float* g, float* o, int64_t n) {
+  bwd_impl(e, p, q, g, o, n);
+}
+RA3_ROW_KERNEL void bwd_span(int e, const double* p, const double* q, const double* g, double* o, int64_t n) {
+  bwd_impl(e, p, q, g, o, n);
+}
+
+template <typename F>
+void for_blocks(int64_t n, F&& body) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t b = 0; b < blocks; ++b) body(b * kBlock, std::min(n, (b + 1) * kBlock));
+}
 }  // namespace
 
 void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD) {
@@ -15,8 +81,7 @@ void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD) {
     const T* p = cptr<T>(lp);
     const T* q = cptr<T>(ref);
     T* o = mptr<T>(out);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) o[i] = kl_value<T>(estimator, p[i] - q[i]);
+    for_blocks(n, [&](int64_t i0, int64_t i1) { fwd_span(estimator, p + i0, q + i0, o + i0, i1 - i0); });
   });
 }
 
@@ -28,8 +93,7 @@ void kl_estimator_bwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD) {
     const T* q = cptr<T>(ref);
     const T* go = cptr<T>(g);
     T* o = mptr<T>(grad_lp);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) o[i] = go[i] * kl_dlogprob<T>(estimator, p[i] - q[i]);
+    for_blocks(n, [&](int64_t i0, int64_t i1) { bwd_span(estimator, p + i0, q + i0, go + i0, o + i0, i1 - i0); });
   });
 }
 

@@ -11,17 +11,6 @@
 #include "../ra3_native.h"
 #include "vec_math.h"
 
-#if defined(RA3_TARGET_CLONES)
-#define RA3_ROW_KERNEL __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define RA3_ROW_KERNEL
-#endif
-#if defined(__GNUC__)
-#define RA3_INLINE inline __attribute__((always_inline))
-#else
-#define RA3_INLINE inline
-#endif
-
 namespace ra3::cpu {
 namespace {
 
