@@ -15,14 +15,20 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks._report import RESULTS, device_name, status_bytes, write_report
+
+
+def _vm(field: str) -> int:
+    value = status_bytes(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status: this benchmark measures CPU memory on Linux only")
+    return value
 MODES = ("hf", "ra3")  # hf: the unpatched forward (materialises [B, T, V] logits); ra3: apply_ra3(model)
 
 # B x T tokens, hidden H, vocabulary V; logits are B*T*V floats, what ra3 avoids.
@@ -46,14 +52,6 @@ def _build(arch: str, p: dict):
         return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=p["V"], n_embd=p["H"], n_layer=p["layers"], n_head=4,
                                               n_positions=p["T"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     raise ValueError(f"arch must be one of llama, gemma2, gpt2; got {arch!r}")
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _measure(arch: str, mode: str, p: dict, device: str, dtype_name: str, repeats: int) -> dict:
@@ -85,9 +83,9 @@ def _measure(arch: str, mode: str, p: dict, device: str, dtype_name: str, repeat
     else:
         with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current resident set
             f.write("5")
-        base = _rss_bytes("VmRSS")
+        base = _vm("VmRSS")
         loss = step()
-        peak = _rss_bytes("VmHWM") - base
+        peak = _vm("VmHWM") - base
     times = []
     for _ in range(repeats):
         sync()
@@ -98,14 +96,6 @@ def _measure(arch: str, mode: str, p: dict, device: str, dtype_name: str, repeat
     logits_bytes = p["B"] * p["T"] * p["V"] * 4
     return dict(peak_extra_mib=peak / 2**20, time_ms=1e3 * statistics.median(times), loss=loss,
                 fp32_logits_mib=logits_bytes / 2**20)
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _markdown(report: dict) -> str:
@@ -168,16 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     now = _dt.datetime.now(_dt.timezone.utc)
     report = dict(command="python -m benchmarks.integration_memory " + " ".join(argv if argv is not None
                                                                                  else sys.argv[1:]),
-                  device=_device_name(args.device), date=now.isoformat(timespec="seconds"),
+                  device=device_name(args.device), date=now.isoformat(timespec="seconds"),
                   torch=torch.__version__, transformers=transformers.__version__, dtype=args.dtype,
                   ra3_backend=registry.resolve("logprobs", "auto", torch.device(args.device)),
                   shape={k: v for k, v in p.items() if k != "archs"}, rows=rows)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"integration_memory-{args.device}-{now:%Y%m%d}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(_markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    write_report(args.out_dir, f"integration_memory-{args.device}-{now:%Y%m%d}", report, _markdown)
     return 0
 
 

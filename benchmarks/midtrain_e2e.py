@@ -13,28 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+from benchmarks._report import RESULTS, device_name, versions, write_report
 
 
 def run_backend(backend: str, args) -> dict:
@@ -87,7 +71,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    import ra3
     from ra3.ops import registry
 
     rows = []
@@ -101,14 +84,11 @@ def main(argv=None) -> int:
     date = _dt.datetime.now().strftime("%Y-%m-%d")
     cli_args = sys.argv[1:] if argv is None else argv
     report = {"date": date, "command": " ".join(["python -m benchmarks.midtrain_e2e", *cli_args]),
-              "device": _device_name(args.device), "rows": rows,
-              "versions": {"ra3": ra3.__version__, "torch": torch.__version__, "python": platform.python_version()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"midtrain_e2e-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{date}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{stem}.md").write_text(_markdown(report))
+              "device": device_name(args.device), "rows": rows,
+              "versions": versions()}
     print(_markdown(report))
-    print(f"wrote {args.out / stem}.json and .md")
+    write_report(args.out, f"midtrain_e2e-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{date}", report,
+                 _markdown)
     return 0
 
 

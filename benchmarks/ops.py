@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -23,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks._report import RESULTS, device_name, status_bytes, versions, write_report
 
 _LINEAR_GPU = [dict(N=n, H=h, V=v) for n in (4096, 16384, 65536) for h in (2048, 4096) for v in (32000, 151936)]
 
@@ -189,26 +187,16 @@ def device_peaks(device: str, dtype_name: str) -> dict:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     matmul_s = best(lambda: a @ b)
-    del a, b
+    a = b = None  # free before the copy buffers
     elements = (1 << 28) if cuda else (1 << 25)  # 1 GiB / 128 MiB of float32
     src = torch.empty(elements, device=device)
     dst = torch.empty_like(src)
     copy_s = best(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None
     if cuda:
         torch.cuda.empty_cache()
     return {"matmul_tflops": 2 * n ** 3 / matmul_s / 1e12, "matmul_shape": [n, n, n], "matmul_dtype": dtype_name,
             "copy_gbps": 2 * elements * 4 / copy_s / 1e9, "copy_bytes": elements * 4}
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _cpu_memory_baseline() -> int:
@@ -223,8 +211,8 @@ def _cpu_memory_baseline() -> int:
         pass
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
-        rss = _status_bytes("VmRSS")
-        if rss is not None and _status_bytes("VmHWM") is not None:
+        rss = status_bytes("VmRSS")
+        if rss is not None and status_bytes("VmHWM") is not None:
             return rss
     except OSError:
         pass
@@ -234,7 +222,7 @@ def _cpu_memory_baseline() -> int:
 def _cpu_peak_resident() -> int:
     import resource
 
-    hwm = _status_bytes("VmHWM")
+    hwm = status_bytes("VmHWM")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -296,20 +284,6 @@ def _error_line(stderr: str) -> str:
     lines = stderr.strip().splitlines() or ["failed"]
     named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln.strip())]
     return (named or lines)[-1].strip()[:200]
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _implementations(op: str, device: str, with_compile: bool) -> list[str]:
@@ -374,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    import ra3
 
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -429,17 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     now = _dt.datetime.now(_dt.timezone.utc)
     report = {
         "command": " ".join(["python -m benchmarks.ops"] + (argv if argv is not None else sys.argv[1:])),
-        "date": now.isoformat(timespec="seconds"), "device": args.device, "device_name": _device_name(args.device),
+        "date": now.isoformat(timespec="seconds"), "device": args.device, "device_name": device_name(args.device),
         "dtype": args.dtype, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "versions": {"ra3": ra3.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "peaks": peaks, "rows": rows,
     }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"ops-{args.preset}-{args.device}-{now:%Y%m%d}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(_markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    write_report(args.out_dir, f"ops-{args.preset}-{args.device}-{now:%Y%m%d}", report, _markdown)
     return 0
 
 
