@@ -1,19 +1,104 @@
 // PPO-clipped policy loss with an optional KL penalty, fused: loss, per-token gradient and statistics in one call.
 //
-// Pass 1 (rows in parallel) evaluates every masked token once and keeps per-row partial sums; the partials are
-// reduced serially in row order (reproducible whatever the thread count); pass 2 scales each row's gradient by its
-// aggregation weight. Tokens with mask 0 contribute exactly 0 (even where their log-probs are inf or NaN padding).
+// Pass 1 (rows in parallel) evaluates every token of a row in one branch-free `omp simd` loop and keeps per-row
+// partial sums; the partials are reduced serially in row order (reproducible whatever the thread count); pass 2
+// scales each row's gradient by its aggregation weight. Tokens with mask 0 contribute exactly 0, even where their
+// log-probs are inf or NaN padding: their inputs are replaced by 0 before any arithmetic and their terms are
+// selected away, never multiplied by 0.
+//
+// The per-token math is token_math.h's ppo_token (which the CUDA kernel uses), written here so that it
+// vectorises: vexp / vexpm1 instead of libm's scalar calls, the KL estimator and the advantage layout as template
+// parameters. With the scalar version this kernel ran at ~12 ns a token on a 2-core EPYC.
 #include <limits>
 #include <vector>
 
 #include "../ra3_native.h"
-#include "../token_math.h"
+#include "vec_math.h"
 
 namespace ra3::cpu {
 namespace {
 
 constexpr int64_t kParallelMin = int64_t(1) << 15;
 enum RowSum { kMask, kLoss, kClipped, kKl, kRatio, kNumRowSums };
+
+// The KL estimate and its derivative w.r.t. the log-prob for estimator E (0: no KL term).
+template <int E, typename T>
+RA3_INLINE void kl_terms(T d, T& kl, T& dkl) {
+  if constexpr (E == 0) {
+    kl = T(0), dkl = T(0);
+  } else if constexpr (E == 1) {
+    kl = d, dkl = T(1);
+  } else if constexpr (E == 2) {
+    kl = T(0.5) * d * d, dkl = d;
+  } else {
+    const T e = vexpm1(-d);
+    kl = e + d, dkl = -e;
+  }
+}
+
+// One row: acc[kNumRowSums] += the row's sums; g[t] = mask * dloss (0 where masked).
+template <int E, bool PER_TOKEN, typename T>
+RA3_INLINE void row_impl(int64_t T_, const T* lp, const T* old, const T* adv, const T* mask, const T* ref, T kl_coef,
+                         T clip_low, T clip_high, T* g, T* acc) {
+  const T lo = T(1) - clip_low, hi = T(1) + clip_high;
+  const T adv_row = adv[0];  // hoisted: a load that the stores to g might alias would keep the loop scalar
+  T s_mask = T(0), s_loss = T(0), s_clip = T(0), s_kl = T(0), s_ratio = T(0);
+#pragma omp simd reduction(+ : s_mask, s_loss, s_clip, s_kl, s_ratio)
+  for (int64_t t = 0; t < T_; ++t) {
+    // Every load is unconditional and every select feeds a plain `+=`: GCC 12 leaves this loop scalar (7 ns a
+    // token) when the reductions themselves are conditional.
+    const T w = mask[t], lp_t = lp[t], old_t = old[t], adv_t = PER_TOKEN ? adv[t] : adv_row;
+    const T ref_t = E != 0 ? ref[t] : T(0);
+    const bool live = w != T(0);
+    const T x = live ? lp_t : T(0);
+    const T a = live ? adv_t : T(0);
+    const T ratio = vexp(x - (live ? old_t : T(0)));
+    const T clamped = ratio < lo ? lo : (ratio > hi ? hi : ratio);
+    const T unclipped = -ratio * a, clipped_term = -clamped * a;
+    const bool clipped = clipped_term > unclipped;  // the clamped branch is active and passes no gradient
+    T kl, dkl;
+    kl_terms<E>(x - (live ? ref_t : T(0)), kl, dkl);
+    const T loss = (clipped ? clipped_term : unclipped) + kl_coef * kl;
+    const T dloss = (clipped ? T(0) : unclipped) + kl_coef * dkl;
+    const T wl = live ? w : T(0);
+    s_mask += w;
+    s_loss += wl * (live ? loss : T(0));
+    s_clip += clipped ? wl : T(0);
+    s_kl += wl * (live ? kl : T(0));
+    s_ratio += wl * (live ? ratio : T(0));
+    g[t] = wl * (live ? dloss : T(0));
+  }
+  acc[kMask] += s_mask, acc[kLoss] += s_loss, acc[kClipped] += s_clip, acc[kKl] += s_kl, acc[kRatio] += s_ratio;
+}
+
+template <typename T>
+RA3_INLINE void row_dispatch(int estimator, bool per_token, int64_t T_, const T* lp, const T* old, const T* adv,
+                             const T* mask, const T* ref, T kl_coef, T clip_low, T clip_high, T* g, T* acc) {
+#define RA3_PPO_ROW(E, P) row_impl<E, P>(T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g, acc)
+  switch (estimator * 2 + (per_token ? 1 : 0)) {
+    case 0: RA3_PPO_ROW(0, false); break;
+    case 1: RA3_PPO_ROW(0, true); break;
+    case 2: RA3_PPO_ROW(1, false); break;
+    case 3: RA3_PPO_ROW(1, true); break;
+    case 4: RA3_PPO_ROW(2, false); break;
+    case 5: RA3_PPO_ROW(2, true); break;
+    case 6: RA3_PPO_ROW(3, false); break;
+    default: RA3_PPO_ROW(3, true); break;
+  }
+#undef RA3_PPO_ROW
+}
+
+// The ISA-dispatched entry points (templates cannot carry target_clones).
+RA3_ROW_KERNEL void ppo_row(int estimator, bool per_token, int64_t T_, const float* lp, const float* old,
+                            const float* adv, const float* mask, const float* ref, float kl_coef, float clip_low,
+                            float clip_high, float* g, float* acc) {
+  row_dispatch(estimator, per_token, T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g, acc);
+}
+RA3_ROW_KERNEL void ppo_row(int estimator, bool per_token, int64_t T_, const double* lp, const double* old,
+                            const double* adv, const double* mask, const double* ref, double kl_coef,
+                            double clip_low, double clip_high, double* g, double* acc) {
+  row_dispatch(estimator, per_token, T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g, acc);
+}
 
 template <typename Tp>
 void ppo(int64_t B, int64_t T, const Tp* lp, const Tp* old, const Tp* adv, bool adv_per_token, const Tp* mask,
@@ -23,23 +108,10 @@ void ppo(int64_t B, int64_t T, const Tp* lp, const Tp* old, const Tp* adv, bool 
   std::vector<Tp> rows(static_cast<size_t>(B) * kNumRowSums, Tp(0));
 #pragma omp parallel for schedule(static) if (B * T >= kParallelMin)
   for (int64_t b = 0; b < B; ++b) {
-    Tp* acc = rows.data() + b * kNumRowSums;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t i = b * T + t;
-      const Tp w = mask[i];
-      if (w == Tp(0)) {
-        grad[i] = Tp(0);
-        continue;
-      }
-      const PpoToken<Tp> tok = ppo_token<Tp>(lp[i], old[i], adv_per_token ? adv[i] : adv[b], use_kl,
-                                              use_kl ? ref[i] : Tp(0), kl_coef, estimator, clip_low, clip_high);
-      acc[kMask] += w;
-      acc[kLoss] += w * tok.loss;
-      acc[kClipped] += tok.clipped ? w : Tp(0);
-      acc[kKl] += w * tok.kl;
-      acc[kRatio] += w * tok.ratio;
-      grad[i] = w * tok.dloss;  // times the row's aggregation weight, in pass 2
-    }
+    // grad holds mask * dloss here; pass 2 multiplies in the row's aggregation weight
+    ppo_row(use_kl ? estimator : 0, adv_per_token, T, lp + b * T, old + b * T, adv + (adv_per_token ? b * T : b),
+            mask + b * T, use_kl ? ref + b * T : nullptr, kl_coef, clip_low, clip_high, grad + b * T,
+            rows.data() + b * kNumRowSums);
   }
   Tp total[kNumRowSums] = {};
   for (int64_t b = 0; b < B; ++b)
