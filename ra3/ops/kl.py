@@ -45,8 +45,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out):
     logprobs, ref_logprobs = ctx.saved_tensors
     grad = _kl_backward_op(ctx.backend, logprobs, ref_logprobs, grad_out.contiguous(), ctx.estimator)
-    # Every estimator is a function of logprobs - ref_logprobs, so the reference's gradient is the negative.
-    return None, grad, -grad, None
+    # Every estimator is a function of logprobs - ref_logprobs, so the reference's gradient is the negative
+    # (formed only when asked for: the reference is usually frozen).
+    return None, grad, (-grad if ctx.needs_input_grad[2] else None), None
 
 
 _kl_op.register_autograd(_backward, setup_context=_setup)
