@@ -87,11 +87,12 @@ class Task:
 
 
 # ---- reading files ------------------------------------------------------------------------------------------
-def read_jsonl(path) -> list[dict]:
-    """Rows of a JSONL file (optionally .gz); a .json file holding a list is accepted too."""
+def read_jsonl(path, what: str = "data file") -> list[dict]:
+    """Rows of a JSONL file (optionally .gz); a .json file holding a list is accepted too. ``what`` names the
+    file in errors."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
+        raise ValueError(f"{what} {str(path)!r} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         text = f.read()

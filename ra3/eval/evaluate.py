@@ -66,7 +66,7 @@ def read_samples(path, tasks: Sequence[Task], *, allow_incomplete: bool = False,
     by_id = {t.task_id: t for t in tasks}
     counts: Counter = Counter()
     samples = []
-    for row in read_jsonl(path):
+    for row in read_jsonl(path, "completions file"):
         task_id = row.get("task_id")
         if task_id not in by_id:
             raise ValueError(f"completions file {str(path)!r}: task_id {task_id!r} is not in the benchmark")
