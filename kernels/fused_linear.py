@@ -73,6 +73,21 @@ def _fold_rows(m, s, a, x, term, WITH_A: tl.constexpr):
 
 
 @triton.jit
+def _store_state(off, ok, m, s, a, mr, sr, tgt, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr, tgt_ptr, MODE: tl.constexpr):
+    """Writes the per-row state a mode keeps: (m, s) always, then the target logit (log-probs) or the
+    accumulator a (entropy, KL), and the reference's (mr, sr) for exact KL."""
+    tl.store(m_ptr + off, m, mask=ok)
+    tl.store(s_ptr + off, s, mask=ok)
+    if MODE == 0:
+        tl.store(tgt_ptr + off, tgt, mask=ok)
+    else:
+        tl.store(a_ptr + off, a, mask=ok)
+    if MODE == 2:
+        tl.store(mr_ptr + off, mr, mask=ok)
+        tl.store(sr_ptr + off, sr, mask=ok)
+
+
+@triton.jit
 def _linear_stats_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, targets_ptr, n, hdim,
                          rhdim, vocab, v_per_split, inv_temp: tl.float64, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr,
                          tgt_ptr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
@@ -109,16 +124,7 @@ def _linear_stats_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ld
                              HAS_REF_BIAS, REF_NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
             m, s, a = _fold_rows(m, s, a, x, x - tl.where(x == -float("inf"), 0.0, y), True)
             mr, sr, _unused = _fold_rows(mr, sr, a, y, y, False)
-    out = split * n + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    if MODE == 0:
-        tl.store(tgt_ptr + out, tgt, mask=row_ok)
-    else:
-        tl.store(a_ptr + out, a, mask=row_ok)
-    if MODE == 2:
-        tl.store(mr_ptr + out, mr, mask=row_ok)
-        tl.store(sr_ptr + out, sr, mask=row_ok)
+    _store_state(split * n + rows, row_ok, m, s, a, mr, sr, tgt, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr, tgt_ptr, MODE)
 
 
 @triton.jit
@@ -157,15 +163,7 @@ def _merge_splits_kernel(pm_ptr, ps_ptr, pa_ptr, pmr_ptr, psr_ptr, ptgt_ptr, n, 
             mrk = tl.load(pmr_ptr + off, mask=ok, other=-float("inf"))
             mr, sr, _unused = _merge(mr, sr, tl.zeros_like(sr), mrk, tl.load(psr_ptr + off, mask=ok, other=0.0),
                                      tl.zeros_like(sr))
-    tl.store(m_ptr + rows, m, mask=ok)
-    tl.store(s_ptr + rows, s, mask=ok)
-    if MODE == 0:
-        tl.store(tgt_ptr + rows, tgt, mask=ok)
-    else:
-        tl.store(a_ptr + rows, a, mask=ok)
-    if MODE == 2:
-        tl.store(mr_ptr + rows, mr, mask=ok)
-        tl.store(sr_ptr + rows, sr, mask=ok)
+    _store_state(rows, ok, m, s, a, mr, sr, tgt, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr, tgt_ptr, MODE)
 
 
 @triton.jit
