@@ -112,6 +112,19 @@ py::dict build_info() {
       py::arg("clip_low"), py::arg("clip_high"), py::arg("aggregation"), py::arg("loss_out"),                 \
       py::arg("grad_lp"), py::arg("stats_out")
 
+#define RA3_PY_ARGS_LINEAR_SOURCES                                                                           \
+  py::arg("in_dtype"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("h"),                   \
+      py::arg("ref_in_dtype"), py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("ref_bias"), py::arg("ref_h")
+#define RA3_PY_ARGS_LINEAR_SOFTMAX_FWD                                                                           \
+  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"), RA3_PY_ARGS_LINEAR_SOURCES, \
+      py::arg("inv_temp"), py::arg("targets"), py::arg("ones"), py::arg("tile"), py::arg("ref_tile"),            \
+      py::arg("m"), py::arg("s"), py::arg("a"), py::arg("mr"), py::arg("sr"), py::arg("tgt")
+#define RA3_PY_ARGS_LINEAR_SOFTMAX_GRAD                                                                          \
+  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"), RA3_PY_ARGS_LINEAR_SOURCES, \
+      py::arg("inv_temp"), py::arg("targets"), py::arg("lse"), py::arg("lse_r"), py::arg("aux"), py::arg("g"),   \
+      py::arg("ones"), py::arg("tile"), py::arg("ref_tile"), py::arg("tile16"), py::arg("bf16_terms"),           \
+      py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
+
 }  // namespace
 
 #define RA3_DEF_CPU(name, ARGS, doc) \
@@ -161,5 +174,26 @@ PYBIND11_MODULE(_C, m) {
   RA3_DEF_ALL(RA3_DEF_CPU);
 #ifdef RA3_WITH_CUDA
   RA3_DEF_ALL(RA3_DEF_CUDA);
+  // CUDA only: the fused linear ops' vocabulary loop with its cuBLAS GEMMs (no CPU twin: the CPU backend's GEMMs
+  // go through torch, since this module links no BLAS).
+  RA3_DEF_CUDA(linear_softmax_fwd, RA3_PY_ARGS_LINEAR_SOFTMAX_FWD,
+               "softmax_stats_fwd over the whole vocabulary, each logits tile formed by cuBLAS (hidden @ weight.T).");
+  RA3_DEF_CUDA(linear_softmax_grad, RA3_PY_ARGS_LINEAR_SOFTMAX_GRAD,
+               "softmax_grad over the whole vocabulary, with the cuBLAS GEMMs into grad_hidden, grad_weight and "
+               "grad_bias.");
+  m.def("_host_linear_softmax_fwd", &ra3::cuda::host_linear_softmax_fwd,
+        "Tests only: cuda_linear_softmax_fwd's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
+        RA3_PY_ARGS_LINEAR_SOFTMAX_FWD, py::call_guard<py::gil_scoped_release>());
+  m.def("_host_linear_softmax_grad", &ra3::cuda::host_linear_softmax_grad,
+        "Tests only: cuda_linear_softmax_grad's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
+        RA3_PY_ARGS_LINEAR_SOFTMAX_GRAD, py::call_guard<py::gil_scoped_release>());
+  m.def("cublas_info", []() {
+    const ra3::cuda::CublasInfo info = ra3::cuda::cublas_info();
+    py::dict d;
+    d["path"] = info.path;
+    d["version"] = std::to_string(info.major) + "." + std::to_string(info.minor) + "." + std::to_string(info.patch);
+    return d;
+  }, "dict(path, version) of the cuBLAS the linear ops use, loaded on first call; RuntimeError naming every "
+     "place tried when none loads.");
 #endif
 }

@@ -95,6 +95,28 @@ void dispatch_dtype(int dtype, Fn&& fn) {
       uintptr_t mask, uintptr_t ref, double kl_coef, int kl_estimator, double clip_low, double clip_high,   \
       int aggregation, uintptr_t loss_out, uintptr_t grad_lp, uintptr_t stats_out
 
+// The fused linear ops' whole vocabulary loop (CUDA only; csrc/cuda/linear_softmax.cpp). A "source" is one
+// model's (hidden [n, h], weight [vocab, h], bias [vocab] or 0), contiguous; in_dtype 0 float32, 1 float64,
+// 2 bfloat16, 3 float16 is the dtype of its hidden and weight (the GEMM operands), the bias is in `dtype`, the
+// compute dtype of every other buffer. The ref_* source is read only by mode 2 (exact KL). `tile` / `ref_tile`
+// are scratch of n * chunk compute-dtype elements, `ones` n ones in `dtype` (only with a bias). Backward with
+// in_dtype 2: the float32 gradient tile goes to the GEMMs as `bf16_terms` bfloat16 tiles in `tile16`
+// (bf16_terms * n * chunk elements): 1 = rounded once (the precision of Liger-Kernel and Cut Cross-Entropy),
+// 2 = hi + lo (two GEMMs each, float32-class gradients).
+#define RA3_KERNEL_ARGS_LINEAR_SOURCES                                                                         \
+  int in_dtype, uintptr_t hidden, uintptr_t weight, uintptr_t bias, int64_t h, int ref_in_dtype,             \
+      uintptr_t ref_hidden, uintptr_t ref_weight, uintptr_t ref_bias, int64_t ref_h
+#define RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD                                                                     \
+  int mode, int dtype, int64_t n, int64_t vocab, int64_t chunk, RA3_KERNEL_ARGS_LINEAR_SOURCES,              \
+      double inv_temp, uintptr_t targets, uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t m,   \
+      uintptr_t s, uintptr_t a, uintptr_t mr, uintptr_t sr, uintptr_t tgt
+// grad_hidden [n, h] is overwritten; grad_weight [vocab, h] and grad_bias [vocab] (0 = not wanted) too.
+#define RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD                                                                    \
+  int mode, int dtype, int64_t n, int64_t vocab, int64_t chunk, RA3_KERNEL_ARGS_LINEAR_SOURCES,              \
+      double inv_temp, uintptr_t targets, uintptr_t lse, uintptr_t lse_r, uintptr_t aux, uintptr_t g,        \
+      uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t tile16, int bf16_terms,                  \
+      uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias
+
 namespace cpu {
 void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD);
 void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD);
@@ -118,6 +140,19 @@ void kl_estimator_bwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD, uintptr_t stream);
 void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD, uintptr_t stream);
 void group_adv_bwd(RA3_KERNEL_ARGS_GROUP_ADV_BWD, uintptr_t stream);
 void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD, uintptr_t stream);
+void linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, uintptr_t stream);
+void linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, uintptr_t stream);
+// The same loop on host buffers with the CPU tile kernels: for tests only, with a cuBLAS stand-in that takes host
+// pointers (RA3_CUBLAS_LIBRARY); a real cuBLAS would fault on them.
+void host_linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD);
+void host_linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD);
+// The cuBLAS the linear ops call, loaded on first use: (path, major, minor, patch); throws std::runtime_error
+// naming what was tried when none loads.
+struct CublasInfo {
+  std::string path;
+  int major, minor, patch;
+};
+CublasInfo cublas_info();
 // The CUDA runtime version this module was built against (e.g. 13000), for build_info().
 int runtime_version();
 // True when a driver is installed whose CUDA version is at least the runtime's major version (the runtime is

@@ -1,4 +1,5 @@
-// Shared pieces of the CUDA twins: error checks, the device guard, stream-ordered scratch, block reductions.
+// Shared pieces of the CUDA twins: error checks, the device guard, stream-ordered scratch (host code, also for
+// the plain C++ files), and block reductions (device code, nvcc only).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -87,6 +88,7 @@ inline unsigned grid_for(int64_t n, int threads, int64_t max_blocks = 65535 * 8)
   return static_cast<unsigned>(blocks < max_blocks ? blocks : max_blocks);
 }
 
+#ifdef __CUDACC__  // device code below; the host part above also serves plain C++ files (csrc/cuda/*.cpp)
 constexpr int kWarp = 32;
 constexpr int kMaxWarps = 32;  // blocks have at most 1024 threads
 
@@ -116,5 +118,6 @@ __device__ void block_sum(T (&v)[N]) {
     v[k] = warp_sum(x);
   }
 }
+#endif  // __CUDACC__
 
 }  // namespace ra3::cuda

@@ -9,19 +9,27 @@ recomputes each tile instead of storing [N, V]: peak extra memory is one tile, O
 Both passes are ``torch.library`` custom ops, so ``torch.compile`` sees them as opaque nodes. Their first
 argument is the resolved backend ('cpu', 'cuda' or 'triton') whose tile kernels ``_kernels.call`` runs.
 
+The cuda backend runs the same loop for the linear ops inside the extension (csrc/cuda/linear_softmax.cpp): its
+GEMMs call cuBLAS directly, 16-bit operands on tensor cores with float32 accumulation, and a step costs one Python
+call instead of several launches per chunk. ``CUDA_EXTENSION_LOOP`` (RA3_CUDA_TORCH_GEMM=1 turns it off) keeps the
+Python loop with torch's GEMMs instead, for comparison.
+
 The triton backend has a second design for the linear ops, behind ``TRITON_FUSED_LINEAR``: Triton kernels that
 do the GEMM themselves over (token tile x vocabulary tile) and keep an online log-sum-exp in registers, so no
 logits tile reaches global memory (ra3/kernels/fused_linear.py; benchmarks/NOTES.md compares the two).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ra3 import _native
 from ra3.ops import _kernels
 from ra3.ops._validate import compute_dtype
 
@@ -35,6 +43,18 @@ MIN_CHUNK = 256
 # Triton backend only: the fused-matmul design for the linear ops instead of torch GEMM tiles. Off by default
 # until GPU measurements say it wins (none recorded yet); RA3_TRITON_FUSED_LINEAR=1 turns it on.
 TRITON_FUSED_LINEAR = os.environ.get("RA3_TRITON_FUSED_LINEAR", "0") == "1"
+
+# CUDA backend only: the linear ops' vocabulary loop and its cuBLAS GEMMs in the extension (see the docstring).
+CUDA_EXTENSION_LOOP = os.environ.get("RA3_CUDA_TORCH_GEMM", "0") != "1"
+
+# bf16 backward passes of the extension loop: the float32 gradient tile enters the two GEMMs as hi + lo bf16 terms
+# (2: float32-class gradients, twice those GEMMs' work) or rounded once (1: the precision of Liger-Kernel and Cut
+# Cross-Entropy, which on small vocabularies misses the 1e-2 bf16 tolerance against float64 by up to 2x).
+# RA3_BF16_GRAD=round picks 1.
+BF16_GRAD_TERMS = 1 if os.environ.get("RA3_BF16_GRAD", "split") == "round" else 2
+
+# GEMM operand dtypes of the extension loop (csrc/ra3_native.h, in_dtype).
+_IN_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 def chunk_size(n: int, vocab: int) -> int:
@@ -91,6 +111,51 @@ def _fused(backend: str, weight) -> bool:
     return backend == "triton" and weight is not None and TRITON_FUSED_LINEAR
 
 
+@functools.lru_cache(maxsize=None)
+def _cublas_loads() -> bool:
+    """Whether the extension can load cuBLAS; warns once (with the reason) when it cannot."""
+    try:
+        _native.load().cublas_info()
+    except (AttributeError, RuntimeError) as exc:
+        warnings.warn(f"ra3: the cuda backend's linear ops fall back to torch's GEMMs: {exc}", RuntimeWarning,
+                      stacklevel=4)
+        return False
+    return True
+
+
+def _extension_loop(backend: str, hidden: Tensor, weight: Optional[Tensor], backward: bool = False) -> bool:
+    """The cuda backend's linear ops run the extension's loop. Not for float16 backward passes: a float16
+    gradient tile would underflow, so those keep torch's GEMMs on float32 operands."""
+    if backend != "cuda" or weight is None or not CUDA_EXTENSION_LOOP:
+        return False
+    if backward and hidden.dtype == weight.dtype == torch.float16:
+        return False
+    return _cublas_loads()
+
+
+def _gemm_operands(hidden: Tensor, weight: Tensor, dt: torch.dtype):
+    """(hidden, weight, in_dtype) as cuBLAS takes them: contiguous and of one dtype; a float64 computation, or
+    two different dtypes, promote both to the compute dtype."""
+    kind = hidden.dtype if hidden.dtype == weight.dtype and dt != torch.float64 else dt
+    return hidden.to(kind).contiguous(), weight.to(kind).contiguous(), _IN_DTYPE[kind]
+
+
+def _extension_sources(dt, n, step, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl: bool):
+    """The sources' arguments of linear_softmax_fwd / _grad, plus (ones, tile, ref_tile) scratch."""
+    h, w, code = _gemm_operands(hidden, weight, dt)
+    args = [code, h, w, None if bias is None else bias.to(dt).contiguous(), h.shape[1]]
+    if kl:
+        rh, rw, rcode = _gemm_operands(ref_hidden, ref_weight, dt)
+        args += [rcode, rh, rw, None if ref_bias is None else ref_bias.to(dt).contiguous(), rh.shape[1]]
+    else:
+        args += [0, None, None, None, 0]
+    dev = hidden.device
+    ones = torch.ones(n, dtype=dt, device=dev) if (bias is not None or (kl and ref_bias is not None)) else None
+    tile = torch.empty(n * step, dtype=dt, device=dev)
+    ref_tile = torch.empty(n * step, dtype=dt, device=dev) if kl else None
+    return args, (ones, tile, ref_tile)
+
+
 def forward(backend: str, mode: int, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
             inv_temp: float):
     """Returns (out[N], lse[N], lse_ref[N]) in the compute dtype; out is the log-prob, entropy or KL."""
@@ -107,7 +172,13 @@ def forward(backend: str, mode: int, hidden, weight, bias, ref_hidden, ref_weigh
     mr = torch.full((n,), -math.inf, dtype=dt, device=dev) if kl else None
     sr = torch.zeros(n, dtype=dt, device=dev) if kl else None
     code = _kernels.dtype_code(dt)
-    if _fused(backend, weight):  # the whole vocabulary in one pass, GEMMs inside the kernel
+    if _extension_loop(backend, hidden, weight):  # the vocabulary loop and its cuBLAS GEMMs inside the extension
+        step = chunk_size(n, vocab)
+        sources, (ones, tile, ref_tile) = _extension_sources(dt, n, step, hidden, weight, bias, ref_hidden,
+                                                             ref_weight, ref_bias, kl)
+        _kernels.call(backend, "linear_softmax_fwd", dev, mode, code, n, vocab, step, *sources, inv_temp, targets,
+                      ones, tile, ref_tile, m, s, a, mr, sr, tgt)
+    elif _fused(backend, weight):  # the whole vocabulary in one pass, GEMMs inside the kernel
         _kernels.call(backend, "linear_softmax_stats_fwd", dev, mode, code, hidden.contiguous(), weight.contiguous(),
                       bias, ref_hidden.contiguous() if kl else None, ref_weight.contiguous() if kl else None,
                       ref_bias if kl else None, targets, inv_temp, m, s, a, mr, sr, tgt)
@@ -150,15 +221,27 @@ def backward(backend: str, mode: int, grad_out, out, lse, lse_r, hidden, weight,
     code = _kernels.dtype_code(dt)
     aux = out.contiguous() if mode != LOGPROB else None
     lse_r_arg = lse_r if mode == EXACT_KL else None
-    if linear:
-        grad_hidden = torch.zeros(n, hidden.shape[1], dtype=dt, device=dev)
+    kl = mode == EXACT_KL
+    extension = _extension_loop(backend, hidden, weight, backward=True)
+    if linear:  # the extension loop overwrites grad_hidden; the others accumulate into it
+        grad_hidden = (torch.empty if extension else torch.zeros)(n, hidden.shape[1], dtype=dt, device=dev)
         grad_weight = torch.empty(weight.shape, dtype=dt, device=dev) if need_weight_grad else _empty(dt, dev)
         grad_bias = torch.empty(vocab, dtype=dt, device=dev) if (bias is not None and need_weight_grad) \
             else _empty(dt, dev)
     else:
         grad_logits = torch.empty(n, vocab, dtype=dt, device=dev)
+    if extension:
+        step = chunk_size(n, vocab)
+        sources, (ones, tile, ref_tile) = _extension_sources(dt, n, step, hidden, weight, bias, ref_hidden,
+                                                             ref_weight, ref_bias, kl)
+        terms = BF16_GRAD_TERMS
+        tile16 = torch.empty(terms * n * step, dtype=torch.bfloat16, device=dev) if sources[0] == 2 else None
+        _kernels.call(backend, "linear_softmax_grad", dev, mode, code, n, vocab, step, *sources, inv_temp, targets,
+                      lse, lse_r_arg, aux, g, ones, tile, ref_tile, tile16, terms, grad_hidden,
+                      grad_weight if need_weight_grad else None,
+                      grad_bias if (bias is not None and need_weight_grad) else None)
+        return grad_hidden, grad_weight, grad_bias
     if _fused(backend, weight):  # tiles recomputed in registers, GEMMs inside the kernel
-        kl = mode == EXACT_KL
         _kernels.call(backend, "linear_softmax_grad", dev, mode, code, hidden.contiguous(), weight.contiguous(),
                       bias, ref_hidden.contiguous() if kl else None, ref_weight.contiguous() if kl else None,
                       ref_bias if kl else None, targets, inv_temp, lse, lse_r_arg, aux, g, grad_hidden,
@@ -166,7 +249,7 @@ def backward(backend: str, mode: int, grad_out, out, lse, lse_r, hidden, weight,
                       grad_bias if (bias is not None and need_weight_grad) else None)
         return grad_hidden, grad_weight, grad_bias
     src = _Source(hidden, weight, bias, dt)
-    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if mode == EXACT_KL else None
+    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if kl else None
     step = chunk_size(n, vocab)
     for v0 in range(0, vocab, step):
         v1 = min(vocab, v0 + step)

@@ -1,0 +1,271 @@
+// The CUDA backend's fused linear ops (log-prob, entropy, exact KL of softmax(hidden @ weight.T + bias)): the whole
+// vocabulary loop runs here, so a step costs one Python call instead of several launches per chunk from Python.
+//
+// Per chunk of w <= `chunk` columns, on one stream: cuBLAS forms the logits tile [n, w] = hidden @ W[v0:v0+w].T
+// (+ bias) in the compute dtype (bf16 / fp16 operands on tensor cores, float32 accumulation), the softmax_vocab.cu
+// kernels fold it into the online log-sum-exp (forward) or turn it in place into d(value)/dlogits (backward), and
+// the backward's two more GEMMs carry that tile to grad_hidden (accumulated over chunks) and to its rows of
+// grad_weight. The tile (n * chunk elements, allocated by the caller so torch's allocator sees it) is reused by
+// every chunk: at n * chunk * 4 bytes of a few tens of MB it stays close to the L2 cache between the GEMM that
+// writes it and the kernel that reads it.
+//
+// Row-major [rows, cols] buffers are cuBLAS column-major [cols, rows] matrices; each GEMM below is written in
+// that view. Plain C++: the kernels are launched through their host entry points, from a table, so that the same
+// loop also runs on host buffers with the CPU tile kernels (host_linear_softmax_*; tests/test_cuda_linear_loop.py
+// runs it against a cuBLAS stand-in that multiplies host memory, on machines with no GPU).
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "../ra3_native.h"
+#include "cublas_loader.h"
+#include "cuda_utils.cuh"
+#include "tile_convert.h"
+
+namespace ra3::cuda {
+namespace {
+
+using blas::kNoTrans;
+using blas::kTrans;
+
+enum InDtype : int { kInF32 = 0, kInF64 = 1, kInBF16 = 2, kInF16 = 3 };
+
+struct Operand {
+  cudaDataType type;
+  int64_t bytes;
+};
+
+Operand operand(int in_dtype) {
+  switch (in_dtype) {
+    case kInF32: return {CUDA_R_32F, 4};
+    case kInF64: return {CUDA_R_64F, 8};
+    case kInBF16: return {CUDA_R_16BF, 2};
+    case kInF16: return {CUDA_R_16F, 2};
+    default:
+      throw std::invalid_argument("in_dtype must be 0 (float32), 1 (float64), 2 (bfloat16) or 3 (float16), got " +
+                                  std::to_string(in_dtype));
+  }
+}
+
+// One model's side of the product: hidden [n, h], weight [vocab, h], bias [vocab] (compute dtype) or 0.
+struct Source {
+  std::string name;
+  Operand op;
+  uintptr_t hidden, weight, bias;
+  int64_t h;
+};
+
+// Where the loop's tile work runs: the CUDA kernels on a stream, or (tests) the CPU kernels on host buffers.
+struct Tiles {
+  void (*stats)(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream);
+  void (*grad)(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream);
+  void (*round_bf16)(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t stream);
+};
+
+const Tiles kCudaTiles{&softmax_stats_fwd, &softmax_grad, &round_to_bf16};
+
+// bfloat16 bits of x rounded to nearest even on the dropped 16 bits; a NaN stays a (quiet) NaN.
+uint16_t host_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+void host_round_bf16(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t) {
+  const float* in = cptr<float>(src);
+  for (int64_t i = 0; i < count; ++i) {
+    const uint16_t b = host_bf16(in[i]);
+    mptr<uint16_t>(hi)[i] = b;
+    if (lo != 0) {
+      const uint32_t u = uint32_t(b) << 16;
+      float back;
+      std::memcpy(&back, &u, 4);
+      mptr<uint16_t>(lo)[i] = host_bf16(in[i] - back);
+    }
+  }
+}
+
+const Tiles kHostTiles{
+    [](RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t) {
+      cpu::softmax_stats_fwd(mode, dtype, z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt);
+    },
+    [](RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t) {
+      cpu::softmax_grad(mode, dtype, z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g);
+    },
+    &host_round_bf16};
+
+// The compute dtype's GEMM settings (float32 accumulates float32, no TF32; float64 float64) and where they run.
+struct Compute {
+  cudaDataType type;
+  int64_t bytes;
+  blas::ComputeType gemm;
+  cudaStream_t stream;
+  int device;
+  const Tiles* tiles;
+};
+
+Source source(const char* name, int in_dtype, uintptr_t hidden, uintptr_t weight, uintptr_t bias, int64_t h,
+              int dtype) {
+  Source s{name, operand(in_dtype), hidden, weight, bias, h};
+  if (hidden == 0 || weight == 0) throw std::invalid_argument(s.name + " and its weight are required");
+  if (h <= 0) throw std::invalid_argument(s.name + ": the hidden size must be > 0, got " + std::to_string(h));
+  // cuBLAS multiplies two operands of one type into a float32 or float64 result, not float64 from narrower ones.
+  if ((dtype == 1) != (in_dtype == kInF64))
+    throw std::invalid_argument(s.name + ": in_dtype " + std::to_string(in_dtype) + " does not go with compute dtype " +
+                                std::to_string(dtype) + " (float64 operands exactly when computing in float64)");
+  return s;
+}
+
+uintptr_t offset(uintptr_t base, int64_t elements, int64_t bytes) {
+  return base + static_cast<uintptr_t>(elements * bytes);
+}
+
+// tile [n, w] = hidden @ W[v0:v0+w].T (+ bias[v0:v0+w]), row-major with ld w.
+void logits_tile(const Compute& c, const Source& s, int64_t n, int64_t v0, int64_t w, uintptr_t ones,
+                 uintptr_t tile) {
+  // column-major: tile^T [w, n] = (W chunk stored [h, w])^T @ (hidden stored [h, n])
+  blas::gemm(c.device, c.stream, kTrans, kNoTrans, w, n, s.h, 1.0, offset(s.weight, v0 * s.h, s.op.bytes), s.op.type,
+             s.h, s.hidden, s.op.type, s.h, 0.0, tile, c.type, w, c.gemm, "logits tile");
+  if (s.bias != 0)  // a rank-1 update: tile^T [w, n] += bias [w, 1] @ ones [1, n]
+    blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, w, n, 1, 1.0, offset(s.bias, v0, c.bytes), c.type, w, ones,
+               c.type, 1, 1.0, tile, c.type, w, c.gemm, "bias");
+}
+
+void check_common(int mode, int dtype, int64_t n, int64_t chunk) {
+  check_softmax_mode(mode);
+  check_dtype(dtype);
+  if (n > int64_t(0x7fffffff)) throw std::invalid_argument("n must be < 2^31 rows per call, got " + std::to_string(n));
+  if (chunk <= 0) throw std::invalid_argument("chunk must be > 0, got " + std::to_string(chunk));
+}
+
+Compute compute(int dtype, uintptr_t stream, int device, const Tiles& tiles) {
+  if (dtype == 1) return {CUDA_R_64F, 8, blas::kCompute64F, as_stream(stream), device, &tiles};
+  return {CUDA_R_32F, 4, blas::kCompute32F, as_stream(stream), device, &tiles};
+}
+
+int current_device() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+void require(uintptr_t p, const char* name) {
+  if (p == 0) throw std::invalid_argument(std::string(name) + " is required");
+}
+
+
+void run_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, const Compute& c) {
+  const bool kl = mode == kExactKl;
+  const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
+  const Source ref = kl ? source("ref_hidden", ref_in_dtype, ref_hidden, ref_weight, ref_bias, ref_h, dtype) : Source{};
+  require(tile, "tile");
+  if (kl) require(ref_tile, "ref_tile");
+  if (bias != 0 || (kl && ref_bias != 0)) require(ones, "ones (with a bias)");
+  const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
+  for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
+    const int64_t w = std::min(chunk, vocab - v0);
+    logits_tile(c, src, n, v0, w, ones, tile);
+    if (kl) logits_tile(c, ref, n, v0, w, ones, ref_tile);
+    c.tiles->stats(mode, dtype, tile, w, kl ? ref_tile : 0, w, n, w, v0, inv_temp, targets, m, s, a, mr, sr, tgt,
+                      stream);
+  }
+}
+
+void run_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, const Compute& c) {
+  const bool kl = mode == kExactKl;
+  const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
+  const Source ref = kl ? source("ref_hidden", ref_in_dtype, ref_hidden, ref_weight, ref_bias, ref_h, dtype) : Source{};
+  // A float16 gradient tile would underflow (upstream gradients of 1/n times probabilities of 1/vocab): the
+  // caller runs float16 backward passes on float32 operands instead.
+  if (in_dtype == kInF16)
+    throw std::invalid_argument("hidden: float16 operands are not taken by the backward pass (in_dtype 3)");
+  const bool round_bf16 = in_dtype == kInBF16;
+  if (round_bf16 && bf16_terms != 1 && bf16_terms != 2)
+    throw std::invalid_argument("bf16_terms must be 1 or 2, got " + std::to_string(bf16_terms));
+  require(tile, "tile");
+  require(grad_hidden, "grad_hidden");
+  if (kl) require(ref_tile, "ref_tile");
+  if (round_bf16) require(tile16, "tile16 (bfloat16 operands)");
+  if (grad_bias != 0 || (kl && ref_bias != 0)) require(ones, "ones (with a bias)");
+  if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
+  const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
+  for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
+    const int64_t w = std::min(chunk, vocab - v0);
+    logits_tile(c, src, n, v0, w, ones, tile);
+    if (kl) logits_tile(c, ref, n, v0, w, ones, ref_tile);
+    c.tiles->grad(mode, dtype, tile, w, kl ? ref_tile : 0, w, tile, w, n, w, v0, inv_temp, targets, lse, lse_r, aux,
+                  g, stream);
+    // grad_bias [w, 1] = d^T @ ones, from the unrounded tile
+    if (grad_bias != 0)
+      blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, w, 1, n, 1.0, tile, c.type, w, ones, c.type, n, 0.0,
+                 offset(grad_bias, v0, c.bytes), c.type, w, c.gemm, "grad_bias");
+    // The GEMM operands for d: the tile itself, or its bfloat16 term(s) (both operands of a GEMM share a type:
+    // bf16 x bf16 -> float32 runs on tensor cores).
+    uintptr_t terms[2] = {tile, 0};
+    int nterms = 1;
+    cudaDataType d_type = c.type;
+    if (round_bf16) {
+      nterms = bf16_terms;
+      terms[0] = tile16;
+      terms[1] = nterms == 2 ? offset(tile16, n * w, 2) : 0;
+      c.tiles->round_bf16(tile, terms[0], terms[1], n * w, c.stream);
+      d_type = CUDA_R_16BF;
+    }
+    const uintptr_t w_chunk = offset(src.weight, v0 * h, src.op.bytes);
+    for (int t = 0; t < nterms; ++t) {
+      // grad_hidden^T [h, n] (+)= (W chunk stored [h, w]) @ (d stored [w, n]); the first chunk's first term
+      // overwrites
+      blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, h, n, w, 1.0, w_chunk, src.op.type, h, terms[t], d_type, w,
+                 (v0 == 0 && t == 0) ? 0.0 : 1.0, grad_hidden, c.type, h, c.gemm, "grad_hidden");
+      // grad_weight chunk^T [h, w] (+)= (hidden stored [h, n]) @ (d stored [w, n])^T
+      if (grad_weight != 0)
+        blas::gemm(c.device, c.stream, kNoTrans, kTrans, h, w, n, 1.0, src.hidden, src.op.type, h, terms[t], d_type,
+                   w, t == 0 ? 0.0 : 1.0, offset(grad_weight, v0 * h, c.bytes), c.type, h, c.gemm, "grad_weight");
+    }
+  }
+}
+
+#define RA3_FWD_ARGS                                                                                            \
+  mode, dtype, n, vocab, chunk, in_dtype, hidden, weight, bias, h, ref_in_dtype, ref_hidden, ref_weight, ref_bias, \
+      ref_h, inv_temp, targets, ones, tile, ref_tile, m, s, a, mr, sr, tgt
+#define RA3_GRAD_ARGS                                                                                           \
+  mode, dtype, n, vocab, chunk, in_dtype, hidden, weight, bias, h, ref_in_dtype, ref_hidden, ref_weight, ref_bias, \
+      ref_h, inv_temp, targets, lse, lse_r, aux, g, ones, tile, ref_tile, tile16, bf16_terms, grad_hidden,       \
+      grad_weight, grad_bias
+
+}  // namespace
+
+CublasInfo cublas_info() {
+  const blas::LibraryInfo& lib = blas::library();
+  return {lib.path, lib.major, lib.minor, lib.patch};
+}
+
+void linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, uintptr_t stream) {
+  check_common(mode, dtype, n, chunk);
+  if (n <= 0 || vocab <= 0) return;
+  DeviceGuard guard(m);
+  run_fwd(RA3_FWD_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
+}
+
+void linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, uintptr_t stream) {
+  check_common(mode, dtype, n, chunk);
+  if (n <= 0 || vocab <= 0) return;
+  DeviceGuard guard(grad_hidden);
+  run_grad(RA3_GRAD_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
+}
+
+void host_linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD) {
+  check_common(mode, dtype, n, chunk);
+  if (n <= 0 || vocab <= 0) return;
+  run_fwd(RA3_FWD_ARGS, compute(dtype, 0, -1, kHostTiles));
+}
+
+void host_linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD) {
+  check_common(mode, dtype, n, chunk);
+  if (n <= 0 || vocab <= 0) return;
+  run_grad(RA3_GRAD_ARGS, compute(dtype, 0, -1, kHostTiles));
+}
+
+}  // namespace ra3::cuda
