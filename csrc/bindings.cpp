@@ -124,6 +124,11 @@ py::dict build_info() {
       py::arg("inv_temp"), py::arg("targets"), py::arg("lse"), py::arg("lse_r"), py::arg("aux"), py::arg("g"),   \
       py::arg("ones"), py::arg("tile"), py::arg("ref_tile"), py::arg("tile16"), py::arg("bf16_terms"),           \
       py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
+#define RA3_PY_ARGS_LINEAR_CROSS_ENTROPY                                                                         \
+  py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("rows"), py::arg("in_dtype"), py::arg("hidden"),     \
+      py::arg("weight"), py::arg("bias"), py::arg("h"), py::arg("inv_temp"), py::arg("targets"), py::arg("g"),   \
+      py::arg("ones"), py::arg("tile"), py::arg("tile16"), py::arg("bf16_terms"), py::arg("m"), py::arg("s"),    \
+      py::arg("tgt"), py::arg("lse"), py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
 
 }  // namespace
 
@@ -181,6 +186,12 @@ PYBIND11_MODULE(_C, m) {
   RA3_DEF_CUDA(linear_softmax_grad, RA3_PY_ARGS_LINEAR_SOFTMAX_GRAD,
                "softmax_grad over the whole vocabulary, with the cuBLAS GEMMs into grad_hidden, grad_weight and "
                "grad_bias.");
+  RA3_DEF_CUDA(linear_cross_entropy, RA3_PY_ARGS_LINEAR_CROSS_ENTROPY,
+               "Token chunks of cross-entropy: log-sum-exp into lse and, while each tile is in memory, the gradient "
+               "for upstream g into grad_hidden, grad_weight, grad_bias.");
+  m.def("_host_linear_cross_entropy", &ra3::cuda::host_linear_cross_entropy,
+        "Tests only: cuda_linear_cross_entropy's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
+        RA3_PY_ARGS_LINEAR_CROSS_ENTROPY, py::call_guard<py::gil_scoped_release>());
   m.def("_host_linear_softmax_fwd", &ra3::cuda::host_linear_softmax_fwd,
         "Tests only: cuda_linear_softmax_fwd's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
         RA3_PY_ARGS_LINEAR_SOFTMAX_FWD, py::call_guard<py::gil_scoped_release>());

@@ -116,6 +116,16 @@ void dispatch_dtype(int dtype, Fn&& fn) {
       double inv_temp, uintptr_t targets, uintptr_t lse, uintptr_t lse_r, uintptr_t aux, uintptr_t g,        \
       uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t tile16, int bf16_terms,                  \
       uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias
+// Next-token cross-entropy's token loop (CUDA only): per chunk of `rows` tokens, the [rows, vocab] logits tile of
+// one source, its online log-sum-exp into m, s, tgt (initialised by the caller) and lse [n], and, while the tile is
+// in memory, the gradient for the per-row upstream g [n] into grad_hidden [n, h] (overwritten), grad_weight
+// [vocab, h] and grad_bias [vocab] (accumulated from zero here); a gradient pointer of 0 is not computed. `tile`
+// holds rows * vocab compute-dtype elements, `tile16` bf16_terms * rows * vocab bfloat16 (in_dtype 2 with grads).
+#define RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY                                                                   \
+  int dtype, int64_t n, int64_t vocab, int64_t rows, int in_dtype, uintptr_t hidden, uintptr_t weight,         \
+      uintptr_t bias, int64_t h, double inv_temp, uintptr_t targets, uintptr_t g, uintptr_t ones, uintptr_t tile, \
+      uintptr_t tile16, int bf16_terms, uintptr_t m, uintptr_t s, uintptr_t tgt, uintptr_t lse,               \
+      uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias
 
 namespace cpu {
 void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD);
@@ -146,6 +156,8 @@ void linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, uintptr_t stream);
 // pointers (RA3_CUBLAS_LIBRARY); a real cuBLAS would fault on them.
 void host_linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD);
 void host_linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD);
+void linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY, uintptr_t stream);
+void host_linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY);
 // The cuBLAS the linear ops call, loaded on first use: (path, major, minor, patch); throws std::runtime_error
 // naming what was tried when none loads.
 struct CublasInfo {

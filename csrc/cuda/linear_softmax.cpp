@@ -14,6 +14,7 @@
 // loop also runs on host buffers with the CPU tile kernels (host_linear_softmax_*; tests/test_cuda_linear_loop.py
 // runs it against a cuBLAS stand-in that multiplies host memory, on machines with no GPU).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -21,7 +22,7 @@
 #include "../ra3_native.h"
 #include "cublas_loader.h"
 #include "cuda_utils.cuh"
-#include "tile_convert.h"
+#include "tile_ops.h"
 
 namespace ra3::cuda {
 namespace {
@@ -61,9 +62,10 @@ struct Tiles {
   void (*stats)(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream);
   void (*grad)(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream);
   void (*round_bf16)(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t stream);
+  void (*lse)(int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t stream);
 };
 
-const Tiles kCudaTiles{&softmax_stats_fwd, &softmax_grad, &round_to_bf16};
+const Tiles kCudaTiles{&softmax_stats_fwd, &softmax_grad, &round_to_bf16, &lse_from_state};
 
 // bfloat16 bits of x rounded to nearest even on the dropped 16 bits; a NaN stays a (quiet) NaN.
 uint16_t host_bf16(float x) {
@@ -94,7 +96,13 @@ const Tiles kHostTiles{
     [](RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t) {
       cpu::softmax_grad(mode, dtype, z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g);
     },
-    &host_round_bf16};
+    &host_round_bf16,
+    [](int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t) {
+      dispatch_dtype(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        for (int64_t i = 0; i < n; ++i) mptr<T>(lse)[i] = cptr<T>(m)[i] + std::log(cptr<T>(s)[i]);
+      });
+    }};
 
 // The compute dtype's GEMM settings (float32 accumulates float32, no TF32; float64 float64) and where they run.
 struct Compute {
@@ -131,6 +139,62 @@ void logits_tile(const Compute& c, const Source& s, int64_t n, int64_t v0, int64
   if (s.bias != 0)  // a rank-1 update: tile^T [w, n] += bias [w, 1] @ ones [1, n]
     blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, w, n, 1, 1.0, offset(s.bias, v0, c.bytes), c.type, w, ones,
                c.type, 1, 1.0, tile, c.type, w, c.gemm, "bias");
+}
+
+// The GEMM operands for a float32/float64 gradient tile d [r, w] (row-major, ld w): d itself or, for bfloat16
+// sources, its bf16 term(s) in tile16 (both operands of a GEMM share a type: bf16 x bf16 -> float32 runs on
+// tensor cores).
+struct Terms {
+  uintptr_t p[2];
+  int count;
+  cudaDataType type;
+};
+
+Terms gradient_terms(const Compute& c, const Source& src, uintptr_t tile, uintptr_t tile16, int bf16_terms,
+                     int64_t elements) {
+  if (src.op.type != CUDA_R_16BF) return {{tile, 0}, 1, c.type};
+  const uintptr_t lo = bf16_terms == 2 ? offset(tile16, elements, 2) : 0;
+  c.tiles->round_bf16(tile, tile16, lo, elements, c.stream);
+  return {{tile16, lo}, bf16_terms, CUDA_R_16BF};
+}
+
+// grad_hidden rows^T [h, r] (+)= (W[v0:v0+w] stored [h, w]) @ (d stored [w, r]); `accumulate` false overwrites.
+void grad_hidden_gemm(const Compute& c, const Source& src, const Terms& d, int64_t r, int64_t v0, int64_t w,
+                      uintptr_t grad_rows, bool accumulate) {
+  for (int t = 0; t < d.count; ++t)
+    blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, src.h, r, w, 1.0, offset(src.weight, v0 * src.h, src.op.bytes),
+               src.op.type, src.h, d.p[t], d.type, w, (accumulate || t > 0) ? 1.0 : 0.0, grad_rows, c.type, src.h,
+               c.gemm, "grad_hidden");
+}
+
+// grad_weight[v0:v0+w]^T [h, w] (+)= (hidden rows stored [h, r]) @ (d stored [w, r])^T.
+void grad_weight_gemm(const Compute& c, const Source& src, uintptr_t hidden_rows, const Terms& d, int64_t r,
+                      int64_t v0, int64_t w, uintptr_t grad_weight, bool accumulate) {
+  for (int t = 0; t < d.count; ++t)
+    blas::gemm(c.device, c.stream, kNoTrans, kTrans, src.h, w, r, 1.0, hidden_rows, src.op.type, src.h, d.p[t],
+               d.type, w, (accumulate || t > 0) ? 1.0 : 0.0, offset(grad_weight, v0 * src.h, c.bytes), c.type, src.h,
+               c.gemm, "grad_weight");
+}
+
+// grad_bias[v0:v0+w] [w, 1] (+)= d^T @ ones, from the unrounded tile.
+void grad_bias_gemm(const Compute& c, uintptr_t tile, uintptr_t ones, int64_t r, int64_t v0, int64_t w,
+                    uintptr_t grad_bias, bool accumulate) {
+  blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, w, 1, r, 1.0, tile, c.type, w, ones, c.type, r,
+             accumulate ? 1.0 : 0.0, offset(grad_bias, v0, c.bytes), c.type, w, c.gemm, "grad_bias");
+}
+
+void check_terms(const Source& src, int bf16_terms, uintptr_t tile16) {
+  if (src.op.type != CUDA_R_16BF) return;
+  if (bf16_terms != 1 && bf16_terms != 2)
+    throw std::invalid_argument("bf16_terms must be 1 or 2, got " + std::to_string(bf16_terms));
+  if (tile16 == 0) throw std::invalid_argument("tile16 is required (bfloat16 operands)");
+}
+
+void check_not_f16(int in_dtype) {
+  // A float16 gradient tile would underflow (upstream gradients of 1/n times probabilities of 1/vocab): the
+  // caller runs float16 gradients on float32 operands instead.
+  if (in_dtype == kInF16)
+    throw std::invalid_argument("hidden: float16 operands are not taken where gradients are formed (in_dtype 3)");
 }
 
 void check_common(int mode, int dtype, int64_t n, int64_t chunk) {
@@ -177,17 +241,11 @@ void run_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, const Compute& c) {
   const bool kl = mode == kExactKl;
   const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
   const Source ref = kl ? source("ref_hidden", ref_in_dtype, ref_hidden, ref_weight, ref_bias, ref_h, dtype) : Source{};
-  // A float16 gradient tile would underflow (upstream gradients of 1/n times probabilities of 1/vocab): the
-  // caller runs float16 backward passes on float32 operands instead.
-  if (in_dtype == kInF16)
-    throw std::invalid_argument("hidden: float16 operands are not taken by the backward pass (in_dtype 3)");
-  const bool round_bf16 = in_dtype == kInBF16;
-  if (round_bf16 && bf16_terms != 1 && bf16_terms != 2)
-    throw std::invalid_argument("bf16_terms must be 1 or 2, got " + std::to_string(bf16_terms));
+  check_not_f16(in_dtype);
+  check_terms(src, bf16_terms, tile16);
   require(tile, "tile");
   require(grad_hidden, "grad_hidden");
   if (kl) require(ref_tile, "ref_tile");
-  if (round_bf16) require(tile16, "tile16 (bfloat16 operands)");
   if (grad_bias != 0 || (kl && ref_bias != 0)) require(ones, "ones (with a bias)");
   if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
   const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
@@ -197,33 +255,47 @@ void run_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, const Compute& c) {
     if (kl) logits_tile(c, ref, n, v0, w, ones, ref_tile);
     c.tiles->grad(mode, dtype, tile, w, kl ? ref_tile : 0, w, tile, w, n, w, v0, inv_temp, targets, lse, lse_r, aux,
                   g, stream);
-    // grad_bias [w, 1] = d^T @ ones, from the unrounded tile
-    if (grad_bias != 0)
-      blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, w, 1, n, 1.0, tile, c.type, w, ones, c.type, n, 0.0,
-                 offset(grad_bias, v0, c.bytes), c.type, w, c.gemm, "grad_bias");
-    // The GEMM operands for d: the tile itself, or its bfloat16 term(s) (both operands of a GEMM share a type:
-    // bf16 x bf16 -> float32 runs on tensor cores).
-    uintptr_t terms[2] = {tile, 0};
-    int nterms = 1;
-    cudaDataType d_type = c.type;
-    if (round_bf16) {
-      nterms = bf16_terms;
-      terms[0] = tile16;
-      terms[1] = nterms == 2 ? offset(tile16, n * w, 2) : 0;
-      c.tiles->round_bf16(tile, terms[0], terms[1], n * w, c.stream);
-      d_type = CUDA_R_16BF;
-    }
-    const uintptr_t w_chunk = offset(src.weight, v0 * h, src.op.bytes);
-    for (int t = 0; t < nterms; ++t) {
-      // grad_hidden^T [h, n] (+)= (W chunk stored [h, w]) @ (d stored [w, n]); the first chunk's first term
-      // overwrites
-      blas::gemm(c.device, c.stream, kNoTrans, kNoTrans, h, n, w, 1.0, w_chunk, src.op.type, h, terms[t], d_type, w,
-                 (v0 == 0 && t == 0) ? 0.0 : 1.0, grad_hidden, c.type, h, c.gemm, "grad_hidden");
-      // grad_weight chunk^T [h, w] (+)= (hidden stored [h, n]) @ (d stored [w, n])^T
-      if (grad_weight != 0)
-        blas::gemm(c.device, c.stream, kNoTrans, kTrans, h, w, n, 1.0, src.hidden, src.op.type, h, terms[t], d_type,
-                   w, t == 0 ? 0.0 : 1.0, offset(grad_weight, v0 * h, c.bytes), c.type, h, c.gemm, "grad_weight");
-    }
+    if (grad_bias != 0) grad_bias_gemm(c, tile, ones, n, v0, w, grad_bias, false);
+    const Terms d = gradient_terms(c, src, tile, tile16, bf16_terms, n * w);
+    grad_hidden_gemm(c, src, d, n, v0, w, grad_hidden, v0 > 0);  // summed over the vocabulary chunks
+    if (grad_weight != 0) grad_weight_gemm(c, src, src.hidden, d, n, v0, w, grad_weight, false);
+  }
+}
+
+// Token chunks of whole vocabulary rows: each tile's log-sum-exp is final at once, so its gradient is formed
+// while it is still in memory (3 GEMMs in all, against 4 for a per-token op with its backward pass).
+void run_ce(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY, const Compute& c) {
+  const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
+  const bool grads = grad_hidden != 0 || grad_weight != 0 || grad_bias != 0;
+  if (grads) {
+    check_not_f16(in_dtype);
+    check_terms(src, bf16_terms, tile16);
+    require(g, "g (with gradients)");
+  }
+  require(tile, "tile");
+  require(m, "m");
+  require(s, "s");
+  require(tgt, "tgt");
+  require(lse, "lse");
+  if (bias != 0) require(ones, "ones (with a bias)");
+  if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
+  const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
+  for (int64_t i0 = 0; i0 < n; i0 += rows) {
+    const int64_t r = std::min(rows, n - i0);
+    Source part = src;
+    part.hidden = offset(hidden, i0 * h, src.op.bytes);
+    const uintptr_t t_i = offset(targets, i0, 8);
+    logits_tile(c, part, r, 0, vocab, ones, tile);
+    c.tiles->stats(kLogprob, dtype, tile, vocab, 0, 0, r, vocab, 0, inv_temp, t_i, offset(m, i0, c.bytes),
+                   offset(s, i0, c.bytes), 0, 0, 0, offset(tgt, i0, c.bytes), stream);
+    c.tiles->lse(dtype, offset(m, i0, c.bytes), offset(s, i0, c.bytes), offset(lse, i0, c.bytes), r, c.stream);
+    if (!grads) continue;
+    c.tiles->grad(kLogprob, dtype, tile, vocab, 0, 0, tile, vocab, r, vocab, 0, inv_temp, t_i,
+                  offset(lse, i0, c.bytes), 0, 0, offset(g, i0, c.bytes), stream);
+    if (grad_bias != 0) grad_bias_gemm(c, tile, ones, r, 0, vocab, grad_bias, i0 > 0);
+    const Terms d = gradient_terms(c, src, tile, tile16, bf16_terms, r * vocab);
+    if (grad_hidden != 0) grad_hidden_gemm(c, src, d, r, 0, vocab, offset(grad_hidden, i0 * h, c.bytes), false);
+    if (grad_weight != 0) grad_weight_gemm(c, src, part.hidden, d, r, 0, vocab, grad_weight, i0 > 0);  // over chunks
   }
 }
 
@@ -234,6 +306,9 @@ void run_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, const Compute& c) {
   mode, dtype, n, vocab, chunk, in_dtype, hidden, weight, bias, h, ref_in_dtype, ref_hidden, ref_weight, ref_bias, \
       ref_h, inv_temp, targets, lse, lse_r, aux, g, ones, tile, ref_tile, tile16, bf16_terms, grad_hidden,       \
       grad_weight, grad_bias
+#define RA3_CE_ARGS                                                                                             \
+  dtype, n, vocab, rows, in_dtype, hidden, weight, bias, h, inv_temp, targets, g, ones, tile, tile16, bf16_terms, m, \
+      s, tgt, lse, grad_hidden, grad_weight, grad_bias
 
 }  // namespace
 
@@ -266,6 +341,19 @@ void host_linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD) {
   check_common(mode, dtype, n, chunk);
   if (n <= 0 || vocab <= 0) return;
   run_grad(RA3_GRAD_ARGS, compute(dtype, 0, -1, kHostTiles));
+}
+
+void linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY, uintptr_t stream) {
+  check_common(kLogprob, dtype, n, rows);
+  if (n <= 0 || vocab <= 0) return;
+  DeviceGuard guard(lse);
+  run_ce(RA3_CE_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
+}
+
+void host_linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY) {
+  check_common(kLogprob, dtype, n, rows);
+  if (n <= 0 || vocab <= 0) return;
+  run_ce(RA3_CE_ARGS, compute(dtype, 0, -1, kHostTiles));
 }
 
 }  // namespace ra3::cuda

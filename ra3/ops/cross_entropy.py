@@ -4,7 +4,8 @@ When the loss is a plain sum or mean of token log-probs (NTP, SFT, the RA3 M-ste
 every token is the same scalar, so the gradient can be formed while each logits tile is still in memory:
 3 GEMMs in all (logits, grad_hidden, grad_weight) instead of the 4 of ``linear_logprobs`` (which must recompute
 the tiles in its backward pass because its per-token upstream gradient is only known then). Tokens are walked
-in chunks of whole vocabulary rows, so each tile's log-sum-exp is final at once.
+in chunks of whole vocabulary rows, so each tile's log-sum-exp is final at once. On the cuda backend the token
+loop and its cuBLAS GEMMs run inside the extension (csrc/cuda/linear_softmax.cpp), as for the vocabulary ops.
 """
 from __future__ import annotations
 
@@ -32,12 +33,40 @@ def _token_chunk(vocab: int) -> int:
     return max(MIN_ROWS, TILE_ELEMENTS // vocab)
 
 
+def _extension_forward(hidden, weight, bias, targets, inv_temp: float, scale: float, need_grad: bool, dt):
+    """The cuda backend's token loop in the extension; same results as _forward's Python loop."""
+    n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+    rows = min(n, _token_chunk(vocab))
+    h, w, code = _vocab_chunks._gemm_operands(hidden, weight, dt)
+    b = None if bias is None else bias.to(dt).contiguous()
+    empty = _vocab_chunks._empty
+    m = torch.full((n,), -float("inf"), dtype=dt, device=dev)
+    s, tgt, lse = (torch.zeros(n, dtype=dt, device=dev) for _ in range(3))
+    g = torch.where(targets >= 0, torch.full_like(lse, -scale), torch.zeros_like(lse))
+    terms = _vocab_chunks.BF16_GRAD_TERMS
+    tile16 = torch.empty(terms * rows * vocab, dtype=torch.bfloat16, device=dev) if (need_grad and code == 2) \
+        else None
+    grad_hidden = torch.empty(n, hidden.shape[1], dtype=dt, device=dev) if need_grad else empty(dt, dev)
+    grad_weight = torch.empty(weight.shape, dtype=dt, device=dev) if need_grad else empty(dt, dev)
+    grad_bias = torch.empty(vocab, dtype=dt, device=dev) if (need_grad and bias is not None) else empty(dt, dev)
+    _kernels.call("cuda", "linear_cross_entropy", dev, _kernels.dtype_code(dt), n, vocab, rows, code, h, w, b,
+                  h.shape[1], inv_temp, targets, g if need_grad else None,
+                  torch.ones(rows, dtype=dt, device=dev) if bias is not None else None,
+                  torch.empty(rows * vocab, dtype=dt, device=dev), tile16, terms, m, s, tgt, lse,
+                  grad_hidden if need_grad else None, grad_weight if need_grad else None,
+                  grad_bias if (need_grad and bias is not None) else None)
+    loss = -torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse)).sum()
+    return loss * scale, grad_hidden, grad_weight, grad_bias
+
+
 def _forward(backend: str, hidden, weight, bias, targets, inv_temp: float, mean: bool, need_grad: bool):
     """Returns (loss, grad_hidden, grad_weight, grad_bias) of the summed or mean NLL; grads empty if not needed."""
     dt = check.compute_dtype(hidden, weight, bias)
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     count = int((targets >= 0).sum())
     scale = 1.0 / max(count, 1) if mean else 1.0
+    if n and _vocab_chunks._extension_loop(backend, hidden, weight, backward=need_grad):
+        return _extension_forward(hidden, weight, bias, targets, inv_temp, scale, need_grad, dt)
     code = _kernels.dtype_code(dt)
     w = weight.to(dt)
     b = None if bias is None else bias.to(dt)

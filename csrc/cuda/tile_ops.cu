@@ -1,10 +1,12 @@
+// Small element-wise passes between the fused linear ops' GEMMs (linear_softmax.cpp).
+//
 // float32 -> bfloat16 rounding of a gradient tile, so that the two backward GEMMs of the fused linear ops run
 // on bf16 tensor cores (accumulating in float32) instead of at the float32 rate. With a second output the tile is
 // split into hi + lo, hi = bf16(x), lo = bf16(x - hi): two bf16 GEMMs then carry ~16 mantissa bits instead of 8.
 #include <cuda_bf16.h>
 
 #include "cuda_utils.cuh"
-#include "tile_convert.h"
+#include "tile_ops.h"
 
 namespace ra3::cuda {
 namespace {
@@ -43,7 +45,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lse_kernel(const T* __restrict__ m, const T* __restrict__ s, T* __restrict__ lse, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) lse[i] = m[i] + log(s[i]);
+}
+
 }  // namespace
+
+void lse_from_state(int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    lse_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(cptr<T>(m), cptr<T>(s), mptr<T>(lse), n);
+  });
+  check_launch("lse_from_state");
+}
 
 void round_to_bf16(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t stream) {
   if (count <= 0) return;
