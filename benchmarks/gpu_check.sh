@@ -35,6 +35,7 @@ if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
       python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_ops_rl.py tests/test_ops_vocab.py \
+      tests/test_kernel_contracts.py \
       > "$OUT/sanitizer-$tool.log" 2>&1
     log "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' '))"
   done
@@ -50,5 +51,15 @@ log "bench (chunked): exit $?"
 RA3_TRITON_FUSED_LINEAR=1 python3 -m benchmarks.ops --preset gpu --device cuda --dtype bfloat16 --repeats 10 \
   --ops linear_logprobs --impls ra3:triton $shapes --out-dir "$OUT/fused" > "$OUT/bench-fused.log" 2>&1
 log "bench (triton fused-matmul design): exit $?"
+# The cuda backend's alternatives to its default (the extension's loop, bf16 gradients as hi + lo terms):
+# rounded once as Liger-Kernel and CCE do, and the Python loop over torch's GEMMs.
+RA3_BF16_GRAD=round python3 -m benchmarks.ops --preset gpu --device cuda --dtype bfloat16 --repeats 10 \
+  --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda $shapes --out-dir "$OUT/cuda-round" \
+  > "$OUT/bench-cuda-round.log" 2>&1
+log "bench (cuda, bf16 gradient rounded once): exit $?"
+RA3_CUDA_TORCH_GEMM=1 python3 -m benchmarks.ops --preset gpu --device cuda --dtype bfloat16 --repeats 10 \
+  --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda $shapes --out-dir "$OUT/cuda-torch-gemm" \
+  > "$OUT/bench-cuda-torch-gemm.log" 2>&1
+log "bench (cuda, Python loop over torch GEMMs): exit $?"
 cat "$OUT"/ops-gpu-cuda-*.md 2>/dev/null | tail -40
 cat "$OUT/summary.txt"
