@@ -34,6 +34,14 @@ def versions() -> dict:
     return {"ra3": ra3.__version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def command(module: str, args: list[str]) -> str:
+    """The command as run, with the RA3_* settings in effect in front (they pick an op's design, e.g.
+    RA3_BF16_GRAD or RA3_TRITON_FUSED_LINEAR), so a recorded row can be reproduced."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if (k.startswith("RA3_") and k != "RA3_BUILD_JOBS") or k == "TRITON_INTERPRET"]
+    return " ".join([*env, "python -m " + module, *args])
+
+
 def status_bytes(field: str) -> int | None:
     """A byte count from /proc/self/status (VmRSS, VmHWM, ...), None where there is no such file or field."""
     try:

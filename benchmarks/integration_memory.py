@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._report import RESULTS, device_name, status_bytes, write_report
+from benchmarks._report import RESULTS, command, device_name, status_bytes, write_report
 
 
 def _vm(field: str) -> int:
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         tqdm.write(json.dumps(row))
     now = _dt.datetime.now(_dt.timezone.utc)
-    report = dict(command="python -m benchmarks.integration_memory " + " ".join(argv if argv is not None
-                                                                                 else sys.argv[1:]),
+    report = dict(command=command("benchmarks.integration_memory", argv if argv is not None else sys.argv[1:]),
                   device=device_name(args.device), date=now.isoformat(timespec="seconds"),
                   torch=torch.__version__, transformers=transformers.__version__, dtype=args.dtype,
                   ra3_backend=registry.resolve("logprobs", "auto", torch.device(args.device)),

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._report import RESULTS, device_name, versions, write_report
+from benchmarks._report import RESULTS, command, device_name, versions, write_report
 
 
 def run_backend(backend: str, args) -> dict:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     date = _dt.datetime.now().strftime("%Y-%m-%d")
     cli_args = sys.argv[1:] if argv is None else argv
-    report = {"date": date, "command": " ".join(["python -m benchmarks.midtrain_e2e", *cli_args]),
+    report = {"date": date, "command": command("benchmarks.midtrain_e2e", cli_args),
               "device": device_name(args.device), "rows": rows,
               "versions": versions()}
     print(_markdown(report))

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._report import RESULTS, device_name, status_bytes, versions, write_report
+from benchmarks._report import RESULTS, command, device_name, status_bytes, versions, write_report
 
 _LINEAR_GPU = [dict(N=n, H=h, V=v) for n in (4096, 16384, 65536) for h in (2048, 4096) for v in (32000, 151936)]
 
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             row["memory_vs_eager"] = row["peak_extra_mib"] / max(eager["peak_extra_mib"], 1e-9)
     now = _dt.datetime.now(_dt.timezone.utc)
     report = {
-        "command": " ".join(["python -m benchmarks.ops"] + (argv if argv is not None else sys.argv[1:])),
+        "command": command("benchmarks.ops", argv if argv is not None else sys.argv[1:]),
         "date": now.isoformat(timespec="seconds"), "device": args.device, "device_name": device_name(args.device),
         "dtype": args.dtype, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "versions": versions(),
