@@ -101,8 +101,9 @@ void dispatch_dtype(int dtype, Fn&& fn) {
 // compute dtype of every other buffer. The ref_* source is read only by mode 2 (exact KL). `tile` / `ref_tile`
 // are scratch of n * chunk compute-dtype elements, `ones` n ones in `dtype` (only with a bias). Backward with
 // in_dtype 2: the float32 gradient tile goes to the GEMMs as `bf16_terms` bfloat16 tiles in `tile16`
-// (bf16_terms * n * chunk elements): 1 = rounded once (the precision of Liger-Kernel and Cut Cross-Entropy),
-// 2 = hi + lo (two GEMMs each, float32-class gradients).
+// (bf16_terms * round_up(n * chunk, 8) elements; the second starts at round_up(n * w, 8) for a chunk of w):
+// 1 = rounded once (the precision of Liger-Kernel and Cut Cross-Entropy), 2 = hi + lo (two GEMMs each,
+// float32-class gradients).
 #define RA3_KERNEL_ARGS_LINEAR_SOURCES                                                                         \
   int in_dtype, uintptr_t hidden, uintptr_t weight, uintptr_t bias, int64_t h, int ref_in_dtype,             \
       uintptr_t ref_hidden, uintptr_t ref_weight, uintptr_t ref_bias, int64_t ref_h
@@ -120,7 +121,8 @@ void dispatch_dtype(int dtype, Fn&& fn) {
 // one source, its online log-sum-exp into m, s, tgt (initialised by the caller) and lse [n], and, while the tile is
 // in memory, the gradient for the per-row upstream g [n] into grad_hidden [n, h] (overwritten), grad_weight
 // [vocab, h] and grad_bias [vocab] (accumulated from zero here); a gradient pointer of 0 is not computed. `tile`
-// holds rows * vocab compute-dtype elements, `tile16` bf16_terms * rows * vocab bfloat16 (in_dtype 2 with grads).
+// holds rows * vocab compute-dtype elements, `tile16` bf16_terms * round_up(rows * vocab, 8) bfloat16 (in_dtype 2
+// with gradients).
 #define RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY                                                                   \
   int dtype, int64_t n, int64_t vocab, int64_t rows, int in_dtype, uintptr_t hidden, uintptr_t weight,         \
       uintptr_t bias, int64_t h, double inv_temp, uintptr_t targets, uintptr_t g, uintptr_t ones, uintptr_t tile, \

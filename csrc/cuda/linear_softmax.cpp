@@ -153,7 +153,8 @@ struct Terms {
 Terms gradient_terms(const Compute& c, const Source& src, uintptr_t tile, uintptr_t tile16, int bf16_terms,
                      int64_t elements) {
   if (src.op.type != CUDA_R_16BF) return {{tile, 0}, 1, c.type};
-  const uintptr_t lo = bf16_terms == 2 ? offset(tile16, elements, 2) : 0;
+  // lo starts on a 16-byte boundary (the rounding kernel's vector path, cuBLAS's aligned kernels)
+  const uintptr_t lo = bf16_terms == 2 ? offset(tile16, (elements + 7) / 8 * 8, 2) : 0;
   c.tiles->round_bf16(tile, tile16, lo, elements, c.stream);
   return {{tile16, lo}, bf16_terms, CUDA_R_16BF};
 }

@@ -140,6 +140,11 @@ def _gemm_operands(hidden: Tensor, weight: Tensor, dt: torch.dtype):
     return hidden.to(kind).contiguous(), weight.to(kind).contiguous(), _IN_DTYPE[kind]
 
 
+def bf16_scratch(terms: int, elements: int, device: torch.device) -> Tensor:
+    """The extension loop's bfloat16 gradient terms: ``terms`` tiles of ``elements``, each on a 16-byte boundary."""
+    return torch.empty(terms * (-(-elements // 8) * 8), dtype=torch.bfloat16, device=device)
+
+
 def _extension_sources(dt, n, step, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl: bool):
     """The sources' arguments of linear_softmax_fwd / _grad, plus (ones, tile, ref_tile) scratch."""
     h, w, code = _gemm_operands(hidden, weight, dt)
@@ -235,7 +240,7 @@ def backward(backend: str, mode: int, grad_out, out, lse, lse_r, hidden, weight,
         sources, (ones, tile, ref_tile) = _extension_sources(dt, n, step, hidden, weight, bias, ref_hidden,
                                                              ref_weight, ref_bias, kl)
         terms = BF16_GRAD_TERMS
-        tile16 = torch.empty(terms * n * step, dtype=torch.bfloat16, device=dev) if sources[0] == 2 else None
+        tile16 = bf16_scratch(terms, n * step, dev) if sources[0] == 2 else None
         _kernels.call(backend, "linear_softmax_grad", dev, mode, code, n, vocab, step, *sources, inv_temp, targets,
                       lse, lse_r_arg, aux, g, ones, tile, ref_tile, tile16, terms, grad_hidden,
                       grad_weight if need_weight_grad else None,

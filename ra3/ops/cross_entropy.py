@@ -44,8 +44,7 @@ def _extension_forward(hidden, weight, bias, targets, inv_temp: float, scale: fl
     s, tgt, lse = (torch.zeros(n, dtype=dt, device=dev) for _ in range(3))
     g = torch.where(targets >= 0, torch.full_like(lse, -scale), torch.zeros_like(lse))
     terms = _vocab_chunks.BF16_GRAD_TERMS
-    tile16 = torch.empty(terms * rows * vocab, dtype=torch.bfloat16, device=dev) if (need_grad and code == 2) \
-        else None
+    tile16 = _vocab_chunks.bf16_scratch(terms, rows * vocab, dev) if (need_grad and code == 2) else None
     grad_hidden = torch.empty(n, hidden.shape[1], dtype=dt, device=dev) if need_grad else empty(dt, dev)
     grad_weight = torch.empty(weight.shape, dtype=dt, device=dev) if need_grad else empty(dt, dev)
     grad_bias = torch.empty(vocab, dtype=dt, device=dev) if (need_grad and bias is not None) else empty(dt, dev)
