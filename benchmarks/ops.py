@@ -31,6 +31,7 @@ PRESETS = {
     "gpu": {
         "linear_cross_entropy": _LINEAR_GPU,
         "linear_logprobs": _LINEAR_GPU,
+        "linear_grpo": [dict(B=8, T=512, H=2048, V=32000), dict(B=16, T=1024, H=4096, V=151936)],
         "kl": [dict(N=1 << 28)],
         "segment_sum": [dict(N=1 << 28, S=1 << 16)],
         "group_advantages": [dict(N=1 << 26, G=16)],
@@ -49,6 +50,7 @@ PRESETS = {
         "linear_logprobs": [dict(N=256, H=64, V=2000)],
         "linear_entropy": [dict(N=256, H=64, V=2000)],
         "linear_cross_entropy": [dict(N=256, H=64, V=2000)],
+        "linear_grpo": [dict(B=4, T=64, H=64, V=2000)],
         "kl": [dict(N=1 << 14)],
         "segment_sum": [dict(N=1 << 14, S=64)],
         "group_advantages": [dict(N=1 << 12, G=8)],
@@ -69,8 +71,23 @@ def _cce(h, w, t):
     return linear_cross_entropy(h, w, t)
 
 
-# Peers' fused linear cross-entropy (mean over tokens, as ra3's linear_cross_entropy), by implementation name.
-PEERS = {"liger": _liger, "cce": _cce}
+# GRPO's loss as the benchmark's linear_grpo case computes it: PPO-clipped surrogate (0.2 / 0.2) plus a k3 KL
+# penalty of this weight, per sequence token-mean then batch mean (Liger's loss_type "grpo", ra3's aggregation
+# "seq-mean-token-mean"; the two gave identical losses on a CPU check, 2026-12-01).
+GRPO_BETA = 0.05
+
+
+def _liger_grpo(h, w, t, mask, adv, old, ref):
+    from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
+
+    loss = LigerFusedLinearGRPOLoss(beta=GRPO_BETA, loss_type="grpo", compiled=h.is_cuda)
+    out = loss(h, w, t, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# Peers by op and implementation name: fused linear cross-entropy (mean over tokens, as ra3's
+# linear_cross_entropy) and Liger's fused linear GRPO loss; with the module each needs.
+PEERS = {"linear_cross_entropy": {"liger": _liger, "cce": _cce}, "linear_grpo": {"liger": _liger_grpo}}
 _PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
@@ -103,13 +120,38 @@ def _make_case(op: str, shape: dict, device: str, dtype):
             return -(logp.exp() * logp).sum(-1)
 
         def fused(h, w, t, backend):
-            if backend in PEERS:
-                return PEERS[backend](h, w, t)
+            if backend in PEERS.get(op, {}):
+                return PEERS[op][backend](h, w, t)
             if op == "linear_cross_entropy":
                 return ops.linear_cross_entropy(h, w, t, backend=backend)
             if op == "linear_logprobs":
                 return ops.linear_logprobs(h, w, t, backend=backend)
             return ops.linear_entropy(h, w, backend=backend)
+        return make, eager, fused
+    if op == "linear_grpo":  # per-token log-probs through the lm_head, then the GRPO policy loss
+        B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
+
+        def make():
+            old = -4 * torch.rand(B, T, generator=g).to(device)
+            return (rand(B, T, H, grad=True), rand(V, H, scale=H ** -0.5, grad=True),
+                    torch.randint(0, V, (B, T), generator=g).to(device), (torch.rand(B, T, generator=g) > 0.1)
+                    .to(device), torch.randn(B, generator=g).to(device), old, old + 0.05 * torch.randn(B, T, generator=g)
+                    .to(device))
+
+        def loss_of(lp, mask, adv, old, ref, backend="torch"):
+            fn = (lambda *a, **k: reference.policy_loss(*a, **k)[0]) if backend == "torch" else \
+                (lambda *a, **k: ops.policy_loss(*a, **k, backend=backend).loss)
+            return fn(lp, old, adv, mask, ref_logprobs=ref, kl_coef=GRPO_BETA, aggregation="seq-mean-token-mean")
+
+        def eager(h, w, t, mask, adv, old, ref):
+            logp = torch.log_softmax((h.reshape(B * T, H) @ w.T).float(), -1)
+            return loss_of(logp.gather(1, t.reshape(-1, 1))[:, 0].reshape(B, T), mask, adv, old, ref)
+
+        def fused(h, w, t, mask, adv, old, ref, backend):
+            if backend in PEERS[op]:
+                return PEERS[op][backend](h, w, t, mask, adv, old, ref)
+            lp = ops.linear_logprobs(h.reshape(B * T, H), w, t.reshape(-1), backend=backend).reshape(B, T)
+            return loss_of(lp, mask, adv, old, ref, backend)
         return make, eager, fused
     if op == "kl":
         N = shape["N"]
@@ -145,7 +187,7 @@ def _make_case(op: str, shape: dict, device: str, dtype):
 def flops(op: str, shape: dict) -> float | None:
     """FLOPs of the fused linear ops' forward+backward: the three [N, H] x [H, V] GEMMs of eager, 6 N H V."""
     if op.startswith("linear_"):
-        return 6.0 * shape["N"] * shape["H"] * shape["V"]
+        return 6.0 * shape.get("N", shape.get("B", 0) * shape.get("T", 0)) * shape["H"] * shape["V"]
     return None
 
 
@@ -248,8 +290,9 @@ def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repe
         def step():
             for t in leaves:
                 t.grad = None
-            out = fn(*inputs)
-            out.float().sum().backward()
+            out = fn(*inputs).float().sum()
+            out.backward()
+            return out.detach()
         return step
 
     # Warm up on the quick preset's shape first: one-time costs (torch.library's first dispatch of a custom op
@@ -264,7 +307,7 @@ def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repe
         base = torch.cuda.memory_allocated()
     else:
         base = _cpu_memory_baseline()
-    step()  # first run: compilation for torch.compile, and the memory high-water mark
+    value = float(step())  # first run: compilation for torch.compile, the memory high-water mark, the result
     sync()
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
@@ -276,7 +319,8 @@ def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repe
         step()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"time_ms": statistics.median(times), "time_ms_min": min(times), "peak_extra_mib": peak / 2 ** 20}
+    return {"time_ms": statistics.median(times), "time_ms_min": min(times), "peak_extra_mib": peak / 2 ** 20,
+            "value": value}
 
 
 def _error_line(stderr: str) -> str:
@@ -291,19 +335,19 @@ def _implementations(op: str, device: str, with_compile: bool) -> list[str]:
 
     impls = ["torch-eager"] + (["torch-compile"] if with_compile else [])
     impls += [f"ra3:{b}" for b in ops.available_backends(device) if b != "torch"] + ["ra3:torch"]
-    if op == "linear_cross_entropy" and device == "cuda":  # the peers' kernels are CUDA-only
+    if op in PEERS and device == "cuda":  # the peers' kernels are CUDA-only
         import importlib.util
 
-        impls += [f"peer:{name}" for name, mod in _PEER_MODULES.items() if importlib.util.find_spec(mod)]
+        impls += [f"peer:{name}" for name in PEERS[op] if importlib.util.find_spec(_PEER_MODULES[name])]
     return impls
 
 
 def _markdown(report: dict) -> str:
-    rows = ["| op | shape | implementation | fwd+bwd ms (median) | peak extra MiB | speed-up vs eager | rate |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| op | shape | implementation | fwd+bwd ms (median) | peak extra MiB | speed-up vs eager | rate "
+            "| output vs eager |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "error" in r:
-            rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error']} | | | |")
+            rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error']} | | | | |")
             continue
         rate = ""
         if "tflops" in r:
@@ -312,8 +356,9 @@ def _markdown(report: dict) -> str:
         elif "gbps" in r:
             rate = f"{r['gbps']:.1f} GB/s" + (f" ({100 * r['copy_fraction']:.0f}% of copy)"
                                                if "copy_fraction" in r else "")
+        diff = f"{r['value_rel_diff']:.1e}" if "value_rel_diff" in r else ""
         rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} "
-                    f"| {r.get('speedup_vs_eager', float('nan')):.2f}x | {rate} |")
+                    f"| {r.get('speedup_vs_eager', float('nan')):.2f}x | {rate} | {diff} |")
     head = [f"# ra3 op benchmark: {report['device_name']}", "",
             f"- command: `{report['command']}`", f"- date: {report['date']}",
             f"- versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
@@ -323,7 +368,9 @@ def _markdown(report: dict) -> str:
         head.append(f"- measured peaks: {p['matmul_tflops']:.2f} TFLOP/s {p['matmul_dtype']} matmul "
                     f"{p['matmul_shape']}, {p['copy_gbps']:.1f} GB/s copy (read + write of {p['copy_bytes'] >> 20} MiB)")
     head += ["- rate: TFLOP/s of the 6 N H V GEMM FLOPs (linear ops), or GB/s of the least bytes the op must move "
-             "(memory-bound ops)", ""]
+             "(memory-bound ops)",
+             "- output vs eager: relative difference of the summed output (loss or per-token values) from torch eager's",
+             ""]
     return "\n".join(head + rows) + "\n"
 
 
@@ -397,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                 if peaks:
                     row["copy_fraction"] = row["gbps"] / peaks["copy_gbps"]
         if eager and "time_ms" in row:
+            # Every implementation computes the same function of the same inputs: the sum of its output (the
+            # loss, or the per-token values summed) says whether it did.
+            row["value_rel_diff"] = abs(row["value"] - eager["value"]) / max(abs(eager["value"]), 1e-30)
             row["speedup_vs_eager"] = eager["time_ms"] / row["time_ms"]
             row["memory_vs_eager"] = row["peak_extra_mib"] / max(eager["peak_extra_mib"], 1e-9)
     now = _dt.datetime.now(_dt.timezone.utc)
