@@ -53,11 +53,13 @@ def status_bytes(field: str) -> int | None:
     return None
 
 
-def write_report(out_dir: str | Path, stem: str, report: dict, markdown: Callable[[dict], str]) -> Path:
+def write_report(out_dir: str | Path, stem: str, report: dict, markdown: Callable[[dict], str],
+                 announce: bool = True) -> Path:
     """Writes ``out_dir/stem.json`` and ``.md``; returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    if announce:
+        print(f"wrote {out / stem}.json and .md")
     return out

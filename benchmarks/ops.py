@@ -374,6 +374,32 @@ def _markdown(report: dict) -> str:
     return "\n".join(head + rows) + "\n"
 
 
+def _derive(rows: list[dict], peaks: dict | None, dtype_name: str) -> None:
+    """Adds each measured row's rate (TFLOP/s or GB/s, fractions of the peaks) and its comparison with eager."""
+    import torch
+
+    for row in rows:
+        eager = next((r for r in rows if r["op"] == row["op"] and r["shape"] == row["shape"]
+                      and r["impl"] == "torch-eager" and "time_ms" in r), None)
+        if "time_ms" in row:
+            seconds = row["time_ms"] * 1e-3
+            if flops(row["op"], row["shape"]):
+                row["tflops"] = flops(row["op"], row["shape"]) / seconds / 1e12
+                if peaks:
+                    row["matmul_fraction"] = row["tflops"] / peaks["matmul_tflops"]
+            itemsize = getattr(torch, dtype_name).itemsize
+            if min_bytes(row["op"], row["shape"], itemsize):
+                row["gbps"] = min_bytes(row["op"], row["shape"], itemsize) / seconds / 1e9
+                if peaks:
+                    row["copy_fraction"] = row["gbps"] / peaks["copy_gbps"]
+        if eager and "time_ms" in row:
+            # Every implementation computes the same function of the same inputs: the sum of its output (the
+            # loss, or the per-token values summed) says whether it did.
+            row["value_rel_diff"] = abs(row["value"] - eager["value"]) / max(abs(eager["value"]), 1e-30)
+            row["speedup_vs_eager"] = eager["time_ms"] / row["time_ms"]
+            row["memory_vs_eager"] = row["peak_extra_mib"] / max(eager["peak_extra_mib"], 1e-9)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ra3 bench", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -411,6 +437,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device peaks: {peaks['matmul_tflops']:.1f} TFLOP/s {args.dtype} matmul, "
               f"{peaks['copy_gbps']:.1f} GB/s copy", flush=True)
     rows = []
+    now = _dt.datetime.now(_dt.timezone.utc)
+
+    def write(announce: bool = True) -> None:
+        # Rewritten after every row, so a run stopped early (a time cap on a lent GPU) keeps what it measured.
+        _derive(rows, peaks, args.dtype)
+        report = {
+            "command": command("benchmarks.ops", argv if argv is not None else sys.argv[1:]),
+            "date": now.isoformat(timespec="seconds"), "device": args.device,
+            "device_name": device_name(args.device), "dtype": args.dtype, "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "versions": versions(), "peaks": peaks, "rows": rows,
+        }
+        write_report(args.out_dir, f"ops-{args.preset}-{args.device}-{now:%Y%m%d}", report, _markdown,
+                     announce=announce)
+
     for op, shapes in wanted.items():
         for shape in shapes[:args.max_shapes]:
             for impl in _implementations(op, args.device, not args.no_compile):
@@ -429,35 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                 shown = f"{row['time_ms']:9.1f} ms {row['peak_extra_mib']:9.1f} MiB" if "time_ms" in row \
                     else row["error"]
                 print(f"{op:18s} {json.dumps(shape):32s} {impl:16s} {shown}", flush=True)
-    for row in rows:
-        eager = next((r for r in rows if r["op"] == row["op"] and r["shape"] == row["shape"]
-                      and r["impl"] == "torch-eager" and "time_ms" in r), None)
-        if "time_ms" in row:
-            seconds = row["time_ms"] * 1e-3
-            if flops(row["op"], row["shape"]):
-                row["tflops"] = flops(row["op"], row["shape"]) / seconds / 1e12
-                if peaks:
-                    row["matmul_fraction"] = row["tflops"] / peaks["matmul_tflops"]
-            itemsize = getattr(torch, args.dtype).itemsize
-            if min_bytes(row["op"], row["shape"], itemsize):
-                row["gbps"] = min_bytes(row["op"], row["shape"], itemsize) / seconds / 1e9
-                if peaks:
-                    row["copy_fraction"] = row["gbps"] / peaks["copy_gbps"]
-        if eager and "time_ms" in row:
-            # Every implementation computes the same function of the same inputs: the sum of its output (the
-            # loss, or the per-token values summed) says whether it did.
-            row["value_rel_diff"] = abs(row["value"] - eager["value"]) / max(abs(eager["value"]), 1e-30)
-            row["speedup_vs_eager"] = eager["time_ms"] / row["time_ms"]
-            row["memory_vs_eager"] = row["peak_extra_mib"] / max(eager["peak_extra_mib"], 1e-9)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    report = {
-        "command": command("benchmarks.ops", argv if argv is not None else sys.argv[1:]),
-        "date": now.isoformat(timespec="seconds"), "device": args.device, "device_name": device_name(args.device),
-        "dtype": args.dtype, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "versions": versions(),
-        "peaks": peaks, "rows": rows,
-    }
-    write_report(args.out_dir, f"ops-{args.preset}-{args.device}-{now:%Y%m%d}", report, _markdown)
+                write(announce=False)
+    write()
+
     return 0
 
 
