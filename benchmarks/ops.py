@@ -41,6 +41,7 @@ PRESETS = {
         "linear_logprobs": [dict(N=2048, H=512, V=32000)],
         "linear_entropy": [dict(N=2048, H=512, V=32000)],
         "linear_cross_entropy": [dict(N=2048, H=512, V=32000)],
+        "linear_grpo": [dict(B=4, T=512, H=512, V=32000)],
         "kl": [dict(N=1 << 22)],
         "segment_sum": [dict(N=1 << 22, S=4096)],
         "group_advantages": [dict(N=1 << 20, G=16)],
