@@ -134,10 +134,11 @@ def _make_case(op: str, shape: dict, device: str, dtype):
 
         def make():
             old = -4 * torch.rand(B, T, generator=g).to(device)
-            return (rand(B, T, H, grad=True), rand(V, H, scale=H ** -0.5, grad=True),
-                    torch.randint(0, V, (B, T), generator=g).to(device), (torch.rand(B, T, generator=g) > 0.1)
-                    .to(device), torch.randn(B, generator=g).to(device), old, old + 0.05 * torch.randn(B, T, generator=g)
-                    .to(device))
+            ref = old + 0.05 * torch.randn(B, T, generator=g).to(device)
+            targets = torch.randint(0, V, (B, T), generator=g).to(device)
+            mask = (torch.rand(B, T, generator=g) > 0.1).to(device)
+            return (rand(B, T, H, grad=True), rand(V, H, scale=H ** -0.5, grad=True), targets, mask,
+                    torch.randn(B, generator=g).to(device), old, ref)
 
         def loss_of(lp, mask, adv, old, ref, backend="torch"):
             fn = (lambda *a, **k: reference.policy_loss(*a, **k)[0]) if backend == "torch" else \
@@ -370,7 +371,7 @@ def _markdown(report: dict) -> str:
                     f"{p['matmul_shape']}, {p['copy_gbps']:.1f} GB/s copy (read + write of {p['copy_bytes'] >> 20} MiB)")
     head += ["- rate: TFLOP/s of the 6 N H V GEMM FLOPs (linear ops), or GB/s of the least bytes the op must move "
              "(memory-bound ops)",
-             "- output vs eager: relative difference of the summed output (loss or per-token values) from torch eager's",
+             "- output vs eager: relative difference of the summed output (loss or per-token values) from eager's",
              ""]
     return "\n".join(head + rows) + "\n"
 
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shapes", type=int, default=None, help="the first N shapes of each op only")
     parser.add_argument("--no-peaks", action="store_true", help="skip measuring the device's matmul / copy peak")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--name", default=None, help="file name of the report, without .json / .md "
+                        "(default ops-<preset>-<device>-<date>)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:  # one measurement, in its own process
@@ -449,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             "device_name": device_name(args.device), "dtype": args.dtype, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "versions": versions(), "peaks": peaks, "rows": rows,
         }
-        write_report(args.out_dir, f"ops-{args.preset}-{args.device}-{now:%Y%m%d}", report, _markdown,
-                     announce=announce)
+        name = args.name or f"ops-{args.preset}-{args.device}-{now:%Y%m%d}"
+        write_report(args.out_dir, name, report, _markdown, announce=announce)
 
     for op, shapes in wanted.items():
         for shape in shapes[:args.max_shapes]:
