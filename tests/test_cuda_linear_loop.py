@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,46 @@ def test_host_frozen_weight_and_mixed_dtypes(small_chunks):
     (gh,) = torch.autograd.grad(out.sum(), (hidden,))
     (gh_want,) = torch.autograd.grad(want.sum(), (h64,))
     assert_close(gh, gh_want, torch.float32, "grad hidden")
+
+
+@parent_only
+def test_the_extension_loop_is_chosen_only_where_it_can_run(monkeypatch):
+    """cuda + linear + cuBLAS loadable -> the extension; float16 backward passes, logits inputs, other backends and
+    RA3_CUDA_TORCH_GEMM=1 keep the Python loop; a cuBLAS that does not load falls back with one warning."""
+    from ra3.ops import _vocab_chunks as vc
+
+    class Module:
+        calls = 0
+        fail = False
+
+        def cublas_info(self):
+            Module.calls += 1
+            if Module.fail:
+                raise RuntimeError("ra3._C: cuBLAS 13 could not be loaded")
+            return {"path": "libcublas.so.13", "version": "13.1.1"}
+
+    monkeypatch.setattr(vc._native, "load", lambda: Module())
+    monkeypatch.setattr(vc, "CUDA_EXTENSION_LOOP", True)
+    vc._cublas_loads.cache_clear()
+    h16, w16 = torch.zeros(2, 3, dtype=torch.float16), torch.zeros(5, 3, dtype=torch.float16)
+    h, w = torch.zeros(2, 3), torch.zeros(5, 3)
+    try:
+        assert vc._extension_loop("cuda", h, w) and vc._extension_loop("cuda", h, w, backward=True)
+        assert vc._extension_loop("cuda", h16, w16) and not vc._extension_loop("cuda", h16, w16, backward=True)
+        assert vc._extension_loop("cuda", h16, w, backward=True)  # mixed dtypes are promoted to float32
+        assert not vc._extension_loop("cuda", h, None)
+        assert not any(vc._extension_loop(b, h, w) for b in ("cpu", "triton", "torch"))
+        monkeypatch.setattr(vc, "CUDA_EXTENSION_LOOP", False)
+        assert not vc._extension_loop("cuda", h, w)
+        monkeypatch.setattr(vc, "CUDA_EXTENSION_LOOP", True)
+        assert Module.calls == 1  # loaded once per process
+        vc._cublas_loads.cache_clear()
+        Module.fail = True
+        with pytest.warns(RuntimeWarning, match="fall back to torch's GEMMs: ra3._C: cuBLAS 13 could not be loaded"):
+            assert not vc._extension_loop("cuda", h, w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning, no second attempt
+            assert not vc._extension_loop("cuda", h, w)
+        assert Module.calls == 2
+    finally:
+        vc._cublas_loads.cache_clear()
