@@ -220,7 +220,6 @@ void require(uintptr_t p, const char* name) {
   if (p == 0) throw std::invalid_argument(std::string(name) + " is required");
 }
 
-
 void run_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, const Compute& c) {
   const bool kl = mode == kExactKl;
   const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
@@ -234,7 +233,7 @@ void run_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, const Compute& c) {
     logits_tile(c, src, n, v0, w, ones, tile);
     if (kl) logits_tile(c, ref, n, v0, w, ones, ref_tile);
     c.tiles->stats(mode, dtype, tile, w, kl ? ref_tile : 0, w, n, w, v0, inv_temp, targets, m, s, a, mr, sr, tgt,
-                      stream);
+                   stream);
   }
 }
 
