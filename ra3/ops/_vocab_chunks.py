@@ -98,6 +98,14 @@ class _Source:
         return z if self.in_place else z.to(self.dtype).contiguous()
 
 
+def _tiles(src: _Source, ref: Optional[_Source], n: int, vocab: int):
+    """The Python loop's chunks: (v0, v1, tile, reference tile or None), each tile valid until the next step."""
+    step = chunk_size(n, vocab)
+    for v0 in range(0, vocab, step):
+        v1 = min(vocab, v0 + step)
+        yield v0, v1, src.tile(v0, v1), ref.tile(v0, v1) if ref else None
+
+
 def _empty(dtype: torch.dtype, device: torch.device) -> Tensor:
     # A fresh tensor per absent output: custom ops may not return one tensor twice (outputs must not alias).
     return torch.empty(0, dtype=dtype, device=device)
@@ -189,12 +197,7 @@ def forward(backend: str, mode: int, hidden, weight, bias, ref_hidden, ref_weigh
                       ref_bias if kl else None, targets, inv_temp, m, s, a, mr, sr, tgt)
     else:
         src = _Source(hidden, weight, bias, dt)
-        ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if kl else None
-        step = chunk_size(n, vocab)
-        for v0 in range(0, vocab, step):
-            v1 = min(vocab, v0 + step)
-            z = src.tile(v0, v1)
-            r = ref.tile(v0, v1) if ref else None
+        for v0, v1, z, r in _tiles(src, _Source(ref_hidden, ref_weight, ref_bias, dt) if kl else None, n, vocab):
             _kernels.call(backend, "softmax_stats_fwd", dev, mode, code, z, _ld(z), r, _ld(r), n, v1 - v0, v0,
                           inv_temp, targets, m, s, a, mr, sr, tgt)
     lse = m + torch.log(s)
@@ -254,12 +257,7 @@ def backward(backend: str, mode: int, grad_out, out, lse, lse_r, hidden, weight,
                       grad_bias if (bias is not None and need_weight_grad) else None)
         return grad_hidden, grad_weight, grad_bias
     src = _Source(hidden, weight, bias, dt)
-    ref = _Source(ref_hidden, ref_weight, ref_bias, dt) if kl else None
-    step = chunk_size(n, vocab)
-    for v0 in range(0, vocab, step):
-        v1 = min(vocab, v0 + step)
-        z = src.tile(v0, v1)
-        r = ref.tile(v0, v1) if ref else None
+    for v0, v1, z, r in _tiles(src, _Source(ref_hidden, ref_weight, ref_bias, dt) if kl else None, n, vocab):
         dst = z if linear else grad_logits[:, v0:v1]
         _kernels.call(backend, "softmax_grad", dev, mode, code, z, _ld(z), r, _ld(r), dst, _ld(dst), n, v1 - v0,
                       v0, inv_temp, targets, lse, lse_r_arg, aux, g)
