@@ -12,6 +12,7 @@ same test_ops_vocab.py cases also run for real, on cuBLAS.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -226,3 +227,30 @@ def test_the_extension_loop_is_chosen_only_where_it_can_run(monkeypatch):
         assert Module.calls == 2
     finally:
         vc._cublas_loads.cache_clear()
+
+
+@needs_cuda_build
+@parent_only
+@pytest.mark.parametrize(("change", "message"), [
+    ({"bf16_terms": 3}, "bf16_terms must be 1 or 2, got 3"),
+    ({"in_dtype": 3}, "float16 operands are not taken where gradients are formed"),
+    ({"in_dtype": 7}, "in_dtype must be 0 (float32), 1 (float64), 2 (bfloat16) or 3 (float16), got 7"),
+    ({"tile16": None}, "tile16 is required"),
+    ({"dtype": 1}, "in_dtype 2 does not go with compute dtype 1"),
+    ({"chunk": 0}, "chunk must be > 0, got 0"),
+    ({"hidden": None}, "hidden and its weight are required"),
+    ({"grad_bias": "buffer"}, "grad_bias is given but bias is not"),
+    ({"mode": 5}, "mode must be 0 (logprob), 1 (entropy) or 2 (exact KL), got 5"),
+])
+def test_the_loop_refuses_bad_arguments_before_any_gemm(change, message):
+    """The extension's own checks (the Python side never sends such calls): a ValueError naming the argument,
+    raised before cuBLAS is needed, so they hold on any machine."""
+    buf = torch.zeros(64)
+    args = dict(mode=0, dtype=0, n=2, vocab=5, chunk=3, in_dtype=2, hidden=buf, weight=buf, bias=None, h=4,
+                ref_in_dtype=0, ref_hidden=None, ref_weight=None, ref_bias=None, ref_h=0, inv_temp=1.0,
+                targets=None, lse=buf, lse_r=None, aux=None, g=buf, ones=None, tile=buf, ref_tile=None, tile16=buf,
+                bf16_terms=2, grad_hidden=buf, grad_weight=None, grad_bias=None)
+    args.update({k: buf if v == "buffer" else v for k, v in change.items()})
+    raw = {k: (v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v) for k, v in args.items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _native.load()._host_linear_softmax_grad(**raw)

@@ -246,8 +246,8 @@ void run_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, const Compute& c) {
   require(tile, "tile");
   require(grad_hidden, "grad_hidden");
   if (kl) require(ref_tile, "ref_tile");
-  if (grad_bias != 0 || (kl && ref_bias != 0)) require(ones, "ones (with a bias)");
   if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
+  if (grad_bias != 0 || (kl && ref_bias != 0)) require(ones, "ones (with a bias)");
   const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
   for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
     const int64_t w = std::min(chunk, vocab - v0);
@@ -277,8 +277,8 @@ void run_ce(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY, const Compute& c) {
   require(s, "s");
   require(tgt, "tgt");
   require(lse, "lse");
-  if (bias != 0) require(ones, "ones (with a bias)");
   if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
+  if (bias != 0) require(ones, "ones (with a bias)");
   const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
   for (int64_t i0 = 0; i0 < n; i0 += rows) {
     const int64_t r = std::min(rows, n - i0);
