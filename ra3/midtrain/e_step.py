@@ -15,31 +15,47 @@ import torch
 
 from ra3 import distributed as dist
 from ra3 import ops
-from ra3.data.sequences import DecisionTokens, Document, build_sequence
+from ra3.data.sequences import Comment, CommentVocab, Document, build_sequences
 from ra3.midtrain.batch import pack
 from ra3.midtrain.config import MidtrainConfig
 from ra3.midtrain.elbo import elbo, line_rewards, returns
-from ra3.midtrain.scoring import HeadRows, hidden_states, output_head, policy_logprobs, score_rollouts
+from ra3.midtrain.scoring import PolicyHead, hidden_states, output_head, policy_logprobs, score_rollouts
 
 
-def _advantages(cfg: MidtrainConfig, rewards, valid, boundary, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token advantages [B, P] or per-rollout [B], the rollouts' returns [B])."""
-    ret, rtg = returns(rewards, valid, cfg.discount)
-    G = cfg.group_size
-    if cfg.advantage == "return":
-        return ops.group_advantages(ret, group_size=G, normalize=cfg.advantage_normalize,
-                                    backend=cfg.ops_backend), ret
-    # returns-to-go: each boundary t is compared with the same boundary of the other rollouts of its document
+def advantages(rewards: torch.Tensor, valid: torch.Tensor, boundary: torch.Tensor, mask: torch.Tensor, *,
+               group_size: int, advantage: str, normalize: str, discount: float,
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token advantages of the policy tokens and the rollouts' returns.
+
+    rewards, valid: [B, A] per-boundary rewards (nats) and which boundaries exist; rollouts b = g * G .. g * G +
+    G - 1 are the G rollouts of document g. boundary, mask: [B, P] each policy token's global boundary b * A + t
+    and whether the slot holds one (``policy_logprobs``). advantage: 'returns-to-go' (a token of boundary t gets
+    the return from line t on, centred against boundary t of the document's other rollouts) or 'return' (the
+    whole rollout's return, centred in its group). Returns (advantages [B, P] float32, 0 off the mask; returns
+    [B])."""
+    ret, rtg = returns(rewards, valid, discount)
+    if advantage == "return":
+        adv = ops.group_advantages(ret, group_size=group_size, normalize=normalize, backend=backend)
+        return adv[:, None] * mask, ret
     B, A = rtg.shape
-    groups = (torch.arange(B, device=rtg.device) // G)[:, None] * A + torch.arange(A, device=rtg.device)
+    groups = (torch.arange(B, device=rtg.device) // group_size)[:, None] * A + torch.arange(A, device=rtg.device)
     _, group_ids = torch.unique(groups[valid], return_inverse=True)
     adv_bt = torch.zeros_like(rtg)
-    adv_bt[valid] = ops.group_advantages(rtg[valid], group_ids=group_ids, normalize=cfg.advantage_normalize,
-                                         backend=cfg.ops_backend)
+    adv_bt[valid] = ops.group_advantages(rtg[valid], group_ids=group_ids, normalize=normalize, backend=backend)
     return adv_bt.reshape(-1)[boundary.clamp(min=0)] * mask, ret
 
 
-def e_step(policy, ref, optimizer, docs: list[Document], generator, head: HeadRows, tokens: DecisionTokens,
+def informative_rollouts(comments: list[dict[int, Comment]], group_size: int) -> torch.Tensor:
+    """[B] bool: False for the rollouts of a document whose G rollouts are all the same (no signal: they are left
+    out of the loss and its normaliser)."""
+    out = []
+    for g in range(0, len(comments), group_size):
+        group = comments[g:g + group_size]
+        out += [any(c != group[0] for c in group[1:])] * len(group)
+    return torch.tensor(out, dtype=torch.bool)
+
+
+def e_step(policy, ref, optimizer, docs: list[Document], generator, head: PolicyHead, vocab: CommentVocab,
            cfg: MidtrainConfig, *, seed: int) -> dict:
     """One E-step update on ``docs`` (G rollouts each; under ddp / fsdp this rank's share of the step's documents).
     Returns the step's metrics (floats), over all ranks' rollouts."""
@@ -53,8 +69,7 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: HeadRo
         generator.sync_weights(q)
         comments = generator.rollout(expanded, seed=dist.rank_seed(seed))
         t_rollout = time.perf_counter() - t0
-        batch = pack([build_sequence(d, tokens, c) for d, c in zip(expanded, comments)], tokens.pad_id,
-                     cfg.max_rationale_tokens, device)
+        batch = pack(build_sequences(expanded, vocab, comments), vocab.pad_id, device)
         weight, bias = output_head(q)
         h = hidden_states(q, batch)
         scores = score_rollouts(q, batch, head, hidden=h, **kw)
@@ -65,17 +80,21 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: HeadRo
             ref_lp = policy_logprobs(hidden_states(q_ref, batch), ref_w, ref_b, batch, head, **kw)[0]
     rewards = line_rewards(scores, kl_form=cfg.kl_form, think_cost=cfg.think_cost, alpha=cfg.alpha,
                            comment_vocab_size=head.comment_vocab_size, format_penalty=cfg.format_penalty)
-    adv, ret = _advantages(cfg, rewards, scores.valid, boundary, mask)
+    adv, ret = advantages(rewards, scores.valid, boundary, mask, group_size=cfg.group_size,
+                          advantage=cfg.advantage, normalize=cfg.advantage_normalize, discount=cfg.discount,
+                          backend=cfg.ops_backend)
+    keep = informative_rollouts(comments, cfg.group_size).to(mask.device)
+    weights = mask.float() * keep[:, None]
 
     def clipped_loss(model):
         w, b = output_head(model)
         lp, _, _ = policy_logprobs(hidden_states(model, batch), w, b, batch, head, **kw)
-        return ops.policy_loss(lp, old_lp, adv, mask.float(), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        return ops.policy_loss(lp, old_lp, adv, weights, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                ref_logprobs=ref_lp, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
                                aggregation="token-mean", backend=cfg.ops_backend)
 
     policy.train()
-    n_policy_tokens = int(mask.sum())
+    n_policy_tokens = float(weights.sum())
     stats = []
     for _ in range(cfg.ppo_epochs):
         out = dist.forward(policy, clipped_loss)
@@ -90,11 +109,15 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: HeadRo
     parts = elbo(scores, think_cost=cfg.think_cost, alpha=cfg.alpha, comment_vocab_size=head.comment_vocab_size)
     n_lines = float(scores.valid.sum())
     n_thinks = float(parts["thinks"].sum())
-    n_adv = float(mask.sum() if adv.dim() == 2 else len(adv))
+    n_adv = float(mask.sum())
     loss, clip, kl, ratio, gnorm = (sum(s[i] for s in stats) / len(stats) for i in range(5))
     metrics = {
         "return_mean": float(ret.mean()), "return_std": float(ret.std()) if len(ret) > 1 else 0.0,
-        "advantage_abs_mean": float(adv.abs().sum() / (mask.sum() if adv.dim() == 2 else len(adv))),
+        "advantage_abs_mean": float(adv.abs().sum() / mask.sum().clamp(min=1)),
+        "think_rate": n_thinks / max(float(scores.decision_valid.sum()), 1.0),
+        "think_q_mean": float((scores.think_logq.exp() * scores.decision_valid).sum()
+                              / scores.decision_valid.sum().clamp(min=1)),
+        "informative_groups": float(keep.float().mean()),
         "expert_loglik": float(parts["expert_loglik"].mean()), "elbo": float(parts[f"elbo_{cfg.kl_form}"].mean()),
         "thinks_per_100_lines": 100.0 * n_thinks / max(n_lines, 1.0),
         "rationale_len_mean": float(scores.comment_len.sum()) / max(n_thinks, 1.0),
@@ -113,6 +136,7 @@ def _over_ranks(m: dict, ret: torch.Tensor, *, n_lines, n_thinks, n_adv, n_token
     n = len(ret)
     per_token = ("policy_loss", "clip_fraction", "ref_kl", "ratio_mean")
     weights = {"return_mean": n, "return_sq": n, "expert_loglik": n, "elbo": n, "advantage_abs_mean": n_adv,
+               "think_rate": n, "think_q_mean": n, "informative_groups": n,
                "thinks_per_100_lines": n_lines, "rationale_len_mean": n_thinks, **{k: n_tokens for k in per_token}}
     g = dist.reduce_metrics({**m, "return_sq": float((ret.double() ** 2).mean()), "rollouts": n}, weights=weights,
                             sums=("tokens", "rollouts"), maxes=("rollout_s", "time_s"))
@@ -124,8 +148,8 @@ def _over_ranks(m: dict, ret: torch.Tensor, *, n_lines, n_thinks, n_adv, n_token
 
 
 @torch.no_grad()
-def annotate(model, generator, docs: list[Document], head: HeadRows, tokens: DecisionTokens, cfg: MidtrainConfig,
-             *, seed: int) -> tuple[list[dict[int, list[int]]], dict[str, torch.Tensor], float]:
+def annotate(model, generator, docs: list[Document], head: PolicyHead, vocab: CommentVocab, cfg: MidtrainConfig,
+             *, seed: int) -> tuple[list[dict[int, Comment]], dict[str, torch.Tensor], float]:
     """One rollout per document with the current q: (comments per document, ELBO parts per document [N],
     tokens/s of the pass). Under ddp / fsdp each rank annotates its share of ``docs`` and every rank gets all."""
     t0 = time.perf_counter()
@@ -139,8 +163,8 @@ def annotate(model, generator, docs: list[Document], head: HeadRows, tokens: Dec
         comments = generator.rollout(mine, seed=dist.rank_seed(seed))
         for start in range(0, len(mine), cfg.eval_batch_size):
             chunk = range(start, min(start + cfg.eval_batch_size, len(mine)))
-            batch = pack([build_sequence(mine[i], tokens, comments[i]) for i in chunk], tokens.pad_id,
-                         cfg.max_rationale_tokens, device)
+            batch = pack(build_sequences([mine[i] for i in chunk], vocab, [comments[i] for i in chunk]),
+                         vocab.pad_id, device)
             n_tokens += batch.num_tokens
             scores = score_rollouts(q, batch, head, temperature=cfg.rollout_temperature, backend=cfg.ops_backend)
             for k, v in elbo(scores, think_cost=cfg.think_cost, alpha=cfg.alpha,
@@ -148,7 +172,9 @@ def annotate(model, generator, docs: list[Document], head: HeadRows, tokens: Dec
                 parts.setdefault(k, []).append(v)
             parts.setdefault("num_lines", []).append(scores.valid.sum(1).float())
             parts.setdefault("rationale_tokens", []).append(scores.comment_len.sum(1).float())
-            parts.setdefault("code_tokens", []).append(torch.tensor([float(mine[i].num_code_tokens) for i in chunk]))
+            parts.setdefault("code_tokens", []).append(
+                torch.bincount(batch.code_rows // (batch.input_ids.shape[1] - 1), minlength=batch.size).float())
+            parts.setdefault("decision_points", []).append(batch.decision_valid.sum(1).float())
     parts = {k: dist.gather_shards(torch.cat(v)) for k, v in parts.items()}
     speed = dist.reduce_metrics({"tokens": n_tokens, "s": max(time.perf_counter() - t0, 1e-9)}, sums=("tokens",),
                                 maxes=("s",))

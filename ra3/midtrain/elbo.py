@@ -1,9 +1,10 @@
 """The RA3 evidence lower bound and the E-step's per-line rewards, from a rollout's per-boundary scores.
 
-Latent-variable model (paper; our prior over comment text): at boundary t the latent keeps the previous one
-(act) with prior probability alpha, or is a new rationale (think) with probability 1 - alpha whose comment is
-drawn uniformly, token by token, from the comment vocabulary C (|C| includes the closing newline; a newline
-forced at ``max_rationale_tokens`` costs nothing). With q the policy's own decisions and comments:
+Latent-variable model (paper; our prior over comment text): at each decision point t (a line that may carry a
+comment) the latent keeps the previous one (act) with prior probability alpha, or is a new rationale (think)
+with probability 1 - alpha whose comment is drawn uniformly, token by token, from the comment vocabulary C (every
+token but the special and added ones; a newline forced at ``max_rationale_tokens`` costs nothing). Elsewhere the
+latent is kept for certain (no decision, no KL term). With q the policy's own decisions and comments:
 
     log p(code) >= E_q[ sum_t log pi(a_t | s_t, z_<=t) - KL(q(z_t | .) || p(z_t | z_t-1)) ]
 
@@ -37,7 +38,8 @@ def elbo(scores: RolloutScores, *, think_cost: float, alpha: float, comment_voca
     valid = scores.valid.to(dt)
     thinks = (scores.thinks & scores.valid).to(dt)
     expert = (scores.line_logprobs * valid).sum(1)
-    kl_decision = (bernoulli_kl(scores.think_logq, alpha) * valid).sum(1)
+    decisions = (scores.decision_valid & scores.valid).to(dt)
+    kl_decision = (bernoulli_kl(scores.think_logq, alpha) * decisions).sum(1)
     kl_comment = ((scores.comment_sampled * math.log(comment_vocab_size) - scores.comment_entropy) * thinks).sum(1)
     n_thinks = thinks.sum(1)
     return {"expert_loglik": expert, "thinks": n_thinks, "cost_paid": think_cost * n_thinks,
@@ -62,7 +64,7 @@ def line_rewards(scores: RolloutScores, *, kl_form: str, think_cost: float, alph
         log_prior = torch.where(scores.thinks, math.log(1 - alpha) - scores.comment_sampled
                                 * math.log(comment_vocab_size), torch.full_like(r, math.log(alpha)))
         log_q = scores.decision_logq + thinks * scores.comment_logq
-        r = r - (log_q - log_prior)
+        r = r - (log_q - log_prior) * (scores.decision_valid & scores.valid).to(dt)
     else:
         raise ValueError(f"kl_form must be 'fixed' or 'exact', got {kl_form!r}")
     if format_penalty:

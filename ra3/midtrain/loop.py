@@ -24,14 +24,14 @@ import torch
 
 from ra3 import distributed as dist
 from ra3.data.corpus import load_code_corpus
-from ra3.data.sequences import DecisionTokens, Document, annotated_text, build_sequence, tokenize_documents
+from ra3.data.sequences import CommentVocab, Document, annotated_text, build_sequences, check_annotation, make_documents
 from ra3.midtrain.config import MidtrainConfig
 from ra3.midtrain.e_step import annotate, e_step
-from ra3.midtrain.m_step import heldout_ntp_loss, m_step
+from ra3.midtrain.m_step import heldout_loss, m_step
 from ra3.midtrain.records import (MetricsWriter, load_run_state, save_checkpoint, save_sharded_checkpoint,
                                   summary_table)
 from ra3.midtrain.rollout import HFGenerator
-from ra3.midtrain.scoring import HeadRows, output_head
+from ra3.midtrain.scoring import PolicyHead, output_head
 
 # config fields that may change between a run and its resumption without changing what it computes
 _RESUME_FREE_FIELDS = ("out", "resume", "stop_after_steps", "progress", "checkpoint_every", "num_samples",
@@ -54,8 +54,8 @@ def prepare_documents(cfg: MidtrainConfig, tokenizer) -> tuple[list[Document], l
     except (ValueError, TypeError, ImportError) as exc:
         name = "text_column" if "text_column" in str(exc) else "corpus"
         raise ValueError(f"config field {name!r}: {exc}") from exc
-    docs = tokenize_documents(texts, tokenizer, unit=cfg.action_unit, max_actions=cfg.max_actions,
-                              max_action_tokens=cfg.max_action_tokens)
+    docs = make_documents(texts, tokenizer, unit=cfg.action_unit, max_actions=cfg.max_actions,
+                          max_action_tokens=cfg.max_action_tokens)
     if len(docs) < 2:
         raise ValueError(f"config field 'corpus': {len(docs)} usable document(s) after splitting into actions; "
                          f"need at least 2")
@@ -76,15 +76,16 @@ def _batch_indices(n: int, batch_size: int, step: int, *seed_parts) -> list[int]
     return out
 
 
-def _rollout_engine(cfg: MidtrainConfig, model, tokenizer, tokens: DecisionTokens, *, progress: bool):
+def _rollout_engine(cfg: MidtrainConfig, model, tokenizer, vocab: CommentVocab, *, progress: bool):
     """The E-step's rollout engine: Hugging Face (shares the trainer's model) or vLLM (a synced copy)."""
     if cfg.engine == "vllm":
         from ra3.midtrain.rollout_vllm import VLLMGenerator  # noqa: PLC0415  (vllm loads only when asked for)
 
-        return VLLMGenerator(model, tokenizer, tokens, max_rationale_tokens=cfg.max_rationale_tokens,
+        return VLLMGenerator(model, tokenizer, vocab, max_rationale_tokens=cfg.max_rationale_tokens,
                              temperature=cfg.rollout_temperature, seed=cfg.seed)
-    return HFGenerator(model, tokens, max_rationale_tokens=cfg.max_rationale_tokens,
-                       temperature=cfg.rollout_temperature, batch_size=cfg.rollout_batch_size, progress=progress)
+    return HFGenerator(model, vocab, max_rationale_tokens=cfg.max_rationale_tokens,
+                       temperature=cfg.rollout_temperature, batch_size=cfg.rollout_batch_size, progress=progress,
+                       backend=cfg.ops_backend)
 
 
 def _check_resumable(saved: dict, cfg: MidtrainConfig) -> None:
@@ -155,7 +156,7 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                    budget: dict) -> None:
     from tqdm.auto import tqdm
 
-    from ra3.models import ensure_decision_tokens, load_model
+    from ra3.models import load_model
 
     ra3 = objective == "ra3"
     info = dist.get_info()
@@ -165,14 +166,15 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
     except ValueError as exc:
         name = "device" if str(exc).startswith("device") else "model"
         raise ValueError(f"config field {name!r}: {exc}") from exc
-    ensure_decision_tokens(model, tokenizer)
-    tokens = DecisionTokens.from_tokenizer(tokenizer)
-    weight = output_head(model)[0]
-    head = HeadRows(tokens, weight.shape[0], weight.device)
+    try:
+        vocab = CommentVocab(tokenizer, output_head(model)[0].shape[0])
+    except ValueError as exc:
+        raise ValueError(f"config field 'model': {exc}") from exc
+    head = PolicyHead(vocab, output_head(model)[0].device)
     train_docs, heldout_docs = prepare_documents(cfg, tokenizer)
     _check_rank_shares(cfg, ra3, len(train_docs), info.world_size)
-    heldout_plain = [build_sequence(d, tokens) for d in heldout_docs]
-    generator = _rollout_engine(cfg, model, tokenizer, tokens, progress=cfg.progress and info.is_main)
+    heldout_plain = build_sequences(heldout_docs, vocab)
+    generator = _rollout_engine(cfg, model, tokenizer, vocab, progress=cfg.progress and info.is_main)
     ckpt_dir = out / "checkpoints" / objective
     first_phase = "e_step" if ra3 else "annotate"
     p = {"iteration": 0, "phase": first_phase, "phase_step": 0, "step": 0, "done": False, "acc": {}}
@@ -221,7 +223,8 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
         while p["iteration"] < cfg.em_iterations:
             it = p["iteration"]
             seed = (cfg.seed, objective, it)
-            rng = random.Random(step_seed(*seed, "annotate-docs"))
+            data_seed = (cfg.seed, it)  # RA3 and NTP see the same documents in the same order
+            rng = random.Random(step_seed(*data_seed, "annotate-docs"))
             round_docs = train_docs if cfg.annotate_docs is None or cfg.annotate_docs >= len(train_docs) else \
                 rng.sample(train_docs, cfg.annotate_docs)
 
@@ -237,12 +240,14 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                     perm = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(
                         step_seed(*seed, "e_step-docs", s)))
                     docs = dist.shard([train_docs[i] for i in perm[:cfg.e_docs_per_step].tolist()])  # this rank's
-                    m = e_step(model, live["ref"], live["opt"], docs, generator, head, tokens, cfg,
+                    m = e_step(model, live["ref"], live["opt"], docs, generator, head, vocab, cfg,
                                seed=step_seed(*seed, "e_step", s))
+                    _warn_if_silent(m, it, s)
                     acc = p["acc"]
                     acc["estep_return_sum"] = acc.get("estep_return_sum", 0.0) + m["return_mean"]
                     acc["estep_advantage_abs_sum"] = acc.get("estep_advantage_abs_sum", 0.0) + m["advantage_abs_mean"]
                     acc["estep_tokens"] = acc.get("estep_tokens", 0) + m["tokens"]
+                    acc["estep_think_q_sum"] = acc.get("estep_think_q_sum", 0.0) + m["think_q_mean"]
                     acc["estep_time"] = acc.get("estep_time", 0.0) + m["time_s"]
                     acc["estep_steps"] = acc.get("estep_steps", 0) + 1
                     bar.set_postfix(ret=f"{m['return_mean']:.1f}", thinks=f"{m['thinks_per_100_lines']:.0f}%")
@@ -254,8 +259,11 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
             # ---- annotate the round's documents with q, and the ELBO on them (RA3); plain code for NTP
             if p["phase"] == "annotate":
                 if ra3:
-                    annotations, parts, tps = annotate(model, generator, round_docs, head, tokens, cfg,
+                    t_annotate = time.perf_counter()
+                    annotations, parts, tps = annotate(model, generator, round_docs, head, vocab, cfg,
                                                        seed=step_seed(*seed, "annotate"))
+                    for doc, comments in zip(round_docs, annotations):
+                        check_annotation(doc, comments)  # each inserted line is a comment; the code is intact
                     lines, thinks = float(parts["num_lines"].sum()), float(parts["thinks"].sum())
                     p["acc"].update({
                         "elbo": float(parts[f"elbo_{cfg.kl_form}"].mean()),
@@ -268,10 +276,12 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                         "cost_paid": float(parts["cost_paid"].mean()),
                         "kl_decision": float(parts["kl_decision"].mean()),
                         "kl_comment": float(parts["kl_comment"].mean()),
-                        "annotate_tokens_per_s": tps})
+                        "annotate_tokens_per_s": tps,
+                        "annotate_s": time.perf_counter() - t_annotate,
+                        "annotate_tokens": tps * (time.perf_counter() - t_annotate)})
                     if info.is_main:
                         _write_samples(out / "samples" / f"{objective}-iter{it}.md", round_docs, annotations, parts,
-                                       tokenizer, cfg.num_samples)
+                                       cfg.num_samples)
                 else:
                     annotations = [{} for _ in round_docs]
                 p["phase"], p["phase_step"] = "m_step", 0
@@ -279,18 +289,18 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
 
             # ---- M-step: NTP on the annotated documents (or on plain code for the baseline)
             if p["phase"] == "m_step":
-                data = [build_sequence(d, tokens, c) for d, c in zip(round_docs, annotations)]
+                data = build_sequences(round_docs, vocab, annotations)
                 live["opt"] = optimizer(cfg.m_lr, opt_state)
                 opt_state = None
                 while p["phase_step"] < cfg.m_steps:
                     s = p["phase_step"]
-                    idx = _batch_indices(len(data), cfg.m_batch_size, s, *seed, "m_step")
-                    m = m_step(model, live["opt"], [data[i] for i in dist.shard(idx)], pad_id=tokens.pad_id,
-                               max_rationale_tokens=cfg.max_rationale_tokens, tokens=cfg.mstep_tokens,
-                               grad_clip=cfg.grad_clip, backend=cfg.ops_backend)
+                    idx = _batch_indices(len(data), cfg.m_batch_size, s, *data_seed, "m_step")
+                    m = m_step(model, live["opt"], [data[i] for i in dist.shard(idx)], pad_id=vocab.pad_id,
+                               tokens=cfg.mstep_tokens, grad_clip=cfg.grad_clip, backend=cfg.ops_backend)
                     acc = p["acc"]
                     acc["mstep_loss_last"] = m["loss"]
                     acc["mstep_tokens"] = acc.get("mstep_tokens", 0) + m["tokens"]
+                    acc["mstep_code_tokens"] = acc.get("mstep_code_tokens", 0) + m["code_tokens"]
                     acc["mstep_time"] = acc.get("mstep_time", 0.0) + m["time_s"]
                     bar.set_postfix(loss=f"{m['loss']:.3f}")
                     finish_step(m)
@@ -311,8 +321,13 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                     "estep_return_mean": acc["estep_return_sum"] / n_e if n_e else None,
                     "estep_advantage_abs_mean": acc["estep_advantage_abs_sum"] / n_e if n_e else None,
                     "mstep_loss": acc.get("mstep_loss_last"),
-                    "heldout_ntp_loss": heldout_ntp_loss(model, heldout_plain, pad_id=tokens.pad_id,
-                                                         batch_size=cfg.eval_batch_size, backend=cfg.ops_backend),
+                    "heldout_ntp_loss": heldout_loss(model, heldout_plain, pad_id=vocab.pad_id, tokens="all",
+                                                     batch_size=cfg.eval_batch_size, backend=cfg.ops_backend),
+                    "heldout_code_loss": _heldout_code_loss(model, generator, heldout_docs, vocab, cfg, data_seed),
+                    "think_q_mean": acc["estep_think_q_sum"] / n_e if n_e else None,
+                    "mstep_steps": cfg.m_steps, "mstep_code_tokens": acc.get("mstep_code_tokens", 0),
+                    "estep_tokens": acc.get("estep_tokens", 0), "estep_s": acc.get("estep_time", 0.0),
+                    "annotate_tokens": acc.get("annotate_tokens", 0), "annotate_s": acc.get("annotate_s", 0.0),
                     "estep_tokens_per_s": acc["estep_tokens"] / acc["estep_time"] if n_e else None,
                     "mstep_tokens_per_s": (acc["mstep_tokens"] / acc["mstep_time"]) if acc.get("mstep_time")
                     else None,
@@ -357,7 +372,32 @@ def _restore_weights(saved: dict, model, cfg: MidtrainConfig) -> tuple[dict | No
     return (None if ref is None else ref.state_dict()), (None if opt is None else opt.state_dict())
 
 
-def _write_samples(path: Path, docs, annotations, parts, tokenizer, n: int) -> None:
+def _heldout_code_loss(model, generator, docs: list[Document], vocab: CommentVocab, cfg: MidtrainConfig,
+                       data_seed: tuple) -> float:
+    """Mean NLL per expert-code token of the held-out documents, each annotated by one rollout of the model's
+    own q (comment and think tokens excluded): the number RA3 and NTP are compared on (same documents, same
+    seed for both objectives)."""
+    if not docs:
+        return float("nan")
+    with dist.full_params(model) as q:  # every rank annotates all (few) documents alike, then scores its share
+        q.eval()
+        generator.sync_weights(q)
+        comments = generator.rollout(docs, seed=step_seed(*data_seed, "heldout"))
+    return heldout_loss(model, build_sequences(docs, vocab, comments), pad_id=vocab.pad_id, tokens="code",
+                        batch_size=cfg.eval_batch_size, backend=cfg.ops_backend)
+
+
+def _warn_if_silent(m: dict, iteration: int, step: int) -> None:
+    """One line when an E-step cannot learn: no think sampled, or every advantage zero."""
+    if m.get("thinks_per_100_lines", 0.0) == 0.0:
+        dist.log(f"ra3 midtrain: warning: E-step {step} of round {iteration} sampled no think at all "
+                 f"(mean q(think) {m.get('think_q_mean', 0.0):.2e}): nothing to learn from this step")
+    elif m.get("advantage_abs_mean", 0.0) == 0.0:
+        dist.log(f"ra3 midtrain: warning: E-step {step} of round {iteration}: every advantage is zero "
+                 f"(all rollouts of each document identical or equally rewarded)")
+
+
+def _write_samples(path: Path, docs, annotations, parts, n: int) -> None:
     """The first ``n`` annotated documents, as code with their comment lines, and each one's ELBO terms."""
     if n == 0:
         return
@@ -367,5 +407,5 @@ def _write_samples(path: Path, docs, annotations, parts, tokenizer, n: int) -> N
         chunks.append(f"## document {i}: {int(parts['thinks'][i])} thinks, expert loglik "
                       f"{float(parts['expert_loglik'][i]):.2f}, ELBO (fixed) {float(parts['elbo_fixed'][i]):.2f}, "
                       f"ELBO (exact) {float(parts['elbo_exact'][i]):.2f}\n\n```python\n"
-                      f"{annotated_text(docs[i], tokenizer, annotations[i])}```\n")
+                      f"{annotated_text(docs[i], annotations[i])}```\n")
     path.write_text("\n".join(chunks), encoding="utf-8")

@@ -17,10 +17,9 @@ from ra3.midtrain.scoring import hidden_states, output_head
 
 
 def _rows(batch: PackedBatch, tokens: str) -> torch.Tensor:
-    """Rows the loss covers: 'code' (expert tokens only) or 'all' (every token after BOS)."""
-    if tokens == "code":
-        return batch.code_rows
-    return torch.sort(torch.cat([batch.code_rows, batch.sep_rows])).values
+    """Rows the loss covers: 'code' (expert-code tokens, their line breaks included) or 'all' (every token but the
+    special ones)."""
+    return batch.code_rows if tokens == "code" else batch.token_rows
 
 
 def ntp_logprobs(model, batch: PackedBatch, *, tokens: str = "all", backend: str = "auto") -> torch.Tensor:
@@ -31,13 +30,13 @@ def ntp_logprobs(model, batch: PackedBatch, *, tokens: str = "all", backend: str
     return ops.linear_logprobs(h, weight, batch.targets[rows], bias=bias, backend=backend)
 
 
-def m_step(model, optimizer, seqs: list[Sequence], *, pad_id: int, max_rationale_tokens: int, tokens: str = "all",
-           grad_clip: float = 1.0, backend: str = "auto") -> dict:
+def m_step(model, optimizer, seqs: list[Sequence], *, pad_id: int, tokens: str = "all", grad_clip: float = 1.0,
+           backend: str = "auto") -> dict:
     """One NTP update on ``seqs`` (mean negative log-likelihood per covered token; under ddp / fsdp ``seqs`` is
     this rank's share of the batch). Returns the step's metrics, over all ranks."""
     t0 = time.perf_counter()
     device = output_head(dist.unwrap(model))[0].device
-    batch = pack(seqs, pad_id, max_rationale_tokens, device)
+    batch = pack(seqs, pad_id, device)
     model.train()
     logprobs = dist.forward(model, lambda m: ntp_logprobs(m, batch, tokens=tokens, backend=backend))
     loss = -logprobs.mean()
@@ -48,17 +47,19 @@ def m_step(model, optimizer, seqs: list[Sequence], *, pad_id: int, max_rationale
     model.eval()
     elapsed = time.perf_counter() - t0
     m = dist.reduce_metrics({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "tokens": batch.num_tokens,
-                             "time_s": elapsed}, weights={"loss": logprobs.numel()}, sums=("tokens",),
+                             "code_tokens": len(batch.code_rows), "time_s": elapsed},
+                            weights={"loss": logprobs.numel()}, sums=("tokens", "code_tokens"),
                             maxes=("time_s",))
-    return {"loss": m["loss"], "grad_norm": m["grad_norm"], "tokens": m["tokens"],
+    return {"loss": m["loss"], "grad_norm": m["grad_norm"], "tokens": m["tokens"], "code_tokens": m["code_tokens"],
             "tokens_per_s": m["tokens"] / max(m["time_s"], 1e-9), "time_s": m["time_s"]}
 
 
 @torch.no_grad()
-def heldout_ntp_loss(model, seqs: list[Sequence], *, pad_id: int, batch_size: int = 64,
-                     backend: str = "auto") -> float:
-    """Mean NLL per token (nats) of plain documents (every token after BOS), the same for RA3 and NTP models.
-    Under ddp / fsdp each rank scores its share of ``seqs``; the mean is over all of them."""
+def heldout_loss(model, seqs: list[Sequence], *, pad_id: int, tokens: str = "code", batch_size: int = 64,
+                 backend: str = "auto") -> float:
+    """Mean NLL per token (nats) of ``seqs`` over their expert-code tokens (``tokens='code'``: comment and think
+    tokens excluded) or every non-special token ('all'). Under ddp / fsdp each rank scores its share of ``seqs``;
+    the mean is over all of them."""
     if not seqs:
         return float("nan")
     mine = dist.shard(seqs)
@@ -67,8 +68,8 @@ def heldout_ntp_loss(model, seqs: list[Sequence], *, pad_id: int, batch_size: in
         device = output_head(q)[0].device
         q.eval()
         for start in range(0, len(mine), batch_size):
-            batch = pack(mine[start:start + batch_size], pad_id, 0, device)
-            lp = ntp_logprobs(q, batch, tokens="all", backend=backend)
+            batch = pack(mine[start:start + batch_size], pad_id, device)
+            lp = ntp_logprobs(q, batch, tokens=tokens, backend=backend)
             total -= float(lp.double().sum())
             count += lp.numel()
     return dist.reduce_metrics({"nll": total / max(count, 1)}, weights={"nll": count})["nll"]

@@ -1,14 +1,18 @@
-"""Rollouts over latents: walk each document line by line, sample act/think at every boundary, write a comment
-on think, then append the expert line as forced tokens (never sampled).
+"""Rollouts over latents: walk each document, decide act/think at every decision point with the model's own
+probability of starting a comment line there, write the comment on think; the expert lines are never sampled.
 
-``Generator`` is the engine interface; ``HFGenerator`` is the Hugging Face engine: it walks a batch of documents
-in lock-step with one KV cache kept across forced and sampled spans. Rows whose span is shorter than the
-batch's are padded with masked slots, and every row keeps its own position ids, so the cache holds holes but
-each row sees exactly its own tokens.
+``Generator`` is the engine interface; ``HFGenerator`` is the Hugging Face engine. It walks a batch of documents
+in rounds. A round runs one forward pass over every open document as annotated so far (the comments written,
+the expert text after them): with no new comment, that one pass gives q(think) at every later decision point,
+so the decisions are drawn in order up to the first think. There the comment is generated, continuing from the
+round's KV cache at the position where the comment and expert paths part ways (each row attends to its own
+prefix only; positions after it are masked), token by token from the model's distribution with special and
+added tokens masked out, until a token holding a newline ends the line or ``max_rationale_tokens`` content
+tokens are written (the line is then closed by force). The document is annotated with that comment and the next
+round continues after it. Rounds per batch = the most thinks of any row + 1.
 
-The sampled distributions are the ones ``scoring`` scores: the decision is a two-way softmax over the "\\n"
-(act) and "\\n#" (think) logits; a comment token is drawn from the comment vocabulary (no newline inside, the
-closing "\\n" ends it), and after ``max_rationale_tokens`` content tokens the closing newline is forced.
+The distributions are the ones ``scoring`` scores: q(think) is the decision set's summed probability, the first
+comment token is drawn from the decision set, the rest from the masked vocabulary.
 """
 from __future__ import annotations
 
@@ -17,15 +21,17 @@ from typing import Protocol
 
 import torch
 
-from ra3.data.sequences import DecisionTokens, Document
+from ra3.data.sequences import _COMMENT_ENDS, Comment, CommentVocab, Document, build_sequences
+from ra3.midtrain.batch import pack
+from ra3.midtrain.scoring import PolicyHead, output_head
 
 
 class Generator(Protocol):
     """Samples the latents (act/think and comments) of documents under the current policy."""
 
-    def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, list[int]]]:
-        """One rollout per document (repeat a document for several): action index -> comment token ids
-        (ending with the newline token) for every think; deterministic for a seed and the same weights."""
+    def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, Comment]]:
+        """One rollout per document (repeat a document for several): action index -> Comment for every think;
+        deterministic for a seed and the same weights."""
         ...
 
     def sync_weights(self, model) -> None:
@@ -36,20 +42,22 @@ class Generator(Protocol):
 class HFGenerator:
     """Batched rollouts with a Hugging Face causal LM and its KV cache (the default engine)."""
 
-    def __init__(self, model, tokens: DecisionTokens, *, max_rationale_tokens: int, temperature: float = 1.0,
-                 batch_size: int = 64, progress: bool = False):
+    def __init__(self, model, vocab: CommentVocab, *, max_rationale_tokens: int, temperature: float = 1.0,
+                 batch_size: int = 64, progress: bool = False, backend: str = "auto"):
         self.model = model
-        self.tokens = tokens
+        self.vocab = vocab
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
         self.batch_size = batch_size
         self.progress = progress
-        self.tokens_processed = 0  # forced + sampled tokens fed, for tokens/s
+        self.backend = backend
+        self.tokens_processed = 0  # tokens fed (round passes and comment steps), for tokens/s
+        self._head = None
 
     def sync_weights(self, model) -> None:
         self.model = model
 
-    def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, list[int]]]:
+    def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, Comment]]:
         out = []
         starts = range(0, len(docs), self.batch_size)
         if self.progress and len(starts) > 1:
@@ -62,88 +70,134 @@ class HFGenerator:
         return out
 
     @torch.no_grad()
-    def _walk(self, docs: list[Document], gen: torch.Generator) -> list[dict[int, list[int]]]:
-        from transformers import DynamicCache
-
-        model, tk = self.model, self.tokens
-        device = model.get_output_embeddings().weight.device
-        weight = model.get_output_embeddings().weight
-        bias = getattr(model.get_output_embeddings(), "bias", None)
-        decoder = model.get_decoder()
-        # transformers >= 5.2x names the KV-cache argument `cache`; older versions `past_key_values`
-        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-        dec_w = weight[[tk.act_id, tk.think_id]]
-        dec_b = None if bias is None else bias[[tk.act_id, tk.think_id]]
-        com_ids = torch.tensor(tk.comment_ids, device=device)
-        com_w = weight[com_ids]
-        com_b = None if bias is None else bias[com_ids]
-        B = len(docs)
-        cache = DynamicCache()
-        state = {"mask": torch.zeros(B, 0, dtype=torch.long, device=device),
-                 "pos": torch.zeros(B, dtype=torch.long, device=device),
-                 "last": None}
-
-        def feed(ids: torch.Tensor, valid: torch.Tensor) -> None:
-            """Append ids [B, k] (valid [B, k] bool, a prefix per row) to every row; keep each row's last hidden."""
-            valid = valid.to(device)
-            state["mask"] = torch.cat([state["mask"], valid.long()], 1)
-            position_ids = (state["pos"][:, None] + torch.cumsum(valid.long(), 1) - 1).clamp(min=0)
-            h = decoder(input_ids=ids.to(device), attention_mask=state["mask"], position_ids=position_ids,
-                        use_cache=True, **{cache_arg: cache}).last_hidden_state
-            counts = valid.long().sum(1)
-            state["pos"] = state["pos"] + counts
-            self.tokens_processed += int(counts.sum())
-            last = h[torch.arange(B, device=device), (counts - 1).clamp(min=0)]
-            if state["last"] is None:
-                state["last"] = last
-            else:
-                state["last"] = torch.where((counts > 0)[:, None], last, state["last"])
-
-        def sample(logits: torch.Tensor) -> torch.Tensor:
-            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-            return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(device)
-
-        def linear(h, w, b):
-            out = h @ w.T
-            return out if b is None else out + b
-
-        comments: list[dict[int, list[int]]] = [{} for _ in docs]
-        n_actions = torch.tensor([d.num_actions for d in docs], device=device)
-        feed(torch.full((B, 1), tk.bos_id), torch.ones(B, 1, dtype=torch.bool))
-        for t in range(int(n_actions.max())):
-            active = n_actions > t
-            think = (sample(linear(state["last"], dec_w, dec_b)) == 1) & active
-            sep = torch.where(think, tk.think_id, tk.act_id)
-            line = [docs[b].action_ids[t] if t < docs[b].num_actions else [] for b in range(B)]
-            if not bool(think.any()):
-                # no comment anywhere: feed the newline and the expert line in one forced span
-                self._feed_ragged(feed, [([tk.act_id] + line[b]) if active[b] else [] for b in range(B)],
-                                  tk.pad_id)
-                continue
-            feed(sep[:, None], active[:, None])
-            writing = think.clone()
-            for j in range(self.max_rationale_tokens + 1):
-                if j == self.max_rationale_tokens:  # the closing newline is forced
-                    nxt = torch.full((B,), tk.act_id, device=device)
-                else:
-                    nxt = com_ids[sample(linear(state["last"], com_w, com_b))]
-                for b in writing.nonzero().flatten().tolist():
-                    comments[b].setdefault(t, []).append(int(nxt[b]))
-                feed(torch.where(writing, nxt, tk.pad_id)[:, None], writing[:, None])
-                writing = writing & (nxt != tk.act_id)
-                if not bool(writing.any()):
-                    break
-            self._feed_ragged(feed, [line[b] if active[b] else [] for b in range(B)], tk.pad_id)
+    def _walk(self, docs: list[Document], gen: torch.Generator) -> list[dict[int, Comment]]:
+        weight, bias = output_head(self.model)
+        if self._head is None or self._head.device != weight.device:
+            self._head = PolicyHead(self.vocab, weight.device)
+        comments: list[dict[int, Comment]] = [{} for _ in docs]
+        cursor = [0] * len(docs)
+        open_rows = list(range(len(docs)))
+        while open_rows:
+            seqs = build_sequences([docs[b] for b in open_rows], self.vocab, [comments[b] for b in open_rows])
+            batch = pack(seqs, self.vocab.pad_id, weight.device)
+            hidden, cache = self._forward(batch)
+            # q(think) at every decision point after each row's cursor, drawn in order up to the first think
+            pending = [(i, d) for i, (b, s) in enumerate(zip(open_rows, seqs)) for d in s.decisions
+                       if d.action >= cursor[b]]
+            thinking = {}
+            if pending:
+                rows = torch.tensor([i for i, _ in pending], device=weight.device)
+                pos = torch.tensor([d.position for _, d in pending], device=weight.device)
+                h = hidden[rows, pos - 1]
+                targets = batch.input_ids[rows, pos]
+                sets = torch.tensor([d.set_id for _, d in pending], device=weight.device)
+                q = self._head.think_logq(h, weight, bias, targets, sets, temperature=self.temperature,
+                                          backend=self.backend).exp().cpu()
+                draws = torch.rand(len(pending), generator=gen)
+                for j, (i, d) in sorted(enumerate(pending), key=lambda x: (x[1][0], x[1][1].action)):
+                    if i not in thinking and bool(draws[j] < q[j]):
+                        thinking[i] = (d, h[j])
+            for i, b in enumerate(open_rows):
+                if i not in thinking:
+                    cursor[b] = docs[b].num_actions
+            written = self._write(thinking, hidden, cache, batch, weight, bias, gen) if thinking else {}
+            for i, comment in written.items():
+                b = open_rows[i]
+                comments[b][thinking[i][0].action] = comment
+                cursor[b] = thinking[i][0].action + 1
+            open_rows = [b for b in open_rows if cursor[b] < docs[b].num_actions]
         return comments
 
-    @staticmethod
-    def _feed_ragged(feed, rows: list[list[int]], pad_id: int) -> None:
-        width = max(len(r) for r in rows)
-        if width == 0:
-            return
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            valid[b, :len(r)] = True
-        feed(ids, valid)
+    def _forward(self, batch):
+        from transformers import DynamicCache
+
+        decoder = self.model.get_decoder()
+        cache = DynamicCache()
+        # transformers >= 5.2x names the KV-cache argument `cache`; older versions `past_key_values`
+        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        self._cache_arg = cache_arg
+        h = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True,
+                    **{cache_arg: cache}).last_hidden_state
+        self.tokens_processed += batch.num_tokens
+        return h, cache
+
+    def _write(self, thinking: dict, hidden, cache, batch, weight, bias, gen) -> dict[int, Comment]:
+        """Generate the comment of every thinking row from the round's cache; returns row -> Comment."""
+        vocab, head, T = self.vocab, self._head, self.temperature
+        n, width = batch.input_ids.shape
+        device = weight.device
+        decoder = self.model.get_decoder()
+        comment_bias = head.comment_bias(weight, bias)
+        # each thinking row attends to its tokens before the decision position only
+        mask = torch.zeros(n, width, dtype=torch.long, device=device)
+        mask[:, 0] = 1
+        queue: dict[int, list[int]] = {}
+        fed: dict[int, list[int]] = {}
+        starts = torch.zeros(n, dtype=torch.long, device=device)
+        for i, (d, h) in thinking.items():
+            mask[i, :d.position] = 1
+            starts[i] = d.position
+            ids = head.set_ids(d.set_id)
+            z = h @ weight[ids].T
+            if bias is not None:
+                z = z + bias[ids]
+            first = int(ids[torch.multinomial(torch.softmax(z.float().cpu() / T, -1), 1, generator=gen)])
+            queue[i] = [first]
+            prefix = vocab.set_prefixes[d.set_id]
+            text = vocab.texts[first]
+            if "#" not in text:  # a whitespace token of the indentation: the "#" that opens the line is forced
+                queue[i] += vocab.tokenizer.encode(prefix[len(text):], add_special_tokens=False) \
+                    if prefix.startswith(text) else vocab.tokenizer.encode("#", add_special_tokens=False)
+            fed[i] = []
+        sampled = {i: 0 for i in thinking}
+        done: dict[int, Comment] = {}
+        logits = None
+        for step in range(self.max_rationale_tokens + 64):
+            writing = [i for i in thinking if i not in done]
+            if not writing:
+                break
+            nxt = torch.full((n,), vocab.pad_id, dtype=torch.long)
+            for i in writing:
+                if queue[i]:
+                    nxt[i] = queue[i].pop(0)
+                    continue
+                if sampled[i] >= self.max_rationale_tokens:
+                    done[i] = _comment(vocab, fed[i], truncated=True)
+                    continue
+                probs = torch.softmax(logits[i].float().cpu() / T, -1)
+                tok = int(torch.multinomial(probs, 1, generator=gen))
+                sampled[i] += 1
+                if tok in vocab.newline:
+                    done[i] = _comment(vocab, fed[i] + [tok], truncated=False)
+                    continue
+                nxt[i] = tok
+            active = torch.zeros(n, dtype=torch.bool)
+            for i in writing:
+                if i not in done:
+                    fed[i].append(int(nxt[i]))
+                    active[i] = True
+                    if int(nxt[i]) in vocab.newline:  # the decision token or a forced one closed the line
+                        done[i] = _comment(vocab, fed[i], truncated=False)
+            if not bool(active.any()):
+                continue
+            active = active.to(device)
+            mask = torch.cat([mask, active.long()[:, None]], 1)
+            position = (starts + step)[:, None]
+            out = decoder(input_ids=nxt.to(device)[:, None], attention_mask=mask, position_ids=position,
+                          use_cache=True, **{self._cache_arg: cache}).last_hidden_state[:, -1]
+            self.tokens_processed += int(active.sum())
+            logits = out @ weight.T + comment_bias
+        for i in thinking:
+            if i not in done:
+                done[i] = _comment(vocab, fed[i], truncated=True)
+        return done
+
+
+def _comment(vocab: CommentVocab, ids: list[int], *, truncated: bool) -> Comment:
+    """The comment written by tokens ``ids`` (from the decision token on): the text after the first "#", up to
+    the line's end."""
+    text = vocab.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    text = text[text.index("#") + 1:] if "#" in text else ""
+    for end in _COMMENT_ENDS:
+        text = text.split(end, 1)[0]
+    return Comment(text, truncated)

@@ -1,10 +1,14 @@
 """Every log-probability RA3 needs from one forward pass, through the fused ``ra3.ops``.
 
-- expert lines: ``ops.linear_logprobs(hidden, lm_head.weight, targets, segment_ids=line ids)``, full vocabulary;
-- the act/think decision q(z_t): a two-way softmax over the "\\n" and "\\n#" logits (``linear_logprobs`` on
-  those two rows of lm_head);
-- comment tokens: a softmax over the comment vocabulary (no newline inside a comment, the closing "\\n" as the
-  only way out), i.e. ``linear_logprobs`` / ``linear_entropy`` on those rows of lm_head.
+- expert lines: ``ops.linear_logprobs(hidden, lm_head.weight, targets, segment_ids=line ids)``, the full
+  vocabulary; at an act the token where the paths part ways is expert code, and its probability given the act
+  is p(token) / q(act), so log q(act) is taken off its line;
+- the think decision q(think at t): the summed probability of the decision set (the tokens that begin the
+  comment line, ``CommentVocab.decision_set``) at the position where the paths part ways. It is computed as
+  log p(token there) (fused, full vocabulary) + logsumexp over the set of the logit differences to that token,
+  so only the set's rows of lm_head are multiplied; q(act) = 1 - q(think);
+- comment tokens: the model's own distribution with special and added tokens masked out (as they are sampled),
+  ``ops.linear_logprobs`` / ``ops.linear_entropy`` with a masking bias.
 Per-boundary sums go through ``ops.segment_sum``.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ra3 import ops
-from ra3.data.sequences import DecisionTokens
+from ra3.data.sequences import CommentVocab
 from ra3.midtrain.batch import PackedBatch
 
 
@@ -36,52 +40,88 @@ def hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     return h[:, :-1].reshape(-1, h.shape[-1])
 
 
-class HeadRows:
-    """The lm_head restricted to the decision tokens and to the comment vocabulary (index maps precomputed)."""
+def log_not(log_q: torch.Tensor) -> torch.Tensor:
+    """log(1 - q) from log q (q < 1), stable near both ends."""
+    return torch.log(-torch.expm1(log_q.clamp(max=-1e-7)))
 
-    def __init__(self, tokens: DecisionTokens, vocab_size: int, device):
-        self.decision_ids = torch.tensor([tokens.act_id, tokens.think_id], device=device)
-        self.comment_ids = torch.tensor(tokens.comment_ids, device=device)
-        self.comment_index = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
-        self.comment_index[self.comment_ids] = torch.arange(len(tokens.comment_ids), device=device)
-        self.comment_vocab_size = len(tokens.comment_ids)
 
-    @staticmethod
-    def _rows(weight, bias, ids):
-        return weight.index_select(0, ids), (None if bias is None else bias.index_select(0, ids))
+class PolicyHead:
+    """The lm_head seen as the E-step's policy: decision sets and the comment vocabulary's masking bias.
 
-    def decision_logprobs(self, hidden, weight, bias, think, *, temperature, backend) -> torch.Tensor:
-        """log q(decision) per row: hidden [N, H], think [N] bool (the decision taken). Returns [N] float32."""
-        w, b = self._rows(weight, bias, self.decision_ids)
-        return ops.linear_logprobs(hidden, w, think.long(), bias=b, temperature=temperature, backend=backend)
+    vocab: the tokenizer's CommentVocab (its sets grow as new decision points are seen); device: lm_head's."""
+
+    def __init__(self, vocab: CommentVocab, device):
+        self.vocab = vocab
+        self.device = device
+        self._set_ids: dict[int, torch.Tensor] = {}
+        excluded = torch.zeros(vocab.vocab_size, dtype=torch.bool)
+        excluded[sorted(vocab.excluded)] = True
+        self.excluded = excluded.to(device)
+        self.comment_vocab_size = vocab.vocab_size - len(vocab.excluded)
+
+    def set_ids(self, set_id: int) -> torch.Tensor:
+        if set_id not in self._set_ids:
+            self._set_ids[set_id] = torch.tensor(self.vocab.sets[set_id], dtype=torch.long, device=self.device)
+        return self._set_ids[set_id]
+
+    def comment_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[V] bias that masks every special / added token out of the softmax (finite, so entropies stay finite
+        at any temperature)."""
+        big = -6e4 if weight.dtype == torch.float16 else -1e9
+        mask = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        mask = mask.masked_fill(self.excluded[:weight.shape[0]], big)
+        return mask if bias is None else bias + mask
+
+    def think_logq(self, hidden, weight, bias, targets, set_ids, *, temperature, backend) -> torch.Tensor:
+        """log q(think) per decision row: hidden [n, H] (the row before the decision position), targets [n] (the
+        token there), set_ids [n] (decision-set ids). Returns [n] float32, differentiable."""
+        lp = ops.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend)
+        rel = torch.zeros_like(lp)
+        for sid in torch.unique(set_ids).tolist():
+            rows = (set_ids == sid).nonzero().squeeze(1)
+            ids = self.set_ids(sid)
+            h = hidden[rows]
+            z = h @ weight[ids].T
+            zt = (h * weight[targets[rows]]).sum(-1)
+            if bias is not None:
+                z, zt = z + bias[ids], zt + bias[targets[rows]]
+            rel = rel.index_copy(0, rows, torch.logsumexp((z.float() - zt.float()[:, None]) / temperature, dim=1))
+        return (lp + rel).clamp(max=0.0)
+
+    def decisions(self, hidden, weight, bias, batch: PackedBatch, *, temperature, backend):
+        """(log q of the decision taken, log q(think)) per decision row of ``batch``, each [n] float32."""
+        rows = batch.decision_rows
+        if len(rows) == 0:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty
+        lq_think = self.think_logq(hidden[rows], weight, bias, batch.targets[rows], batch.decision_set,
+                                   temperature=temperature, backend=backend)
+        return torch.where(batch.decision_think, lq_think, log_not(lq_think)), lq_think
 
     def comment_logprobs(self, hidden, weight, bias, targets, *, temperature, backend) -> torch.Tensor:
-        """log q(comment token) per row over the comment vocabulary: hidden [N, H], targets [N] vocab ids."""
-        w, b = self._rows(weight, bias, self.comment_ids)
-        local = self.comment_index[targets]
-        if bool((local < 0).any()):
-            raise ValueError("a comment token is outside the comment vocabulary (newline or special token)")
-        return ops.linear_logprobs(hidden, w, local, bias=b, temperature=temperature, backend=backend)
+        """log q(comment token) per row (special / added tokens masked out): hidden [N, H], targets [N]."""
+        return ops.linear_logprobs(hidden, weight, targets, bias=self.comment_bias(weight, bias),
+                                   temperature=temperature, backend=backend)
 
     def comment_entropy(self, hidden, weight, bias, *, temperature, backend) -> torch.Tensor:
-        w, b = self._rows(weight, bias, self.comment_ids)
-        return ops.linear_entropy(hidden, w, bias=b, temperature=temperature, backend=backend)
+        return ops.linear_entropy(hidden, weight, bias=self.comment_bias(weight, bias), temperature=temperature,
+                                  backend=backend)
 
 
-def policy_logprobs(hidden, weight, bias, batch: PackedBatch, head: HeadRows, *, temperature: float,
+def policy_logprobs(hidden, weight, bias, batch: PackedBatch, head: PolicyHead, *, temperature: float,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log q of every policy token (decisions and sampled comment tokens), laid out per rollout.
+    """log q of every policy token (decisions and sampled comment tokens, never expert code or forced tokens),
+    laid out per rollout.
 
     Returns (logprobs [B, P] float32, mask [B, P] bool, boundary [B, P] int64 global boundary index b * A + t),
     P = the most policy tokens of any rollout; differentiable w.r.t. hidden / weight.
     """
     rows = torch.cat([batch.decision_rows, batch.comment_rows])
     bound = torch.cat([batch.decision_boundary, batch.comment_boundary])
-    lp = torch.cat([
-        head.decision_logprobs(hidden[batch.decision_rows], weight, bias, batch.decision_think,
-                               temperature=temperature, backend=backend),
-        head.comment_logprobs(hidden[batch.comment_rows], weight, bias, batch.targets[batch.comment_rows],
-                              temperature=temperature, backend=backend)])
+    taken, _ = head.decisions(hidden, weight, bias, batch, temperature=temperature, backend=backend)
+    lp = torch.cat([taken, head.comment_logprobs(hidden[batch.comment_rows], weight, bias,
+                                                 batch.targets[batch.comment_rows], temperature=temperature,
+                                                 backend=backend)])
     order = torch.argsort(rows)  # sequence order
     rows, bound, lp = rows[order], bound[order], lp[order]
     T1 = hidden.shape[0] // batch.size
@@ -103,10 +143,10 @@ def policy_logprobs(hidden, weight, bias, batch: PackedBatch, head: HeadRows, *,
 class RolloutScores:
     """Per-boundary terms of each rollout, [B, A] float32 (0 outside a document's actions) unless noted.
 
-    line_logprobs: log pi(a_t | s_t, z_<=t) of the expert action. decision_logq: log q of the decision taken;
-    think_logq: log q(think). comment_logq / comment_entropy: summed over the comment's sampled tokens.
-    comment_sampled: how many comment tokens were sampled (the forced closing newline is not). thinks,
-    truncated, valid: bool. comment_len: content tokens of each comment (int64).
+    line_logprobs: log pi(a_t | s_t, z_<=t) of the expert action (given the decision taken). decision_logq:
+    log q of the decision taken; think_logq: log q(think) (both 0 where t is no decision point).
+    comment_logq / comment_entropy: summed over the comment's sampled tokens. comment_sampled: how many comment
+    tokens were sampled. thinks, truncated, valid, decision_valid: bool. comment_len: sampled comment tokens.
     """
     line_logprobs: torch.Tensor
     decision_logq: torch.Tensor
@@ -117,37 +157,42 @@ class RolloutScores:
     thinks: torch.Tensor
     truncated: torch.Tensor
     valid: torch.Tensor
+    decision_valid: torch.Tensor
     comment_len: torch.Tensor
 
 
 @torch.no_grad()
-def score_rollouts(model, batch: PackedBatch, head: HeadRows, *, temperature: float = 1.0,
+def score_rollouts(model, batch: PackedBatch, head: PolicyHead, *, temperature: float = 1.0,
                    backend: str = "auto", hidden: torch.Tensor | None = None) -> RolloutScores:
     """All per-boundary terms of the rollouts in ``batch`` from one forward pass (no gradients)."""
     weight, bias = output_head(model)
     h = hidden_states(model, batch) if hidden is None else hidden
     B, A = batch.size, batch.max_actions
     n = B * A
+
+    def per_boundary(values, boundary):
+        return ops.segment_sum(values.float(), boundary, n, backend=backend).view(B, A)
+
     line = ops.linear_logprobs(h[batch.code_rows], weight, batch.targets[batch.code_rows], bias=bias,
                                segment_ids=batch.code_lines, num_segments=n, backend=backend).segment_logprobs
-    dec_h = h[batch.decision_rows]
-    dec_taken = head.decision_logprobs(dec_h, weight, bias, batch.decision_think, temperature=temperature,
-                                       backend=backend)
-    dec_think = head.decision_logprobs(dec_h, weight, bias, torch.ones_like(batch.decision_think),
-                                       temperature=temperature, backend=backend)
+    taken, lq_think = head.decisions(h, weight, bias, batch, temperature=temperature, backend=backend)
+    # an act's decision token is expert code: its probability given the act is p / q(act) (at temperature 1)
+    acts = batch.decision_code >= 0
+    if bool(acts.any()):
+        _, lq1 = (taken, lq_think) if temperature == 1.0 else \
+            head.decisions(h, weight, bias, batch, temperature=1.0, backend=backend)
+        line = line - ops.segment_sum(log_not(lq1[acts]), batch.code_lines[batch.decision_code[acts]], n,
+                                      backend=backend)
     com_h = h[batch.comment_rows]
     com_lp = head.comment_logprobs(com_h, weight, bias, batch.targets[batch.comment_rows], temperature=temperature,
                                    backend=backend)
     com_ent = head.comment_entropy(com_h, weight, bias, temperature=temperature, backend=backend)
-
-    def per_boundary(values, boundary):
-        return ops.segment_sum(values, boundary, n, backend=backend).view(B, A)
-
     return RolloutScores(
         line_logprobs=line.view(B, A),
-        decision_logq=per_boundary(dec_taken, batch.decision_boundary),
-        think_logq=per_boundary(dec_think, batch.decision_boundary),
+        decision_logq=per_boundary(taken, batch.decision_boundary),
+        think_logq=per_boundary(lq_think, batch.decision_boundary),
         comment_logq=per_boundary(com_lp, batch.comment_boundary),
         comment_entropy=per_boundary(com_ent, batch.comment_boundary),
         comment_sampled=per_boundary(torch.ones_like(com_lp), batch.comment_boundary),
-        thinks=batch.thinks, truncated=batch.truncated, valid=batch.valid, comment_len=batch.comment_len)
+        thinks=batch.thinks, truncated=batch.truncated, valid=batch.valid, decision_valid=batch.decision_valid,
+        comment_len=batch.comment_len)

@@ -79,30 +79,3 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", device="cpu"
     model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def ensure_decision_tokens(model, tokenizer) -> bool:
-    """Make "\\n#" one token of ``tokenizer`` (RA3's think decision), growing the embeddings if it was not.
-
-    The new row of the input and output embeddings starts as the embedding of "#", so the model's behaviour
-    on existing text is unchanged. Returns True when the vocabulary changed.
-    """
-    import torch
-
-    from ra3.data.sequences import ACT_TEXT, THINK_TEXT
-
-    if len(tokenizer.encode(ACT_TEXT, add_special_tokens=False)) != 1:
-        raise ValueError("the tokenizer does not encode '\\n' as a single token; RA3's act decision needs one")
-    if len(tokenizer.encode(THINK_TEXT, add_special_tokens=False)) == 1:
-        return False
-    hash_ids = tokenizer.encode("#", add_special_tokens=False)
-    tokenizer.add_tokens([THINK_TEXT])
-    new_id = tokenizer.convert_tokens_to_ids(THINK_TEXT)
-    old_size = model.get_input_embeddings().weight.shape[0]
-    if new_id >= old_size:
-        model.resize_token_embeddings(len(tokenizer))
-    with torch.no_grad():
-        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if emb is not None:
-                emb.weight[new_id] = emb.weight[hash_ids[-1]]
-    return True
