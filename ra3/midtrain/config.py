@@ -53,12 +53,12 @@ class MidtrainConfig:
     max_rationale_tokens: int = 8  # comment tokens before the closing newline is forced (paper-scale: 32)
     rollout_temperature: float = 1.0  # temperature of q (decisions and comments)
     discount: float = 1.0  # gamma over lines
-    advantage: str = "return"  # 'return' (one per rollout) or 'returns-to-go' (per boundary)
-    advantage_normalize: str = "std"  # group_advantages normalize: std | mean | rloo | none
+    advantage: str = "returns-to-go"  # 'returns-to-go' (a decision's return from its line on) or 'return' (rollout)
+    advantage_normalize: str = "mean"  # centring in nats against the document's group: mean | rloo | std | none
     format_penalty: float = 0.0  # subtracted per think whose comment is empty or was cut at max_rationale_tokens
     e_steps: int = 4  # policy-gradient updates per EM round
     e_docs_per_step: int = 8  # documents per update (x group_size rollouts)
-    ppo_epochs: int = 1  # gradient steps on each rollout batch
+    ppo_epochs: int = 2  # gradient steps on each rollout batch (with 1 the ratio is 1 and the clip never acts)
     clip_low: float = 0.2  # PPO ratio clip below 1
     clip_high: float = 0.2  # PPO ratio clip above 1
     kl_coef: float = 0.01  # KL to the frozen reference (the policy at the start of the E-step)

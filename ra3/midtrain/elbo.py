@@ -79,6 +79,7 @@ def returns(rewards: torch.Tensor, valid: torch.Tensor, discount: float) -> tupl
     rtg = torch.zeros_like(rewards)
     running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     for t in range(A - 1, -1, -1):
-        running = rewards[:, t] + discount * running * valid[:, t].to(rewards.dtype)
-        rtg[:, t] = running * valid[:, t].to(rewards.dtype)
+        # a boundary past the document's end contributes nothing, whatever its reward slot holds
+        running = (rewards[:, t] + discount * running) * valid[:, t].to(rewards.dtype)
+        rtg[:, t] = running
     return rtg[:, 0], rtg

@@ -85,7 +85,8 @@ class PolicyHead:
             zt = (h * weight[targets[rows]]).sum(-1)
             if bias is not None:
                 z, zt = z + bias[ids], zt + bias[targets[rows]]
-            rel = rel.index_copy(0, rows, torch.logsumexp((z.float() - zt.float()[:, None]) / temperature, dim=1))
+            z, zt = z.to(lp.dtype), zt.to(lp.dtype)  # float32 (float64 for float64 input), as lp
+            rel = rel.index_copy(0, rows, torch.logsumexp((z - zt[:, None]) / temperature, dim=1))
         return (lp + rel).clamp(max=0.0)
 
     def decisions(self, hidden, weight, bias, batch: PackedBatch, *, temperature, backend):
