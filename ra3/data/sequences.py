@@ -425,7 +425,8 @@ def check_annotation(doc: Document, comments: dict[int, Comment]) -> None:
     seen = set()
     try:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.start[0] in rows and tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            if tok.start[0] in rows and tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT,
+                                                         tokenize.DEDENT):
                 if tok.type != tokenize.COMMENT:
                     raise ValueError(f"inserted line {tok.start[0]} holds a {tokenize.tok_name[tok.type]} token, "
                                      f"not a comment: {tok.line!r}")
