@@ -2,6 +2,7 @@
 killed mid-E-step / mid-M-step resumes to the same metrics as the uninterrupted one."""
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
@@ -45,22 +46,37 @@ def test_two_round_run_finishes_and_improves(full_run):
     assert its[1]["estep_return_mean"] > its[0]["estep_return_mean"]
     assert its[1]["elbo"] > its[0]["elbo"]
     assert its[1]["heldout_ntp_loss"] < its[0]["heldout_ntp_loss"]
-    # the fixed-cost ELBO is the expert log-likelihood minus c per think
     for r in its:
-        assert r["elbo_fixed"] == pytest.approx(r["expert_loglik"] - r["cost_paid"], abs=1e-3)
-        assert 0 <= r["thinks_per_100_lines"] <= 100
+        assert 0 <= r["thinks_per_100_lines"] <= 100 and 0 < r["think_q_mean"] < 1
+        assert r["heldout_code_loss"] > 0
     # what a run leaves behind
     assert (out / "metrics.jsonl").exists() and (out / "summary.md").exists() and (out / "config.yaml").exists()
     assert "| ra3 | 1 |" in (out / "summary.md").read_text()
     sample = (out / "samples" / "ra3-iter1.md").read_text()
     assert "```python" in sample and "ELBO" in sample
-    assert (out / "ra3" / "final" / "config.json").exists()
+    for block in sample.split("```python\n")[1:]:
+        code = block.split("```")[0]
+        ast.parse(code)  # the embedded corpus parses, and so does every annotated sample
+    # no token added, no embedding row edited: the final model has exactly the base model's vocabulary
     from ra3.models import load_model
 
+    base_model, base_tok = load_model("ra3-tiny")
     model, tok = load_model(out / "ra3" / "final")
-    assert len(tok.encode("\n#", add_special_tokens=False)) == 1
+    assert len(tok) == len(base_tok) and tok.get_vocab() == base_tok.get_vocab()
+    assert model.get_input_embeddings().weight.shape == base_model.get_input_embeddings().weight.shape
     ck = __import__("torch").load(out / "checkpoints" / "ra3" / "latest.pt", weights_only=False)
     assert ck["progress"]["done"] and ck["config"]["think_cost"] == 0.05
+
+
+def test_ra3_and_ntp_train_on_the_same_documents_in_the_same_order(tmp_path):
+    result = run_midtrain(small_config(tmp_path, objective="both", em_iterations=1, e_steps=1, m_steps=5,
+                                       num_samples=0))
+    steps = [r for r in result["records"] if r["kind"] == "step" and r["phase"] == "m_step"]
+    ra3 = [r["documents_crc"] for r in steps if r["objective"] == "ra3"]
+    ntp = [r["documents_crc"] for r in steps if r["objective"] == "ntp"]
+    assert len(ra3) == len(ntp) == 5 and ra3 == ntp and len(set(ra3)) > 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Matched: the same documents in the same order" in summary and "RA3's extra compute" in summary
 
 
 def test_killed_run_resumes_to_the_same_metrics(full_run, tmp_path):
@@ -83,11 +99,12 @@ def test_killed_run_resumes_to_the_same_metrics(full_run, tmp_path):
         run_midtrain(small_config(tmp_path, think_cost=0.2))
 
 
-def test_exact_kl_form_and_returns_to_go_run(tmp_path):
+def test_exact_kl_form_and_whole_return_run(tmp_path):
     result = run_midtrain(small_config(tmp_path, em_iterations=1, e_steps=2, m_steps=2, kl_form="exact",
-                                       advantage="returns-to-go", kl_coef=0.0, format_penalty=0.1, discount=0.9,
+                                       advantage="return", kl_coef=0.0, format_penalty=0.1, discount=0.9,
                                        num_samples=0))
     its = [r for r in result["records"] if r["kind"] == "iteration"]
     assert its[0]["elbo"] == its[0]["elbo_exact"]
-    assert its[0]["elbo_exact"] == pytest.approx(its[0]["expert_loglik"] - its[0]["kl_decision"]
-                                                 - its[0]["kl_comment"], abs=1e-2)
+    # the exact bound pays at least the Bernoulli KL of every decision point (>= 0) on top of the likelihood
+    assert its[0]["elbo_exact"] <= its[0]["expert_loglik"] + 1e-6
+    assert its[0]["kl_decision"] >= 0 and its[0]["kl_comment"] >= 0

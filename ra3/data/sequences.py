@@ -239,6 +239,7 @@ class Sequence:
     forced: list[int] = field(default_factory=list)
     thinks: list[int] = field(default_factory=list)  # actions preceded by a comment, ascending
     truncated: list[int] = field(default_factory=list)  # actions whose comment was cut at max_rationale_tokens
+    empty: list[int] = field(default_factory=list)  # actions whose comment says nothing (blank after "#")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -402,7 +403,8 @@ def _label(doc: Document, text: str, spans: dict[int, tuple[int, int]], enc, dec
             if holder is not None and kinds[holder] == KIND_COMMENT and holder not in forced:
                 forced.append(holder)
     return Sequence(text, list(ids), kinds, line_ids, boundary_ids, segment_ids, doc.num_actions, len(thinks) + 1,
-                    decisions, sorted(forced), thinks, sorted(k for k in spans if comments[k].truncated))
+                    decisions, sorted(forced), thinks, sorted(k for k in spans if comments[k].truncated),
+                    sorted(k for k in spans if not comments[k].text.strip()))
 
 
 def _action_of(action_starts: list[int], char: int) -> int:

@@ -25,7 +25,8 @@ class PackedBatch:
     of the same row (that token is expert code), else -1.
     comment_rows / comment_boundary: rows predicting a *sampled* comment token (the think token itself and forced
     tokens excluded), and the global boundary index. token_rows: rows predicting any non-special token.
-    thinks, truncated, valid, decision_valid: [B, A] bool per action; comment_len: [B, A] sampled comment tokens.
+    thinks, truncated, empty, valid, decision_valid: [B, A] bool per action; comment_len: [B, A] sampled comment
+    tokens.
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -43,6 +44,7 @@ class PackedBatch:
     thinks: torch.Tensor
     comment_len: torch.Tensor
     truncated: torch.Tensor
+    empty: torch.Tensor
     valid: torch.Tensor
     decision_valid: torch.Tensor
     num_actions: torch.Tensor
@@ -75,6 +77,7 @@ def pack(seqs: list[Sequence], pad_id: int, device="cpu") -> PackedBatch:
     forced = torch.zeros((B, T), dtype=torch.bool)
     thinks = torch.zeros((B, A), dtype=torch.bool)
     trunc = torch.zeros((B, A), dtype=torch.bool)
+    empty = torch.zeros((B, A), dtype=torch.bool)
     valid = torch.zeros((B, A), dtype=torch.bool)
     decision_valid = torch.zeros((B, A), dtype=torch.bool)
     dec_rows, dec_think, dec_bound, dec_set = [], [], [], []
@@ -89,6 +92,7 @@ def pack(seqs: list[Sequence], pad_id: int, device="cpu") -> PackedBatch:
         valid[b, :s.num_actions] = True
         thinks[b, s.thinks] = True
         trunc[b, s.truncated] = True
+        empty[b, s.empty] = True
         for d in s.decisions:
             decision_valid[b, d.action] = True
             dec_rows.append(b * (T - 1) + d.position - 1)
@@ -122,5 +126,5 @@ def pack(seqs: list[Sequence], pad_id: int, device="cpu") -> PackedBatch:
         decision_set=to(torch.tensor(dec_set, dtype=torch.long)), decision_code=to(decision_code),
         comment_rows=to(comment_rows), comment_boundary=to(comment_bound),
         token_rows=to(flat((kinds_t != KIND_SPECIAL) & (mask[:, 1:] > 0))), thinks=to(thinks),
-        comment_len=to(comment_len), truncated=to(trunc), valid=to(valid), decision_valid=to(decision_valid),
+        comment_len=to(comment_len), truncated=to(trunc), empty=to(empty), valid=to(valid), decision_valid=to(decision_valid),
         num_actions=to(torch.tensor([s.num_actions for s in seqs])))

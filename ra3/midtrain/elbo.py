@@ -68,7 +68,7 @@ def line_rewards(scores: RolloutScores, *, kl_form: str, think_cost: float, alph
     else:
         raise ValueError(f"kl_form must be 'fixed' or 'exact', got {kl_form!r}")
     if format_penalty:
-        malformed = thinks.bool() & ((scores.comment_len == 0) | scores.truncated)
+        malformed = thinks.bool() & (scores.empty | scores.truncated)
         r = r - format_penalty * malformed.to(dt)
     return r * scores.valid.to(dt)
 

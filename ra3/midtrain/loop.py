@@ -160,6 +160,10 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
 
     ra3 = objective == "ra3"
     info = dist.get_info()
+    if ra3 and cfg.engine == "vllm":
+        from ra3.midtrain.rollout_vllm import _vllm  # noqa: PLC0415
+
+        _vllm()  # a missing vllm is named before any model loads
     try:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(info.device) if info.distributed
                                       else cfg.device, seed=cfg.seed)
@@ -297,6 +301,8 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                     idx = _batch_indices(len(data), cfg.m_batch_size, s, *data_seed, "m_step")
                     m = m_step(model, live["opt"], [data[i] for i in dist.shard(idx)], pad_id=vocab.pad_id,
                                tokens=cfg.mstep_tokens, grad_clip=cfg.grad_clip, backend=cfg.ops_backend)
+                    # which expert documents this step trained on (the same for RA3 and NTP)
+                    m["documents_crc"] = zlib.crc32("\0".join(round_docs[i].text for i in idx).encode())
                     acc = p["acc"]
                     acc["mstep_loss_last"] = m["loss"]
                     acc["mstep_tokens"] = acc.get("mstep_tokens", 0) + m["tokens"]

@@ -1,14 +1,22 @@
-"""The vLLM rollout engine for the E-step: the same latent walk as ``rollout.HFGenerator``, on vLLM.
+"""The vLLM rollout engine for the E-step: the latent walk of ``rollout.HFGenerator`` on vLLM's public API.
 
-Each line boundary re-submits every document's growing prefix as token ids; with ``enable_prefix_caching`` vLLM
-reuses the KV blocks of the prefix it has already seen, so a step costs the new tokens only. Per boundary:
+A rollout walks its documents in rounds. A round builds the sequence of every open document as annotated so far
+(``build_sequences``: the tokenizer's own ids) and submits, for every decision point after the document's cursor,
+one request: ``prompt_token_ids = ids[:p]`` (p: the position where the comment and the expert paths part ways),
+``max_tokens=1``, the model's full distribution, a seed of its own. The decision is a think iff the sampled token
+is in the decision's set (``CommentVocab.sets``). That is exactly the policy ``scoring`` scores: a draw from the
+full distribution lands in the set with probability q(think) (the set's summed probability), and given that it
+lands there it is distributed as HFGenerator's first comment token (the distribution restricted to the set), so
+it is kept as the comment's first token. A document thinks at its first think in action order; the round's later
+draws of that document are dropped (they are independent of the earlier ones, so dropping them biases nothing).
 
-1. the decision: one token, ``allowed_token_ids=[act, think]`` (vLLM masks every other logit before the
-   temperature, so this is the two-way softmax over the act/think logits that ``scoring`` scores);
-2. on think, the comment: ``allowed_token_ids`` = the comment vocabulary (its last id is the newline act token),
-   ``stop_token_ids=[act]``, at most ``max_rationale_tokens`` tokens; a comment that did not stop gets the
-   closing newline forced, as the HF engine does;
-3. the expert line is appended to the prefix as forced tokens (never sampled).
+For a think a second request continues from ``ids[:p] + [that token]`` (+ the rest of "<indent>#", forced, when
+the token was whitespace only) with ``allowed_token_ids`` = every comment-usable id (special and added tokens
+masked out, as scored), ``stop_token_ids`` = every token holding a newline and ``max_tokens =
+max_rationale_tokens``. The comment is the text after the first "#" up to the newline; without a newline within
+``max_rationale_tokens`` tokens it is truncated (the closing newline is then forced, as in HFGenerator). The
+document is annotated with it and the next round re-submits the grown prefix: with ``enable_prefix_caching``
+vLLM reuses the KV blocks it has computed already, so a request costs little more than its new tokens.
 
 ``sync_weights`` loads the trainer's weights into the vLLM model in place and resets the prefix cache (its KV
 blocks were computed with the old weights). That reaches into vLLM's engine, which needs the engine core in
@@ -17,16 +25,19 @@ this process (vLLM V1: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before vLL
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
-from ra3.data.sequences import DecisionTokens, Document
+from ra3.data.sequences import Comment, CommentVocab, Decision, Document, Sequence, build_sequences
+from ra3.midtrain.rollout import _comment
 
 # attribute paths from ``llm.llm_engine`` to the torch model, newest vLLM first
 _MODEL_PATHS = (
     "model_executor.driver_worker.worker.model_runner.model",
     "model_executor.driver_worker.model_runner.model",
 )
+_DECIDE, _WRITE = 0, 1  # request phases, part of each request's seed
 
 
 def _vllm():
@@ -40,17 +51,23 @@ def _vllm():
 
 
 class VLLMGenerator:
-    """Rollouts on a vLLM ``LLM`` built from the trainer's model (saved once to a temporary directory)."""
+    """Rollouts on a vLLM ``LLM`` built from the trainer's model (saved once to a temporary directory), or on
+    ``llm`` when given. Same contract as ``rollout.HFGenerator``: ``rollout(docs, seed=...)`` returns, per
+    document, action index -> Comment for every think; deterministic for a seed and the same weights."""
 
-    def __init__(self, model, tokenizer, tokens: DecisionTokens, *, max_rationale_tokens: int,
+    def __init__(self, model, tokenizer, vocab: CommentVocab, *, max_rationale_tokens: int,
                  temperature: float = 1.0, seed: int = 0, dtype: str = "auto",
                  gpu_memory_utilization: float = 0.3, llm=None):
         vllm = _vllm()
-        self.tokens = tokens
+        self.vocab = vocab
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
         self.tokens_processed = 0  # prompt + sampled tokens submitted, for tokens/s (cached ones included)
         self._SamplingParams = vllm.SamplingParams
+        # what a comment token may be (the masked vocabulary scoring uses) and what ends a comment line
+        self._comment_ids = [i for i in range(vocab.vocab_size) if i not in vocab.excluded]
+        self._newline_ids = sorted(vocab.newline)
+        self._sets: dict[int, frozenset[int]] = {}
         if llm is None:
             # vLLM loads from a directory; the trainer's model may exist only in memory (ra3-tiny, added tokens)
             self._dir = tempfile.TemporaryDirectory(prefix="ra3-vllm-")
@@ -75,39 +92,89 @@ class VLLMGenerator:
         raise RuntimeError("cannot reach vLLM's model to load the trainer's weights: run vLLM with its engine "
                            "in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and tensor_parallel_size=1")
 
-    def _sample(self, prompts: list[list[int]], seeds: list[int], **params) -> list[list[int]]:
+    def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, Comment]]:
+        comments: list[dict[int, Comment]] = [{} for _ in docs]
+        cursor = [0] * len(docs)
+        open_rows = [b for b, d in enumerate(docs) if d.num_actions]
+        rnd = 0
+        while open_rows:
+            seqs = build_sequences([docs[b] for b in open_rows], self.vocab, [comments[b] for b in open_rows])
+            # one single-token draw at every decision point after each document's cursor (decisions ascend)
+            pending = [(b, s, d) for b, s in zip(open_rows, seqs) for d in s.decisions if d.action >= cursor[b]]
+            drawn = self._generate([s.input_ids[:d.position] for _, s, d in pending],
+                                   [_seed(seed, b, rnd, d.action, _DECIDE) for b, _, d in pending], max_tokens=1)
+            thinking: dict[int, tuple[Sequence, Decision, int]] = {}
+            for (b, s, d), (out, _) in zip(pending, drawn):
+                if b not in thinking and out and out[0] in self._decision_set(d.set_id):
+                    thinking[b] = (s, d, out[0])
+            for b in open_rows:
+                if b not in thinking:
+                    cursor[b] = docs[b].num_actions
+            for b, comment in self._write(thinking, seed, rnd).items():
+                action = thinking[b][1].action
+                comments[b][action] = comment
+                cursor[b] = action + 1
+            open_rows = [b for b in open_rows if cursor[b] < docs[b].num_actions]
+            rnd += 1
+        return comments
+
+    def _decision_set(self, set_id: int) -> frozenset[int]:
+        if set_id not in self._sets:
+            self._sets[set_id] = frozenset(self.vocab.sets[set_id])
+        return self._sets[set_id]
+
+    def _opening(self, set_id: int, first: int) -> list[int]:
+        """The comment line's opening tokens: the decision token, then the rest of "<indent>#" (forced) when the
+        decision token is whitespace only, as HFGenerator writes it."""
+        vocab = self.vocab
+        text, prefix = vocab.texts[first], vocab.set_prefixes[set_id]
+        if "#" in text:
+            return [first]
+        rest = prefix[len(text):] if prefix.startswith(text) else "#"
+        return [first] + vocab.tokenizer.encode(rest, add_special_tokens=False)
+
+    def _write(self, thinking: dict[int, tuple[Sequence, Decision, int]], seed: int, rnd: int) -> dict[int, Comment]:
+        """The comment of every thinking document (b -> Comment), one request each."""
+        vocab = self.vocab
+        done: dict[int, Comment] = {}
+        rows, openings, prompts, seeds = [], [], [], []
+        for b, (s, d, first) in thinking.items():
+            opening = self._opening(d.set_id, first)
+            closed = next((j for j, t in enumerate(opening) if t in vocab.newline), None)
+            if closed is not None:  # the opening tokens closed the line themselves
+                done[b] = _comment(vocab, opening[:closed + 1], truncated=False)
+            elif self.max_rationale_tokens < 1:
+                done[b] = _comment(vocab, opening, truncated=True)
+            else:
+                rows.append(b)
+                openings.append(opening)
+                prompts.append(s.input_ids[:d.position] + opening)
+                seeds.append(_seed(seed, b, rnd, d.action, _WRITE))
+        written = self._generate(prompts, seeds, max_tokens=self.max_rationale_tokens,
+                                 allowed_token_ids=self._comment_ids, stop_token_ids=self._newline_ids)
+        for b, opening, (out, finish) in zip(rows, openings, written):
+            end = next((j for j, t in enumerate(out) if t in vocab.newline), None)
+            if end is not None:  # the newline is in the output (vLLM keeps a stop token in token_ids)
+                done[b] = _comment(vocab, opening + out[:end + 1], truncated=False)
+            elif finish == "stop":  # stopped on a newline that the output left out
+                done[b] = _comment(vocab, opening + out, truncated=False)
+            else:  # no newline within max_rationale_tokens: the line is closed by force
+                done[b] = _comment(vocab, opening + out[:self.max_rationale_tokens], truncated=True)
+        return done
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int], **params) -> list[tuple[list[int], str | None]]:
+        """(sampled token ids, finish reason) per prompt."""
         if not prompts:
             return []
         sampling = [self._SamplingParams(n=1, temperature=self.temperature, seed=s, **params) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
-        result = [list(o.outputs[0].token_ids) for o in outs]
-        self.tokens_processed += sum(len(p) for p in prompts) + sum(len(r) for r in result)
+        result = [(list(o.outputs[0].token_ids), getattr(o.outputs[0], "finish_reason", None)) for o in outs]
+        self.tokens_processed += sum(len(p) for p in prompts) + sum(len(r) for r, _ in result)
         return result
 
-    def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, list[int]]]:
-        tk = self.tokens
-        prefix = [[tk.bos_id] for _ in docs]
-        comments: list[dict[int, list[int]]] = [{} for _ in docs]
-        for t in range(max((d.num_actions for d in docs), default=0)):
-            active = [b for b, d in enumerate(docs) if d.num_actions > t]
-            # one seed per (rollout seed, document slot, boundary, phase): reproducible, independent draws
-            decided = self._sample([prefix[b] for b in active], [_seed(seed, b, t, 0) for b in active],
-                                   max_tokens=1, allowed_token_ids=[tk.act_id, tk.think_id])
-            thinking = [b for b, out in zip(active, decided) if out and out[0] == tk.think_id]
-            for b in active:
-                prefix[b].append(tk.think_id if b in thinking else tk.act_id)
-            written = self._sample([prefix[b] for b in thinking], [_seed(seed, b, t, 1) for b in thinking],
-                                   max_tokens=self.max_rationale_tokens, allowed_token_ids=list(tk.comment_ids),
-                                   stop_token_ids=[tk.act_id])
-            for b, out in zip(thinking, written):
-                text = [i for i in out if i != tk.act_id][:self.max_rationale_tokens] + [tk.act_id]
-                comments[b][t] = text
-                prefix[b].extend(text)
-            for b in active:
-                prefix[b].extend(docs[b].action_ids[t])
-        return comments
 
-
-def _seed(seed: int, slot: int, boundary: int, phase: int) -> int:
-    return (int(seed) * 1_000_003 + slot * 7919 + boundary * 31 + phase) & 0x7FFFFFFF
-
+def _seed(seed: int, slot: int, rnd: int, action: int, phase: int) -> int:
+    """A request's seed: a 63-bit hash of (rollout seed, document slot, round, action, phase), so no two requests
+    of a rollout share their draws (a linear mix of the parts collides) and a rollout seed repeats them all."""
+    digest = hashlib.blake2b(f"{int(seed)}/{slot}/{rnd}/{action}/{phase}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF

@@ -147,7 +147,7 @@ class RolloutScores:
     line_logprobs: log pi(a_t | s_t, z_<=t) of the expert action (given the decision taken). decision_logq:
     log q of the decision taken; think_logq: log q(think) (both 0 where t is no decision point).
     comment_logq / comment_entropy: summed over the comment's sampled tokens. comment_sampled: how many comment
-    tokens were sampled. thinks, truncated, valid, decision_valid: bool. comment_len: sampled comment tokens.
+    tokens were sampled. thinks, truncated, empty, valid, decision_valid: bool. comment_len: sampled comment tokens.
     """
     line_logprobs: torch.Tensor
     decision_logq: torch.Tensor
@@ -157,6 +157,7 @@ class RolloutScores:
     comment_sampled: torch.Tensor
     thinks: torch.Tensor
     truncated: torch.Tensor
+    empty: torch.Tensor
     valid: torch.Tensor
     decision_valid: torch.Tensor
     comment_len: torch.Tensor
@@ -195,5 +196,5 @@ def score_rollouts(model, batch: PackedBatch, head: PolicyHead, *, temperature: 
         comment_logq=per_boundary(com_lp, batch.comment_boundary),
         comment_entropy=per_boundary(com_ent, batch.comment_boundary),
         comment_sampled=per_boundary(torch.ones_like(com_lp), batch.comment_boundary),
-        thinks=batch.thinks, truncated=batch.truncated, valid=batch.valid, decision_valid=batch.decision_valid,
+        thinks=batch.thinks, truncated=batch.truncated, empty=batch.empty, valid=batch.valid, decision_valid=batch.decision_valid,
         comment_len=batch.comment_len)
