@@ -82,7 +82,7 @@ def test_patched_loss_and_grads_match_unpatched(name):
     model = _model(name)
     ids, mask, labels = _batch()
     ref, ref_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
-    assert ref.logits is not None
+    assert ref.logits.shape == (*ids.shape, VOCAB)
     apply_ra3(model)
     assert is_patched(model)
     out, grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
@@ -91,8 +91,11 @@ def test_patched_loss_and_grads_match_unpatched(name):
     _assert_close_grads(grads, ref_grads)
     unapply_ra3(model)
     assert not is_patched(model)
-    again, _ = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
-    assert again.logits is not None
+    again, again_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    # unpatched means the original forward again: the same logits, loss and gradients, bit for bit
+    torch.testing.assert_close(again.logits, ref.logits, rtol=0, atol=0)
+    torch.testing.assert_close(again.loss, ref.loss, rtol=0, atol=0)
+    _assert_close_grads(again_grads, ref_grads)
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "cohere", "granite"])
@@ -143,13 +146,19 @@ def test_num_items_in_batch_and_shift_labels(name):
 
 
 def test_eval_mode_keeps_logits_unless_skip_logits():
-    model = apply_ra3(_model("llama")).eval()
     ids, mask, labels = _batch()
+    with torch.no_grad():
+        plain = _model("llama").eval()(input_ids=ids, attention_mask=mask, labels=labels)  # unpatched
+    model = apply_ra3(_model("llama")).eval()
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, labels=labels)
         fused = model(input_ids=ids, attention_mask=mask, labels=labels, skip_logits=True)
         no_labels = model(input_ids=ids, attention_mask=mask)
-    assert full.logits is not None and no_labels.logits is not None and no_labels.loss is None
+    # the logits kept are the model's real logits, with or without labels
+    torch.testing.assert_close(full.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(no_labels.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.loss, plain.loss, rtol=1e-4, atol=0)
+    assert no_labels.loss is None
     assert fused.logits is None
     torch.testing.assert_close(fused.loss, full.loss, rtol=1e-4, atol=0)
 

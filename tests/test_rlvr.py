@@ -3,6 +3,7 @@ run that raises the mean reward, exact resume from a checkpoint, and `ra3 plot` 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def learning_run(tmp_path_factory):
 
 # ---- the GRPO run -------------------------------------------------------------------------------------------
 def test_grpo_raises_the_mean_reward(learning_run):
-    out, _ = learning_run
+    out, cfg = learning_run
     rows = _rows(out)
     assert [r["step"] for r in rows] == list(range(1, LEARN_STEPS + 1))
     rewards = [r["reward_mean"] for r in rows]
@@ -48,7 +49,14 @@ def test_grpo_raises_the_mean_reward(learning_run):
     assert rows[-1]["entropy"] < rows[0]["entropy"]  # the policy sharpened on what the tests reward
     for key in ("reward_mean", "pass_rate", "kl", "entropy", "response_length", "clip_fraction", "tokens_per_s",
                 "loss", "grad_norm"):
-        assert all(isinstance(r[key], float) or isinstance(r[key], int) for r in rows), key
+        assert all(isinstance(r[key], (float, int)) and math.isfinite(r[key]) for r in rows), key
+    # each statistic within what it measures; the toy run scores partial credit and has no reference model
+    assert cfg.partial_credit and cfg.kl_coef == 0
+    for r in rows:
+        assert 0 <= r["pass_rate"] <= r["reward_mean"] <= 1, r  # a passed sample scores 1, any other less
+        assert 0 <= r["clip_fraction"] <= 1 and r["grad_norm"] >= 0 and r["tokens_per_s"] > 0, r
+        assert 0 < r["response_length"] <= cfg.max_new_tokens, r
+        assert r["kl"] == 0, r  # no reference policy, so no KL estimate
 
 
 def test_checkpoints_are_loadable_models(learning_run):

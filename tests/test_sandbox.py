@@ -6,6 +6,7 @@ import glob
 import os
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from ra3.eval.sandbox import (IOCase, Sandbox, SandboxConfig, StdioJob, TestJob,
                               processes_of_uid)
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs POSIX process groups and rlimits")
+_WALL_CLOCK = "wall-clock time limit exceeded"  # the message of a process killed at its timeout
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +82,70 @@ def test_syntax_errors_fail_without_a_process(sandbox):
 def test_infinite_loop_times_out(sandbox):
     start = time.perf_counter()
     r = sandbox.run(TestJob("while True:\n    pass\n", ("pass",)))
-    assert r.status == "timeout" and not r.passed
+    # RLIMIT_CPU (ceil(timeout) + 1 s) is above the wall clock, so a one-thread loop meets the wall clock first
+    assert r.status == "timeout" and not r.passed and r.message == _WALL_CLOCK
     assert time.perf_counter() - start < sandbox.config.timeout + 3
 
 
 def test_a_loop_in_a_later_test_keeps_earlier_verdicts(sandbox):
     r = sandbox.run(TestJob("x = 1", ("assert x == 1", "while True: pass"), stop_on_failure=False))
-    assert r.status == "timeout" and r.tests_passed == 1 and r.tests_total == 2
+    assert r.status == "timeout" and r.tests_passed == 1 and r.tests_total == 2 and r.message == _WALL_CLOCK
+
+
+# ---- timeouts: one test per limit, each with a program that only that limit can stop -------------------------
+# A sleeping program uses no CPU, so only a wall clock ends it; a busy loop dies at whichever of the wall clock and
+# RLIMIT_CPU comes first. Every program here ends by itself after _SELF_END_S seconds and would then pass, so a
+# limit that failed turns the verdict into 'passed' (and blows the time bound) at a cost of _SELF_END_S, not a hang.
+_SELF_END_S = 20
+_SLEEP = f"import time\ntime.sleep({_SELF_END_S})\nprint('woke')\n"
+_SPIN = f"import time\nend = time.monotonic() + {_SELF_END_S}\nwhile time.monotonic() < end:\n    pass\nprint('woke')\n"
+_WOKE = (IOCase("", "woke"),)  # what either program prints if it is not stopped
+
+
+def _timed_run(box: Sandbox, job) -> tuple:
+    start = time.perf_counter()
+    r = box.run(job)
+    return r, time.perf_counter() - start
+
+
+def test_a_sleeping_stdio_case_stops_at_its_own_timeout_not_the_sandbox_default():
+    """StdioJob.timeout (the problem's own limit, per case) wins over a long sandbox default. TestJob has no
+    per-job timeout: it always runs under the sandbox's."""
+    box = Sandbox(SandboxConfig(timeout=30.0))
+    r, elapsed = _timed_run(box, StdioJob(_SLEEP, _WOKE, timeout=1.0))
+    assert (r.status, r.message, r.tests_passed) == ("timeout", f"case 0: {_WALL_CLOCK}", 0)
+    assert 1.0 <= r.duration_s and elapsed < 1.0 + 3
+
+
+@pytest.mark.parametrize("kind", ["tests", "stdio"])
+def test_a_sleeping_program_stops_at_the_sandbox_wall_clock(kind):
+    box = Sandbox(SandboxConfig(timeout=1.0))
+    job, message = ((TestJob(_SLEEP, ("pass",)), _WALL_CLOCK) if kind == "tests" else
+                    (StdioJob(_SLEEP, _WOKE), f"case 0: {_WALL_CLOCK}"))
+    r, elapsed = _timed_run(box, job)
+    assert (r.status, r.message, r.tests_passed) == ("timeout", message, 0)
+    assert 1.0 <= r.duration_s and elapsed < 1.0 + 3
+
+
+@pytest.mark.parametrize("kind", ["tests", "stdio"])
+def test_a_busy_loop_stops_at_the_cpu_time_limit(kind, monkeypatch):
+    """RLIMIT_CPU is ceil(timeout) + 1 s of the process's own timeout (the per-case one for stdio): 2 s here. It
+    sits above the wall clock, so to test it alone every wall clock the sandbox sets is stretched 100x: within the
+    bound only RLIMIT_CPU can stop the loop."""
+    box = Sandbox(SandboxConfig(timeout=1.0 if kind == "tests" else 30.0))
+    box.capabilities  # probed before the patch, with the real wall clock
+    communicate = subprocess.Popen.communicate
+
+    def late_wall_clock(self, input=None, timeout=None):
+        return communicate(self, input, None if timeout is None else timeout * 100)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", late_wall_clock)
+    job, message = ((TestJob(_SPIN, ("pass",)), "CPU time limit exceeded") if kind == "tests" else
+                    (StdioJob(_SPIN, _WOKE, timeout=1.0), "case 0: CPU time limit exceeded"))
+    r, elapsed = _timed_run(box, job)
+    assert (r.status, r.message, r.tests_passed) == ("timeout", message, 0)
+    # at least the 2 CPU seconds (less a clock tick); at most those on a busy shared machine, far below _SELF_END_S
+    assert 1.9 <= r.duration_s and elapsed < 10
 
 
 @pytest.mark.parametrize("program", [
@@ -141,8 +200,11 @@ def test_a_crash_of_the_interpreter_fails(sandbox):
 
 
 def test_exiting_early_does_not_pass(sandbox):
-    for program in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n"):
-        assert not sandbox.run(TestJob(program, ("pass",))).passed
+    r = sandbox.run(TestJob("import sys\nsys.exit(0)\n", ("pass",)))
+    assert (r.status, r.message, r.tests_passed) == ("failed", "program: SystemExit: 0", 0)
+    r = sandbox.run(TestJob("import os\nos._exit(0)\n", ("pass",)))
+    assert (r.status, r.tests_passed) == ("failed", 0)
+    assert r.message == "the program ended its process (exit status 0) before the tests finished"
 
 
 def test_file_deletion_leaves_the_watched_host_directory_untouched(sandbox, watched_dir):
@@ -179,7 +241,8 @@ def test_sockets_are_blocked(sandbox):
                         f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))",
                         "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:1', timeout=1)"):
             r = sandbox.run(TestJob(program, ("pass",)))
-            assert r.status == "failed", (program, r)
+            # the guard's refusal, not merely a failed connection (which the network namespace alone would give)
+            assert r.status == "failed" and "network access is disabled in the ra3 sandbox" in r.message, (program, r)
         with pytest.raises(socket.timeout):
             server.accept()  # nobody connected
     finally:
@@ -211,7 +274,7 @@ def test_stdio_jobs(sandbox):
     r = sandbox.run(StdioJob("import sys\nprint(sum(map(int, sys.stdin.read().split())))\nsys.exit(0)\n", cases))
     assert r.passed  # reading fd 0 directly and exiting with 0 are fine for stdio programs
     r = sandbox.run(StdioJob("while True:\n    pass\n", cases, timeout=1.0))
-    assert r.status == "timeout" and r.duration_s < 3
+    assert r.status == "timeout" and r.message == f"case 0: {_WALL_CLOCK}" and r.duration_s < 3
 
 
 def test_stdio_output_is_capped():
