@@ -165,7 +165,9 @@ if not ext_modules and any((ROOT / "ra3").glob("_C.*")):
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"ra3": ["data/*.jsonl", "configs/*.yaml", "ops/auto_order.json"]},
+    # The embedded corpora (with the PSF license of their source) and the pretrained ra3-tiny weights.
+    package_data={"ra3": ["data/*.jsonl", "data/*.jsonl.gz", "data/*.txt", "data/*.md", "models/ra3-tiny/*",
+                          "configs/*.yaml", "ops/auto_order.json"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

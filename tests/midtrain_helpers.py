@@ -35,15 +35,9 @@ def snippet_texts(n: int = 200, seed: int = 0) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def code_tokenizer(style: str = "qwen2", vocab_size: int = 600):
     """A byte-level BPE tokenizer of ``style`` trained on the snippets (adds its BOS, as Llama-3's does)."""
-    from tokenizers import processors
-
     from ra3.data.tokenizer import train_code_tokenizer
 
-    tok = train_code_tokenizer(snippet_texts(), vocab_size, style=style)
-    if tok("x")["input_ids"][0] != tok.bos_token_id:
-        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
-    return tok
+    return train_code_tokenizer(snippet_texts(), vocab_size, style=style)
 
 
 def toy_llama(vocab_size: int, *, seed: int = 0, hidden: int = 32, layers: int = 1, dtype=torch.float32):

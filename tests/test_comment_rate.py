@@ -37,16 +37,11 @@ def _document(rng: random.Random, i: int, share: float) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def trained():
-    from tokenizers import processors
-
     from ra3.data.tokenizer import train_code_tokenizer
 
     rng = random.Random(0)
     pairs = [_document(rng, i, SHARE) for i in range(600)]
     tok = train_code_tokenizer([a for _, a in pairs], 420, style="qwen2")
-    if tok("x")["input_ids"][0] != tok.bos_token_id:
-        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
     model = toy_llama(len(tok), hidden=64, layers=2).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with torch.random.fork_rng():

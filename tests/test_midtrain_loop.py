@@ -104,7 +104,6 @@ def test_exact_kl_form_and_whole_return_run(tmp_path):
                                        advantage="return", kl_coef=0.0, format_penalty=0.1, discount=0.9,
                                        num_samples=0))
     its = [r for r in result["records"] if r["kind"] == "iteration"]
-    assert its[0]["elbo"] == its[0]["elbo_exact"]
     # the exact bound pays at least the Bernoulli KL of every decision point (>= 0) on top of the likelihood
     assert its[0]["elbo_exact"] <= its[0]["expert_loglik"] + 1e-6
     assert its[0]["kl_decision"] >= 0 and its[0]["kl_comment"] >= 0
