@@ -21,8 +21,8 @@ def _steps(tmp_path, backend, **overrides):
 @pytest.mark.skipif(not FUSED, reason="no fused CPU backend here (ra3._C not built)")
 @pytest.mark.parametrize("backend", FUSED)
 def test_ntp_loss_curve_matches_the_reference(tmp_path, backend):
-    want = _steps(tmp_path, "torch", objective="ntp", m_steps=12)
-    got = _steps(tmp_path, backend, objective="ntp", m_steps=12)
+    want = _steps(tmp_path, "torch", objective="ntp", m_steps=12, m_lr=1e-3)
+    got = _steps(tmp_path, backend, objective="ntp", m_steps=12, m_lr=1e-3)
     assert len(got) == len(want) == 12
     for step, (g, w) in enumerate(zip(got, want)):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4), step

@@ -44,7 +44,7 @@ class MidtrainConfig:
     # --- the loop
     objective: str = "both"  # 'ra3', 'ntp' (the baseline) or 'both' (ra3, then ntp on the same budget)
     em_iterations: int = 2  # EM rounds
-    seed: int = 0  # seeds ra3-tiny, the split and every sampled batch and rollout
+    seed: int = 0  # seeds the split and every sampled batch and rollout
     # --- E-step: RL over latents
     think_cost: float = 0.05  # c, paid per think in the fixed-cost form (paper default)
     kl_form: str = "fixed"  # 'fixed' (c per think) or 'exact' (Bernoulli KL against alpha + comment entropy)
@@ -63,13 +63,13 @@ class MidtrainConfig:
     clip_high: float = 0.2  # PPO ratio clip above 1
     kl_coef: float = 0.01  # KL to the frozen reference (the policy at the start of the E-step)
     kl_estimator: str = "k3"  # k1 | k2 | k3 estimator of the reference KL
-    e_lr: float = 3e-4  # E-step (policy-gradient) learning rate
+    e_lr: float = 1e-4  # E-step (policy-gradient) learning rate (3e-4 on ra3-tiny teaches it to stop commenting)
     rollout_batch_size: int = 64  # rollouts walked together by the generator
     # --- M-step: NTP on the annotated corpus
     annotate_docs: int | None = 160  # training documents annotated per round (None: all)
     m_steps: int = 40  # optimizer steps per EM round (the NTP baseline gets the same)
     m_batch_size: int = 16  # annotated documents per M-step update
-    m_lr: float = 2e-3  # M-step (NTP) learning rate; paper-scale models want ~1e-5
+    m_lr: float = 1e-4  # M-step (NTP) learning rate (ra3-tiny overfits its round at 2e-3); paper-scale ~1e-5
     mstep_tokens: str = "all"  # loss on 'all' tokens (comments and code) or on 'code' tokens only
     # --- optimisation and bookkeeping
     weight_decay: float = 0.0  # AdamW weight decay (both steps)

@@ -175,6 +175,7 @@ def annotate(model, generator, docs: list[Document], head: PolicyHead, vocab: Co
             parts.setdefault("code_tokens", []).append(
                 torch.bincount(batch.code_rows // (batch.input_ids.shape[1] - 1), minlength=batch.size).float())
             parts.setdefault("decision_points", []).append(batch.decision_valid.sum(1).float())
+            parts.setdefault("tokens", []).append(batch.attention_mask.sum(1).float())
     parts = {k: dist.gather_shards(torch.cat(v)) for k, v in parts.items()}
     speed = dist.reduce_metrics({"tokens": n_tokens, "s": max(time.perf_counter() - t0, 1e-9)}, sums=("tokens",),
                                 maxes=("s",))

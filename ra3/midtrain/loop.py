@@ -282,7 +282,7 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                         "kl_comment": float(parts["kl_comment"].mean()),
                         "annotate_tokens_per_s": tps,
                         "annotate_s": time.perf_counter() - t_annotate,
-                        "annotate_tokens": tps * (time.perf_counter() - t_annotate)})
+                        "annotate_tokens": int(parts["tokens"].sum())})
                     if info.is_main:
                         _write_samples(out / "samples" / f"{objective}-iter{it}.md", round_docs, annotations, parts,
                                        cfg.num_samples)
