@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks._report import RESULTS, command, device_name, versions, write_report
 
 KEYS = ("elbo", "thinks_per_100_lines", "think_q_mean", "heldout_code_loss", "heldout_ntp_loss", "mstep_loss",
-        "mstep_code_tokens", "estep_tokens", "estep_s")
+        "mstep_code_tokens", "estep_tokens", "estep_time_s")
 
 
 def run(objective: str, cost: float, args, overrides: dict) -> list[dict]:

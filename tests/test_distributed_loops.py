@@ -199,7 +199,10 @@ def test_midtrain_ddp_keeps_the_ranks_weights_identical(midtrain_ddp):
     _, (rank0, rank1) = midtrain_ddp
     assert len(rank0["digests"]) == NTP["m_steps"] + 12
     assert rank0["digests"] == rank1["digests"]  # each rank saw other documents: only synced gradients agree
-    assert len(set(rank0["digests"])) == len(rank0["digests"])  # and every update changed the weights
+    # every M-step update changed the weights (an E-step whose rollouts were all alike has nothing to learn)
+    n = NTP["m_steps"]
+    m_steps = rank0["digests"][:n] + [d for i, d in enumerate(rank0["digests"][n:]) if i % 6 >= 3]
+    assert len(set(m_steps)) == len(m_steps)
 
 
 def test_midtrain_fsdp_computes_what_ddp_computes(midtrain_ddp, midtrain_fsdp):

@@ -281,7 +281,7 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                         "kl_decision": float(parts["kl_decision"].mean()),
                         "kl_comment": float(parts["kl_comment"].mean()),
                         "annotate_tokens_per_s": tps,
-                        "annotate_s": time.perf_counter() - t_annotate,
+                        "annotate_time_s": time.perf_counter() - t_annotate,
                         "annotate_tokens": int(parts["tokens"].sum())})
                     if info.is_main:
                         _write_samples(out / "samples" / f"{objective}-iter{it}.md", round_docs, annotations, parts,
@@ -332,8 +332,8 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
                     "heldout_code_loss": _heldout_code_loss(model, generator, heldout_docs, vocab, cfg, data_seed),
                     "think_q_mean": acc["estep_think_q_sum"] / n_e if n_e else None,
                     "mstep_steps": cfg.m_steps, "mstep_code_tokens": acc.get("mstep_code_tokens", 0),
-                    "estep_tokens": acc.get("estep_tokens", 0), "estep_s": acc.get("estep_time", 0.0),
-                    "annotate_tokens": acc.get("annotate_tokens", 0), "annotate_s": acc.get("annotate_s", 0.0),
+                    "estep_tokens": acc.get("estep_tokens", 0), "estep_time_s": acc.get("estep_time", 0.0),
+                    "annotate_tokens": acc.get("annotate_tokens", 0), "annotate_time_s": acc.get("annotate_time_s", 0.0),
                     "estep_tokens_per_s": acc["estep_tokens"] / acc["estep_time"] if n_e else None,
                     "mstep_tokens_per_s": (acc["mstep_tokens"] / acc["mstep_time"]) if acc.get("mstep_time")
                     else None,

@@ -154,6 +154,6 @@ def _matched(records: list[dict]) -> str:
              f"ra3 {total('ra3', 'mstep_steps')} / ntp {total('ntp', 'mstep_steps')}; expert-code tokens trained on "
              f"ra3 {total('ra3', 'mstep_code_tokens')} / ntp {total('ntp', 'mstep_code_tokens')}.",
              f"RA3's extra compute: E-step {total('ra3', 'estep_tokens'):.0f} tokens forwarded in "
-             f"{total('ra3', 'estep_s'):.1f} s, annotation {total('ra3', 'annotate_tokens'):.0f} tokens in "
-             f"{total('ra3', 'annotate_s'):.1f} s."]
+             f"{total('ra3', 'estep_time_s'):.1f} s, annotation {total('ra3', 'annotate_tokens'):.0f} tokens in "
+             f"{total('ra3', 'annotate_time_s'):.1f} s."]
     return "\n".join(lines)
