@@ -38,8 +38,11 @@ def run(objective: str, cost: float, args, overrides: dict) -> list[dict]:
     rows = []
     for r in records:
         if r.get("kind") == "iteration":
-            rows.append({"objective": r["objective"], "think_cost": cost if r["objective"] == "ra3" else None,
-                         "iteration": r["iteration"], **{k: r.get(k) for k in KEYS}, "run_wall_s": round(wall, 1)})
+            row = {"objective": r["objective"], "think_cost": cost if r["objective"] == "ra3" else None,
+                   "iteration": r["iteration"], **{k: r.get(k) for k in KEYS}, "run_wall_s": round(wall, 1)}
+            if r["objective"] == "ntp":
+                row["thinks_per_100_lines"] = None  # NTP annotates nothing: no rate to report
+            rows.append(row)
     return rows
 
 
@@ -65,8 +68,9 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("heldout_code_loss", "held-out code-only loss (nats/token)"), ("elbo", "ELBO (nats/doc)"),
-              ("thinks_per_100_lines", "thinks per 100 lines")]
+    panels = [("heldout_code_loss", "held-out code-only loss (nats/token)"),
+              ("think_q_mean", "E-step mean q(think) per decision point"),
+              ("thinks_per_100_lines", "thinks per 100 lines (annotated rounds)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     groups: dict[str, list[dict]] = {}
     for r in report["rows"]:
@@ -79,6 +83,7 @@ def _plot(report: dict, path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", label=name, color="black" if name == "NTP" else None)
         ax.set_title(title)
         ax.set_xlabel("EM round")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -101,6 +106,8 @@ def _reading(rows: list[dict], main_cost: float) -> str:
                       if ("ra3", c) in final)
     if rates:
         out.append(f"Thinks per 100 lines in the last round by cost: {rates}.")
+    out.append("Each round's ELBO is measured on that round's own sample of documents (annotate_docs), so it is "
+               "comparable between objectives and costs within a round, not between rounds.")
     return " ".join(out)
 
 

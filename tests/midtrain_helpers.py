@@ -68,3 +68,20 @@ def boost_comments(model, vocab, docs, strength: float = 4.0) -> None:
             w[i] += strength * direction
     for i in sorted(vocab.newline)[:8]:
         w[i] += 0.7 * strength * direction
+
+
+def annotate_by_hand(doc, comments: dict) -> tuple[str, dict]:
+    """The annotated text built line by line, independently of ra3's own code (one action per line), and
+    action -> (start, end) of its comment line in it."""
+    lines = doc.text.split("\n")[:-1]
+    out, spans, pos = [], {}, 0
+    for k, line in enumerate(lines):
+        if k in comments:
+            indent = line[:len(line) - len(line.lstrip())]
+            text = f"{indent}#{comments[k].text}\n"
+            spans[k] = (pos, pos + len(text))
+            out.append(text)
+            pos += len(text)
+        out.append(line + "\n")
+        pos += len(line) + 1
+    return "".join(out), spans

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from midtrain_helpers import code_tokenizer, snippet_texts
+from midtrain_helpers import annotate_by_hand, code_tokenizer, snippet_texts
 from ra3.data.sequences import (KIND_CODE, KIND_COMMENT, KIND_SPECIAL, KIND_THINK, Comment, CommentVocab,
                                 annotated_text, build_sequences, check_annotation, comment_lines, make_documents)
 from ra3.midtrain.batch import pack
@@ -42,24 +42,9 @@ def random_rationale(rng: random.Random) -> str:
                    for _ in range(rng.randint(0, 5)))
 
 
-def annotated(doc, comments) -> tuple[str, dict]:
-    lines = doc.text.split("\n")[:-1]
-    out, spans, pos = [], {}, 0
-    for k, line in enumerate(lines):
-        if k in comments:
-            indent = line[:len(line) - len(line.lstrip())]
-            text = f"{indent}#{comments[k].text}\n"
-            spans[k] = (pos, pos + len(text))
-            out.append(text)
-            pos += len(text)
-        out.append(line + "\n")
-        pos += len(line) + 1
-    return "".join(out), spans
-
-
 def reference_labels(tokenizer, doc, comments):
     """(ids, kinds, line_ids, segment_ids, boundary_ids) from the annotated text and character offsets alone."""
-    text, spans = annotated(doc, comments)
+    text, spans = annotate_by_hand(doc, comments)
     enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
     ids, offsets, special = enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
     think_pos = {}
@@ -95,7 +80,7 @@ def test_sequences_are_the_tokenizers_own_and_ids_match_the_reference(style, see
     comments = [{k: Comment(random_rationale(rng), rng.random() < 0.3) for k, a in enumerate(d.anchors)
                  if a >= 0 and rng.random() < 0.5} for d in docs]
     for doc, c, seq in zip(docs, comments, build_sequences(docs, vocab, comments)):
-        text, _ = annotated(doc, c)
+        text, _ = annotate_by_hand(doc, c)
         assert seq.text == text == annotated_text(doc, c)
         ids, kinds, lines, segments, boundaries = reference_labels(tok, doc, c)
         assert seq.input_ids == ids == tok(text)["input_ids"]

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from midtrain_helpers import boost_comments, code_tokenizer, snippet_texts, toy_llama
+from midtrain_helpers import annotate_by_hand, boost_comments, code_tokenizer, snippet_texts, toy_llama
 from ra3 import ops
 from ra3.data.sequences import Comment, CommentVocab, build_sequences, make_documents
 from ra3.midtrain import e_step as e_step_module
@@ -33,22 +33,6 @@ class FixedGenerator:
         pass
 
 
-def _annotated(doc, comments: dict) -> tuple[str, dict]:
-    """The annotated text built here line by line, and action -> (start, end) of its comment line."""
-    lines = doc.text.split("\n")[:-1]
-    out, spans, pos = [], {}, 0
-    for k, line in enumerate(lines):
-        if k in comments:
-            indent = line[:len(line) - len(line.lstrip())]
-            text = f"{indent}#{comments[k].text}\n"
-            spans[k] = (pos, pos + len(text))
-            out.append(text)
-            pos += len(text)
-        out.append(line + "\n")
-        pos += len(line) + 1
-    return "".join(out), spans
-
-
 def _first_difference(a, b) -> int:
     return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
@@ -57,7 +41,7 @@ def expected_policy_positions(tokenizer, doc, comments: dict) -> set[int]:
     """Token positions (in tokenizer(annotated text)) that the policy samples: at every line that may take a
     comment, the position where the comment and the expert paths part ways; after it, the comment's tokens up
     to its newline (not the newline when it was forced)."""
-    text, spans = _annotated(doc, comments)
+    text, spans = annotate_by_hand(doc, comments)
     enc = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     lines = doc.text.split("\n")[:-1]
