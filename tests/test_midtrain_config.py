@@ -85,6 +85,29 @@ def test_missing_text_column_fails_at_start(tmp_path, capsys):
     assert result["status"] == "completed"
 
 
+def test_a_corpus_directory_without_python_files_fails_in_one_line(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("no code here\n")
+    assert main(["--out", str(tmp_path / "r"), "--corpus", str(tmp_path / "src"), "--progress", "false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ra3 midtrain: error: config field 'corpus'") and "holds no .py files" in err[-1]
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_tokenizer_without_offsets_fails_naming_what_is_needed(tmp_path, monkeypatch):
+    from ra3.models import loading
+
+    real = loading.load_model
+
+    def slow_tokenizer(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        return model, type("SlowTokenizer", (), {"is_fast": False})()
+
+    monkeypatch.setattr("ra3.models.load_model", slow_tokenizer)
+    with pytest.raises(ValueError, match="config field 'model'.*fast tokenizer.*offset"):
+        run_midtrain(MidtrainConfig(out=str(tmp_path), objective="ntp", progress=False))
+
+
 def test_unknown_model_fails_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="config field 'model'.*no-such-org/no-such-model"):
