@@ -148,6 +148,13 @@ def test_pack_indexes_shifted_targets_and_policy_rows():
             assert bool(batch.truncated[b, k]) == (k in comments[b] and comments[b][k].truncated)
             assert bool(batch.decision_valid[b, k]) == (docs[b].anchors[k] >= 0)
     assert torch.equal(batch.valid.sum(1), torch.tensor([s.num_actions for s in seqs]))
+    # the held-out code-only loss leaves out the acts' decision positions, the M-step's 'code' rows keep them
+    from ra3.midtrain.m_step import _rows
+
+    acts = {r for r, think in zip(dec, batch.decision_think.tolist()) if not think}
+    assert acts and acts <= code
+    assert set(_rows(batch, "code-only").tolist()) == code - acts
+    assert set(_rows(batch, "code").tolist()) == code
 
 
 def test_comment_vocabulary_excludes_special_and_added_tokens():

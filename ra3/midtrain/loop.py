@@ -381,15 +381,15 @@ def _restore_weights(saved: dict, model, cfg: MidtrainConfig) -> tuple[dict | No
 def _heldout_code_loss(model, generator, docs: list[Document], vocab: CommentVocab, cfg: MidtrainConfig,
                        data_seed: tuple) -> float:
     """Mean NLL per expert-code token of the held-out documents, each annotated by one rollout of the model's
-    own q (comment and think tokens excluded): the number RA3 and NTP are compared on (same documents, same
-    seed for both objectives)."""
+    own q (comment, think and decision-position tokens excluded): the number RA3 and NTP are compared on (same
+    documents, same seed for both objectives)."""
     if not docs:
         return float("nan")
     with dist.full_params(model) as q:  # every rank annotates all (few) documents alike, then scores its share
         q.eval()
         generator.sync_weights(q)
         comments = generator.rollout(docs, seed=step_seed(*data_seed, "heldout"))
-    return heldout_loss(model, build_sequences(docs, vocab, comments), pad_id=vocab.pad_id, tokens="code",
+    return heldout_loss(model, build_sequences(docs, vocab, comments), pad_id=vocab.pad_id, tokens="code-only",
                         batch_size=cfg.eval_batch_size, backend=cfg.ops_backend)
 
 

@@ -17,9 +17,16 @@ from ra3.midtrain.scoring import hidden_states, output_head
 
 
 def _rows(batch: PackedBatch, tokens: str) -> torch.Tensor:
-    """Rows the loss covers: 'code' (expert-code tokens, their line breaks included) or 'all' (every token but the
-    special ones)."""
-    return batch.code_rows if tokens == "code" else batch.token_rows
+    """Rows the loss covers: 'code' (expert-code tokens, their line breaks included), 'code-only' (those, less the
+    decision positions: a line's first token, whose probability holds the model's choice not to comment) or 'all'
+    (every token but the special ones)."""
+    if tokens == "all":
+        return batch.token_rows
+    if tokens == "code-only":
+        keep = torch.ones_like(batch.code_rows, dtype=torch.bool)
+        keep[batch.decision_code[batch.decision_code >= 0]] = False
+        return batch.code_rows[keep]
+    return batch.code_rows
 
 
 def ntp_logprobs(model, batch: PackedBatch, *, tokens: str = "all", backend: str = "auto") -> torch.Tensor:
@@ -55,11 +62,11 @@ def m_step(model, optimizer, seqs: list[Sequence], *, pad_id: int, tokens: str =
 
 
 @torch.no_grad()
-def heldout_loss(model, seqs: list[Sequence], *, pad_id: int, tokens: str = "code", batch_size: int = 64,
+def heldout_loss(model, seqs: list[Sequence], *, pad_id: int, tokens: str = "code-only", batch_size: int = 64,
                  backend: str = "auto") -> float:
-    """Mean NLL per token (nats) of ``seqs`` over their expert-code tokens (``tokens='code'``: comment and think
-    tokens excluded) or every non-special token ('all'). Under ddp / fsdp each rank scores its share of ``seqs``;
-    the mean is over all of them."""
+    """Mean NLL per token (nats) of ``seqs`` over the rows ``tokens`` names (``_rows``: 'code-only' leaves out
+    comments, think tokens and decision positions; 'all' every non-special token). Under ddp / fsdp each rank
+    scores its share of ``seqs``; the mean is over all of them."""
     if not seqs:
         return float("nan")
     mine = dist.shard(seqs)
