@@ -252,14 +252,8 @@ def test_policy_loss_mask_weight_scales_a_token(backend):
 
 
 PADDING = {"-inf": -math.inf, "nan": math.nan, "+30": 30.0}
-# The cpu, cuda and triton kernels document (and do) select zero-weight tokens away before any arithmetic; the torch
-# backend (ra3.ops.reference.policy_loss) multiplies the per-token loss by the mask, and NaN * 0 is NaN.
-_TORCH_PADDING_BUG = pytest.mark.xfail(strict=True, reason=(
-    "torch backend: reference.policy_loss computes (per_token * mask).sum(), so a zero-weight token whose log-prob "
-    "is -inf (k3 KL term: exp(inf) - 1 - inf = NaN) or NaN makes the loss NaN; the cpu and triton kernels return the "
-    "finite loss (the cuda kernel skips w == 0 tokens too)"))
-PADDING_CASES = [pytest.param(backend, padding, id=f"{padding}-{backend}",
-                              marks=_TORCH_PADDING_BUG if backend == "torch" and padding != "+30" else ())
+# Every backend, the torch reference included, selects zero-weight tokens away before any arithmetic.
+PADDING_CASES = [pytest.param(backend, padding, id=f"{padding}-{backend}")
                  for padding in PADDING for backend in ALL_BACKENDS]
 
 

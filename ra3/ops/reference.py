@@ -3,6 +3,11 @@
 Plain eager PyTorch, differentiable by autograd, no chunking: the linear ops materialise the [N, V] logits.
 Arithmetic runs in float32 (float64 when any input is float64), whatever the input dtype. Inputs are assumed
 validated by the public wrappers in ``ra3.ops``.
+
+Edges the native kernels share: a -inf logit (a masked vocabulary entry) has probability 0 and its entropy or
+KL term counts as 0, never 0 * -inf = NaN, in the value and in every gradient; a policy-loss token of mask weight 0
+(padding) never reaches the loss, the statistics or the gradients, whatever its inputs hold (inf, NaN); empty
+inputs (N = 0, B = 0) give zeros that still carry autograd.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def logprobs(logits, targets, *, temperature: float = 1.0, ignore_index: int = -
     logp = torch.log_softmax(logits.to(dt) / temperature, dim=-1)
     keep = targets != ignore_index
     safe = torch.where(keep, targets, torch.zeros_like(targets)).long()
-    picked = logp.gather(1, safe[:, None])[:, 0] if logits.shape[0] else logp.new_zeros(0)
+    picked = logp.gather(1, safe[:, None])[:, 0]  # N = 0 included: the empty result keeps its grad_fn
     return torch.where(keep, picked, torch.zeros_like(picked))
 
 
@@ -38,10 +43,19 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature: float = 
     return logprobs(linear_logits(hidden, weight, bias), targets, temperature=temperature, ignore_index=ignore_index)
 
 
+def _live_logp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, live, logp with 0 where p = 0). Where p = 0 (a -inf logit, or an underflow) a term p * f(logp) is 0;
+    selecting the factor, not the product, keeps -inf and NaN out of the backward pass too (0 * -inf there)."""
+    p = logp.exp()
+    live = p > 0
+    return p, live, torch.where(live, logp, torch.zeros_like(logp))
+
+
 def entropy(logits, *, temperature: float = 1.0) -> torch.Tensor:
-    """[N, V] -> [N] entropy of softmax(logits / T) in nats."""
+    """[N, V] -> [N] entropy of softmax(logits / T) in nats; -inf logits (masked entries) contribute 0."""
     logp = torch.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p, _live, logp = _live_logp(logp)
+    return -(p * logp).sum(-1)
 
 
 def linear_entropy(hidden, weight, *, bias=None, temperature: float = 1.0):
@@ -49,11 +63,15 @@ def linear_entropy(hidden, weight, *, bias=None, temperature: float = 1.0):
 
 
 def exact_kl(logits, ref_logits, *, temperature: float = 1.0) -> torch.Tensor:
-    """[N, V], [N, V] -> [N] KL(pi || pi_ref) over the whole vocabulary; the reference side gets no gradient."""
+    """[N, V], [N, V] -> [N] KL(pi || pi_ref) over the whole vocabulary; the reference side gets no gradient.
+
+    Entries where pi is 0 (a -inf logit) contribute 0, whatever pi_ref holds there.
+    """
     dt = compute_dtype(logits, ref_logits)
     logp = torch.log_softmax(logits.to(dt) / temperature, dim=-1)
     logq = torch.log_softmax(ref_logits.detach().to(dt) / temperature, dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    p, live, logp = _live_logp(logp)
+    return (p * (logp - torch.where(live, logq, torch.zeros_like(logq)))).sum(-1)
 
 
 def linear_exact_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, temperature: float = 1.0):
@@ -115,35 +133,43 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
 
     logprobs, old_logprobs, mask, ref_logprobs: [B, T]; advantages: [B] (per sequence) or [B, T].
     Returns (loss: scalar, clip_fraction, kl_mean, ratio_mean), the last three as detached statistics
-    over the masked tokens.
+    over the masked tokens. Only ``loss`` carries a gradient, and only to ``logprobs``: old_logprobs, advantages,
+    mask and ref_logprobs are constants. Tokens of mask weight 0 contribute exactly 0 to every result and
+    gradient, even where their inputs are inf or NaN (padding): they are replaced by 0 before any arithmetic.
+    With B = 0 (or no masked token) the loss is 0.
     """
     dt = compute_dtype(logprobs, old_logprobs, advantages, ref_logprobs)
-    lp = logprobs.to(dt)
-    m = mask.to(dt)
-    adv = advantages.to(dt)
-    if adv.dim() == 1:
-        adv = adv[:, None]
-    ratio = torch.exp(lp - old_logprobs.to(dt))
+    m = mask.detach().to(dt)
+    live = m != 0
+
+    def alive(t):  # t where the token counts, 0 elsewhere: padding never enters the arithmetic
+        return torch.where(live, t, torch.zeros_like(t))
+
+    lp = alive(logprobs.to(dt))
+    adv = advantages.detach().to(dt)
+    adv = alive(adv[:, None].expand_as(m) if adv.dim() == 1 else adv)
+    ratio = torch.exp(lp - alive(old_logprobs.detach().to(dt)))
     unclipped = -ratio * adv
     clipped_term = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     is_clipped = clipped_term > unclipped
     per_token = torch.maximum(unclipped, clipped_term)
     if ref_logprobs is not None and kl_coef != 0.0:
-        per_token_kl = kl(lp, ref_logprobs.to(dt).detach(), kl_estimator)
+        per_token_kl = kl(lp, alive(ref_logprobs.detach().to(dt)), kl_estimator)
         per_token = per_token + kl_coef * per_token_kl
     else:
         per_token_kl = torch.zeros_like(per_token)
     B = lp.shape[0]
     total = m.sum()
+    weighted = per_token * m
     if aggregation == "token-mean":
-        loss = (per_token * m).sum() / total if total > 0 else (per_token * m).sum() * 0
+        loss = weighted.sum() / total if total > 0 else weighted.sum() * 0
     elif aggregation == "seq-mean-token-sum":
-        loss = (per_token * m).sum() / B
+        loss = weighted.sum() / max(B, 1)  # B = 0: the empty sum, 0
     else:
         per_seq = m.sum(1)
-        loss = ((per_token * m).sum(1) / per_seq.clamp_min(torch.finfo(dt).tiny)).sum() / B
+        loss = (weighted.sum(1) / per_seq.clamp_min(torch.finfo(dt).tiny)).sum() / max(B, 1)
     with torch.no_grad():
-        denom = total.clamp_min(1) if total > 0 else total.new_ones(())
+        denom = total if total > 0 else total.new_ones(())
         stats = ((is_clipped.to(dt) * m).sum() / denom, (per_token_kl * m).sum() / denom, (ratio * m).sum() / denom)
         if not total > 0:
             stats = tuple(torch.zeros_like(s) for s in stats)
