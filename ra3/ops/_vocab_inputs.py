@@ -32,12 +32,14 @@ def logits_input(name: str, logits) -> tuple[int, int]:
 
 
 def targets_input(targets, n: int, vocab: int, ignore_index: int, device) -> torch.Tensor:
-    """Checks targets [N] and returns them as contiguous int64 with ignored positions set to -1."""
+    """Checks targets [N] and returns them as contiguous int64 with ignored positions set to -1 (so the reference
+    is called with these and ``ignore_index=-1``: compared in int64, never in a narrow dtype that wraps -100).
+
+    ``ignore_index`` is expected already checked by ``check.integer`` (a Python int within int64)."""
     check.tensor("targets", targets, ndim=1, floating=False)
     check.shape("targets", targets, (n,), "one target per row")
     if targets.device != device:
         raise ValueError(f"targets is on {targets.device} but the inputs are on {device}")
-    check.integer("ignore_index", ignore_index)
     check.targets_in_range("targets", targets, vocab, ignore_index)
     targets = targets.long()
     return torch.where(targets == ignore_index, torch.full_like(targets, -1), targets).contiguous()

@@ -122,12 +122,13 @@ def _(backend, hidden, weight, bias, targets, inv_temp, mean, need_grad):
 def _setup(ctx, inputs, output):
     hidden, weight, bias = inputs[1:4]
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.need_grad = inputs[7]  # not read off the saved sizes: with H = 0 real gradients are empty too
     ctx.save_for_backward(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_unused):
     gh, gw, gb = ctx.saved_tensors
-    if gh.numel() == 0 and gw.numel() == 0:
+    if not ctx.need_grad:
         raise RuntimeError("linear_cross_entropy was run without gradients (need_grad=False) but is being "
                            "differentiated; call it with inputs that require grad")
     h_dt, w_dt, b_dt = ctx.dtypes
@@ -145,15 +146,17 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, temperature: flo
     hidden: [N, H] fp32|bf16|fp16; weight: [V, H]; bias: [V] | None; targets: [N] int (ignore_index skipped).
     reduction: 'mean' (over non-ignored tokens; 0 if there are none) or 'sum'. Returns a float32 scalar
     (float64 for float64 input). The gradients are formed in the forward pass while each tile is in memory.
+    Edges: inputs are not scanned for NaN: NaN or inf reaching a non-ignored row gives a NaN (or inf) loss without
+    an error; ignored rows never reach the loss; with no non-ignored token (N = 0 included) the loss is 0.
     """
     n, vocab = linear_inputs("", hidden, weight, bias)
-    temperature = check.positive_float("temperature", temperature)
+    temperature = check.temperature(temperature, check.compute_dtype(hidden, weight, bias))
+    ignore_index = check.integer("ignore_index", ignore_index)
     reduction = check.choice("reduction", reduction, REDUCTIONS)
     tgt = targets_input(targets, n, vocab, ignore_index, hidden.device)
     name = registry.resolve("logprobs", backend, hidden.device)
     if name == "torch":
-        lp = reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                       ignore_index=ignore_index)
+        lp = reference.linear_logprobs(hidden, weight, tgt, bias=bias, temperature=temperature, ignore_index=-1)
         total = -lp.sum()
         return total / max(int((tgt >= 0).sum()), 1) if reduction == "mean" else total
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

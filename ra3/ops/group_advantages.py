@@ -66,9 +66,17 @@ def _group_ids(rewards: Tensor, group_size, group_ids) -> tuple[Tensor, int]:
         check.tensor("group_ids", group_ids, ndim=1, floating=False)
         check.shape("group_ids", group_ids, (n,), "one group id per reward")
         check.same_device(rewards=rewards, group_ids=group_ids)
-        if n and int(group_ids.min()) < 0:
+        if n == 0:
+            return group_ids.long().contiguous(), 0
+        if int(group_ids.min()) < 0:
             raise ValueError(f"group_ids must be >= 0, got {int(group_ids.min())}")
-        return group_ids.long().contiguous(), (int(group_ids.max()) + 1 if n else 0)
+        ids = group_ids.long()
+        if int(ids.max()) >= n:
+            # Sparse ids (any id >= 0 is allowed, e.g. [0, 0, 2**40, 2**40]): renumber the groups 0..K-1 in id order
+            # so that per-group buffers hold K <= B entries, not max id + 1. The advantages are the same: nothing
+            # returned is indexed by group. Ids below B are kept as given (no sort in the usual, dense case).
+            ids = torch.unique(ids, return_inverse=True)[1]
+        return ids.contiguous(), int(ids.max()) + 1
     if group_size is None:
         group_size = max(n, 1)  # one group: the whole batch
     group_size = check.integer("group_size", group_size, minimum=1)
@@ -83,19 +91,25 @@ def group_advantages(rewards, group_size=None, group_ids=None, normalize: str = 
     """Advantages of each sample relative to its group (the G samples drawn for one prompt).
 
     rewards: [B] fp32|bf16|fp16, finite. Groups: ``group_size`` G (consecutive blocks of G, B % G == 0), or
-    ``group_ids`` [B] int >= 0 (any order, unequal sizes allowed), or neither (one group).
-    normalize: 'std' (r - mean) / (std + eps), GRPO, unbiased std; 'mean' r - mean, Dr. GRPO;
+    ``group_ids`` [B] int >= 0 (any order, unequal sizes, gaps and ids of any size allowed), or neither (one group).
+    normalize: 'std' (r - mean) / (std + eps), GRPO, unbiased std, eps > 0; 'mean' r - mean, Dr. GRPO;
     'rloo' r - mean of the other samples; 'none' r. Returns [B] float32 (float64 for float64), differentiable.
+    Edges: NaN or inf rewards raise ValueError (checked); a group of one sample, or a constant group, gets 0 (r
+    itself for 'none'); B = 0 gives [0].
     """
     check.tensor("rewards", rewards, ndim=1, floating=True)
     check.finite("rewards", rewards)
     normalize = check.choice("normalize", normalize, reference.NORMALIZE_MODES)
-    eps = check.nonnegative_float("eps", eps)
+    dt = check.compute_dtype(rewards)
+    eps = check.nonnegative_float("eps", eps, dt)
+    if normalize == "std" and eps < torch.finfo(dt).tiny:
+        # A constant group (or a group of one) has std 0: its advantages would be 0 / eps, NaN for eps = 0.
+        raise ValueError(f"eps must be at least {torch.finfo(dt).tiny:.3g} (> 0 in {dt}) with normalize='std', "
+                         f"got {eps:g}: a constant group would divide 0 by 0")
     ids, num_groups = _group_ids(rewards, group_size, group_ids)
     name = registry.resolve("group_advantages", backend, rewards.device)
     if name == "torch":
         return reference.group_advantages(rewards, ids, num_groups, normalize, eps)
-    dt = check.compute_dtype(rewards)
     out, _mean, _std = _group_adv_op(name, rewards.to(dt).contiguous(), ids, num_groups,
                                     _NORMALIZE_CODE[normalize], eps)
     return out

@@ -59,6 +59,8 @@ def kl(logprobs, ref_logprobs, estimator: str = "k3", *, backend: str = "auto") 
 
     logprobs, ref_logprobs: same shape, fp32|bf16|fp16. Returns that shape in float32 (float64 for float64),
     differentiable w.r.t. both.
+    Edges: elementwise, not scanned for NaN: a NaN or inf gives what the formula gives at that element (NaN, or
+    +-inf), without an error; empty inputs give an empty result.
     """
     check.tensor("logprobs", logprobs, floating=True)
     check.tensor("ref_logprobs", ref_logprobs, floating=True)

@@ -63,6 +63,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
     or [B, T]; mask: [B, T] bool or float weights; ref_logprobs: [B, T] | None (needed when kl_coef > 0).
     aggregation: 'token-mean' (over all masked tokens), 'seq-mean-token-sum' (Dr. GRPO), 'seq-mean-token-mean'.
     Returns PolicyLoss(loss, clip_fraction, kl_mean, ratio_mean); only ``loss`` carries a gradient (to logprobs).
+    Edges: NaN or inf in advantages or mask raises ValueError (checked); NaN or inf in logprobs, old_logprobs or
+    ref_logprobs at a token of mask weight != 0 gives a NaN (or inf) loss without an error (not scanned for);
+    tokens of weight 0 never count, whatever they hold; B = 0, T = 0 or no masked token gives loss 0 and zero
+    statistics.
     """
     check.tensor("logprobs", logprobs, ndim=2, floating=True)
     bt = tuple(logprobs.shape)
@@ -73,15 +77,20 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
         raise ValueError(f"advantages must be [B]={bt[:1]} or [B, T]={bt}, got {tuple(advantages.shape)}")
     check.finite("advantages", advantages)
     check.tensor("mask", mask)
+    if not (mask.dtype == torch.bool or mask.dtype in check.FLOAT_DTYPES or mask.dtype in check.INDEX_DTYPES):
+        raise TypeError(f"mask must be bool, integer or floating (weights), got {mask.dtype}")
     check.shape("mask", mask, bt, "the shape of logprobs")
+    if mask.is_floating_point():
+        check.finite("mask", mask)  # an inf weight has no meaning (and no agreed 0 * inf in the statistics)
     if ref_logprobs is not None:
         check.tensor("ref_logprobs", ref_logprobs, ndim=2, floating=True)
         check.shape("ref_logprobs", ref_logprobs, bt, "the shape of logprobs")
+    dt = check.compute_dtype(logprobs, old_logprobs, advantages, ref_logprobs)
     clip_low = check.nonnegative_float("clip_low", clip_low)
     if clip_low >= 1:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
-    clip_high = check.nonnegative_float("clip_high", clip_high)
-    kl_coef = check.nonnegative_float("kl_coef", kl_coef)
+    clip_high = check.nonnegative_float("clip_high", clip_high, dt)
+    kl_coef = check.nonnegative_float("kl_coef", kl_coef, dt)
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
     kl_estimator = check.choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
@@ -93,7 +102,6 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
         return PolicyLoss(*reference.policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
                                                  clip_high=clip_high, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                                                  kl_estimator=kl_estimator, aggregation=aggregation))
-    dt = check.compute_dtype(logprobs, old_logprobs, advantages, ref_logprobs)
     use_ref = ref_logprobs is not None and kl_coef > 0
 
     def prep(t):
@@ -103,4 +111,5 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
                                          prep(advantages), prep(mask), prep(ref_logprobs) if use_ref else None,
                                          kl_coef, _ESTIMATOR_CODE[kl_estimator], clip_low, clip_high,
                                          _AGGREGATION_CODE[aggregation])
+    stats = stats.detach()  # statistics to log: no gradient flows through them
     return PolicyLoss(loss, stats[0], stats[1], stats[2])

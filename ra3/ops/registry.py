@@ -89,6 +89,8 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` for the requested ``backend`` ('auto' or a name)."""
+    if not isinstance(backend, str):  # before any ==: a tensor or an array compares elementwise
+        raise TypeError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got a {type(backend).__name__}")
     if backend == "auto":
         for name in auto_order(op, device.type):
             if op in IMPLEMENTED[name] and _usable(name, device.type):

@@ -51,11 +51,14 @@ _segment_sum_op.register_autograd(_backward, setup_context=_setup)
 def segment_sum(values, segment_ids, num_segments: int, *, backend: str = "auto") -> torch.Tensor:
     """out[k] = sum of values[i] with segment_ids[i] == k.
 
-    values: [N] fp32|bf16|fp16; segment_ids: [N] int, any order, negative = in no segment; num_segments >= 0.
-    Returns [num_segments] float32 (float64 for float64), 0 for empty segments. Differentiable w.r.t. values.
+    values: [N] fp32|bf16|fp16; segment_ids: [N] int, any order, negative = in no segment; num_segments >= 0
+    (the output is allocated in full: at most 2**60 - 1). Returns [num_segments] float32 (float64 for float64), 0 for
+    empty segments. Differentiable w.r.t. values.
+    Edges: values are not scanned for NaN: a NaN or inf reaches only its own segment's sum, without an error, and
+    values of negative ids are dropped whatever they hold; N = 0 gives zeros.
     """
     check.tensor("values", values, ndim=1, floating=True)
-    num_segments = check.integer("num_segments", num_segments, minimum=0)
+    num_segments = check.integer("num_segments", num_segments, minimum=0, maximum=check.MAX_OUTPUT_ELEMENTS)
     check.segment_ids("segment_ids", segment_ids, values.shape[0], num_segments)
     device = check.same_device(values=values, segment_ids=segment_ids)
     name = registry.resolve("segment_sum", backend, device)
