@@ -170,7 +170,7 @@ def _num_bad():
 SCALARS = {  # name: (malformed values, legal values, values legal for float64 inputs only)
     "temperature": (_num_bad() + [0.0, 0, -1.0, np.float32(0)],
                     [1, 0.25, 4.0, np.float32(0.7), np.float64(1.5), np.int64(2), fractions.Fraction(3, 4)],
-                    # Not 1e-39 or 1e-300 (legal for float64 only): test_cpu_softmax_keeps_scaled_logits_finite.
+                    # Not 1e-39 or 1e-300: the gradients scale as 1 / T and rightly overflow a float32 bias.
                     [1e300]),
     "eps": (_num_bad() + [-1e-6], [1e-8, 1e30, np.float32(1e-5), fractions.Fraction(1, 1000), 0, 0.0], [1e300]),
     "clip_low": (_num_bad() + [1.0, 1.5, -0.1], [0, 0.0, 0.99, np.float32(0.1), fractions.Fraction(1, 5)], []),
@@ -833,14 +833,11 @@ def test_odd_shapes_into_cpu_kernels_in_a_child_process():
         f"child exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
 
 
-@pytest.mark.xfail(strict=False, reason="csrc/cpu/softmax_vocab.cpp: with FMA contraction (GCC's default "
-                   "-ffp-contract=fast in the x86-64-v3/v4 clones) zi[j] * inv_temp - mn is not 0 at the row max "
-                   "once |logit / T| passes ~1e9 (float32) or ~1e19 (float64): exp of the rounding error overflows")
 def test_cpu_softmax_keeps_scaled_logits_finite():
     """Legal temperatures that scale a logit far enough that half an ulp of it exceeds exp's range: the reference
     gives log-prob 0 for the row max; the cpu kernel gave -inf (float32, T = 1e-9: 2.9 / T is 2.9e9 rounded, the
-    fused product is 95.4 above it, exp(95.4) = inf) and +inf (float64, T = 1e-30: exp(-2.4e14) = 0 sums to 0).
-    Kept out of the fuzz's temperatures (SCALARS)."""
+    fused product is 95.4 above it, exp(95.4) = inf) and +inf (float64, T = 1e-30: exp(-2.4e14) = 0 sums to 0)
+    while GCC contracted z * inv_temp - m into an FMA; the CPU kernels build with -ffp-contract=off."""
     if not _have("cpu"):
         pytest.skip("ra3._C (the cpu backend) is not built")
     for dtype, temperature in ((torch.float32, 1e-9), (torch.float64, 1e-30)):

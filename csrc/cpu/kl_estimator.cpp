@@ -15,56 +15,55 @@ namespace {
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 constexpr int64_t kBlock = int64_t(1) << 14;
 
-template <int E, typename T>
+template <int E, bool kFma, typename T>
 RA3_INLINE T value(T d) {
   if constexpr (E == 1) return d;
   if constexpr (E == 2) return T(0.5) * d * d;
-  return vexpm1(-d) + d;
+  return vexpm1<kFma>(-d) + d;
 }
 
-template <int E, typename T>
+template <int E, bool kFma, typename T>
 RA3_INLINE T dlogprob(T d) {
   if constexpr (E == 1) return T(1);
   if constexpr (E == 2) return d;
-  return -vexpm1(-d);
+  return -vexpm1<kFma>(-d);
 }
 
-template <int E, typename T>
+template <int E, bool kFma, typename T>
 RA3_INLINE void fwd_block(const T* p, const T* q, T* o, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) o[i] = value<E>(p[i] - q[i]);
+  for (int64_t i = 0; i < n; ++i) o[i] = value<E, kFma>(p[i] - q[i]);
 }
 
-template <int E, typename T>
+template <int E, bool kFma, typename T>
 RA3_INLINE void bwd_block(const T* p, const T* q, const T* g, T* o, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) o[i] = g[i] * dlogprob<E>(p[i] - q[i]);
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] * dlogprob<E, kFma>(p[i] - q[i]);
 }
 
-template <typename T>
+template <bool kFma, typename T>
 RA3_INLINE void fwd_impl(int estimator, const T* p, const T* q, T* o, int64_t n) {
-  if (estimator == 1) fwd_block<1>(p, q, o, n);
-  else if (estimator == 2) fwd_block<2>(p, q, o, n);
-  else fwd_block<3>(p, q, o, n);
+  if (estimator == 1) fwd_block<1, kFma>(p, q, o, n);
+  else if (estimator == 2) fwd_block<2, kFma>(p, q, o, n);
+  else fwd_block<3, kFma>(p, q, o, n);
 }
 
-template <typename T>
+template <bool kFma, typename T>
 RA3_INLINE void bwd_impl(int estimator, const T* p, const T* q, const T* g, T* o, int64_t n) {
-  if (estimator == 1) bwd_block<1>(p, q, g, o, n);
-  else if (estimator == 2) bwd_block<2>(p, q, g, o, n);
-  else bwd_block<3>(p, q, g, o, n);
+  if (estimator == 1) bwd_block<1, kFma>(p, q, g, o, n);
+  else if (estimator == 2) bwd_block<2, kFma>(p, q, g, o, n);
+  else bwd_block<3, kFma>(p, q, g, o, n);
 }
 
-RA3_ROW_KERNEL void fwd_span(int e, const float* p, const float* q, float* o, int64_t n) { fwd_impl(e, p, q, o, n); }
-RA3_ROW_KERNEL void fwd_span(int e, const double* p, const double* q, double* o, int64_t n) {
-  fwd_impl(e, p, q, o, n);
-}
-RA3_ROW_KERNEL void bwd_span(int e, const float* p, const float* q, const float* g, float* o, int64_t n) {
-  bwd_impl(e, p, q, g, o, n);
-}
-RA3_ROW_KERNEL void bwd_span(int e, const double* p, const double* q, const double* g, double* o, int64_t n) {
-  bwd_impl(e, p, q, g, o, n);
-}
+// The ISA-dispatched entry points (see RA3_ROW_KERNEL).
+RA3_ROW_KERNEL(void fwd_span(int e, const float* p, const float* q, float* o, int64_t n),
+               fwd_impl<kFma>(e, p, q, o, n);)
+RA3_ROW_KERNEL(void fwd_span(int e, const double* p, const double* q, double* o, int64_t n),
+               fwd_impl<kFma>(e, p, q, o, n);)
+RA3_ROW_KERNEL(void bwd_span(int e, const float* p, const float* q, const float* g, float* o, int64_t n),
+               bwd_impl<kFma>(e, p, q, g, o, n);)
+RA3_ROW_KERNEL(void bwd_span(int e, const double* p, const double* q, const double* g, double* o, int64_t n),
+               bwd_impl<kFma>(e, p, q, g, o, n);)
 
 template <typename F>
 void for_blocks(int64_t n, F&& body) {

@@ -22,7 +22,7 @@ constexpr int64_t kParallelMin = int64_t(1) << 15;
 enum RowSum { kMask, kLoss, kClipped, kKl, kRatio, kNumRowSums };
 
 // The KL estimate and its derivative w.r.t. the log-prob for estimator E (0: no KL term).
-template <int E, typename T>
+template <int E, bool kFma, typename T>
 RA3_INLINE void kl_terms(T d, T& kl, T& dkl) {
   if constexpr (E == 0) {
     kl = T(0), dkl = T(0);
@@ -31,13 +31,13 @@ RA3_INLINE void kl_terms(T d, T& kl, T& dkl) {
   } else if constexpr (E == 2) {
     kl = T(0.5) * d * d, dkl = d;
   } else {
-    const T e = vexpm1(-d);
+    const T e = vexpm1<kFma>(-d);
     kl = e + d, dkl = -e;
   }
 }
 
 // One row: acc[kNumRowSums] += the row's sums; g[t] = mask * dloss (0 where masked).
-template <int E, bool PER_TOKEN, typename T>
+template <int E, bool PER_TOKEN, bool kFma, typename T>
 RA3_INLINE void row_impl(int64_t T_, const T* lp, const T* old, const T* adv, const T* mask, const T* ref, T kl_coef,
                          T clip_low, T clip_high, T* g, T* acc) {
   const T lo = T(1) - clip_low, hi = T(1) + clip_high;
@@ -52,12 +52,12 @@ RA3_INLINE void row_impl(int64_t T_, const T* lp, const T* old, const T* adv, co
     const bool live = w != T(0);
     const T x = live ? lp_t : T(0);
     const T a = live ? adv_t : T(0);
-    const T ratio = vexp(x - (live ? old_t : T(0)));
+    const T ratio = vexp<kFma>(x - (live ? old_t : T(0)));
     const T clamped = ratio < lo ? lo : (ratio > hi ? hi : ratio);
     const T unclipped = -ratio * a, clipped_term = -clamped * a;
     const bool clipped = clipped_term > unclipped;  // the clamped branch is active and passes no gradient
     T kl, dkl;
-    kl_terms<E>(x - (live ? ref_t : T(0)), kl, dkl);
+    kl_terms<E, kFma>(x - (live ? ref_t : T(0)), kl, dkl);
     const T loss = (clipped ? clipped_term : unclipped) + kl_coef * kl;
     const T dloss = (clipped ? T(0) : unclipped) + kl_coef * dkl;
     const T wl = live ? w : T(0);
@@ -71,10 +71,10 @@ RA3_INLINE void row_impl(int64_t T_, const T* lp, const T* old, const T* adv, co
   acc[kMask] += s_mask, acc[kLoss] += s_loss, acc[kClipped] += s_clip, acc[kKl] += s_kl, acc[kRatio] += s_ratio;
 }
 
-template <typename T>
+template <bool kFma, typename T>
 RA3_INLINE void row_dispatch(int estimator, bool per_token, int64_t T_, const T* lp, const T* old, const T* adv,
                              const T* mask, const T* ref, T kl_coef, T clip_low, T clip_high, T* g, T* acc) {
-#define RA3_PPO_ROW(E, P) row_impl<E, P>(T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g, acc)
+#define RA3_PPO_ROW(E, P) row_impl<E, P, kFma>(T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g, acc)
   switch (estimator * 2 + (per_token ? 1 : 0)) {
     case 0: RA3_PPO_ROW(0, false); break;
     case 1: RA3_PPO_ROW(0, true); break;
@@ -88,17 +88,17 @@ RA3_INLINE void row_dispatch(int estimator, bool per_token, int64_t T_, const T*
 #undef RA3_PPO_ROW
 }
 
-// The ISA-dispatched entry points (templates cannot carry target_clones).
-RA3_ROW_KERNEL void ppo_row(int estimator, bool per_token, int64_t T_, const float* lp, const float* old,
+// The ISA-dispatched entry points (see RA3_ROW_KERNEL).
+RA3_ROW_KERNEL(void ppo_row(int estimator, bool per_token, int64_t T_, const float* lp, const float* old,
                             const float* adv, const float* mask, const float* ref, float kl_coef, float clip_low,
-                            float clip_high, float* g, float* acc) {
-  row_dispatch(estimator, per_token, T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g, acc);
-}
-RA3_ROW_KERNEL void ppo_row(int estimator, bool per_token, int64_t T_, const double* lp, const double* old,
+                            float clip_high, float* g, float* acc),
+               row_dispatch<kFma>(estimator, per_token, T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g,
+                                  acc);)
+RA3_ROW_KERNEL(void ppo_row(int estimator, bool per_token, int64_t T_, const double* lp, const double* old,
                             const double* adv, const double* mask, const double* ref, double kl_coef,
-                            double clip_low, double clip_high, double* g, double* acc) {
-  row_dispatch(estimator, per_token, T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g, acc);
-}
+                            double clip_low, double clip_high, double* g, double* acc),
+               row_dispatch<kFma>(estimator, per_token, T_, lp, old, adv, mask, ref, kl_coef, clip_low, clip_high, g,
+                                  acc);)
 
 template <typename Tp>
 void ppo(int64_t B, int64_t T, const Tp* lp, const Tp* old, const Tp* adv, bool adv_per_token, const Tp* mask,

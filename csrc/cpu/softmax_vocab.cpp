@@ -17,83 +17,104 @@ namespace {
 // Below this many logits per call the OpenMP fork costs more than it saves.
 constexpr int64_t kParallelMin = int64_t(1) << 15;
 
+// The sums of one row and chunk. Summed one term at a time per vector lane in float32, ~3,100 terms a lane at
+// V = 50257 with AVX-512 (twice that with AVX2), they dropped the terms below half an ulp of a lane's sum and came
+// out low: entropies off by up to 8e-5 (2.5e-4 with AVX2), several times torch's error. Now each block of kBlock
+// elements is summed in T (at most 16 terms a lane with AVX-512, 32 with AVX2, 64 for baseline x86-64) and the
+// block sums in double (Acc). No slower than one T sum per row; summing every term in double cost 10-40%.
+using Acc = double;
+constexpr int64_t kBlock = 256;
+
+// max_j z_j over the chunk; times inv_temp > 0 it is max_j (z_j * inv_temp) exactly, as rounding is monotone.
 template <typename T>
-RA3_INLINE T chunk_max(const T* x_raw, int64_t vc, T inv_temp) {
+RA3_INLINE T chunk_max(const T* z, int64_t vc) {
   T mx = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < vc; ++j) {
-    T x = x_raw[j] * inv_temp;
-    mx = x > mx ? x : mx;
-  }
+  for (int64_t j = 0; j < vc; ++j) mx = z[j] > mx ? z[j] : mx;
   return mx;
 }
 
-// Moves a running max m to max(m, chunk_mx) and gives the factor exp(m_old - m_new) that rescales what was summed
-// against the old max. Returns false, leaving the state alone, while the max is still -inf (nothing to add).
+// Folds one chunk's sums, taken against the new max mn (>= the running max *m), into the running state: s = sum
+// exp(x - m) and, where a is given, a = sum exp(x - m) * f. The rescale of the old sums and the additions run in
+// Acc; the state is rounded to T once per chunk.
 template <typename T>
-RA3_INLINE bool advance_max(T m, T chunk_mx, T* new_m, T* rescale) {
-  T mn = m > chunk_mx ? m : chunk_mx;
-  if (mn == -std::numeric_limits<T>::infinity()) return false;
-  *new_m = mn;
-  *rescale = std::exp(m - mn);  // m == -inf gives 0: nothing accumulated yet
-  return true;
+RA3_INLINE void fold(T mn, Acc cs, Acc ca, T* m, T* s, T* a) {
+  const Acc rescale = std::exp(Acc(*m) - Acc(mn));  // exact: 1 when the max stays; 0 while the state is empty
+  *s = T(Acc(*s) * rescale + cs);
+  if (a != nullptr) *a = T(Acc(*a) * rescale + ca);
+  *m = mn;
 }
 
 // One row of softmax_stats_fwd (see ra3_native.h for the state). ri is read in mode 2 only.
-template <typename T>
+//
+// Each element is x = z * inv_temp, rounded (the kernels are compiled without FMA contraction, CMakeLists.txt), so
+// the max, the exponents x - mn, the target's logit and the backward's x - lse all see the same x. The entropy sums
+// e * (x - mn) <= 0, small next to e * x where the logits sit far from 0 (x ~ 1e4 at T = 1e-3), and adds
+// mn * sum(e) once per chunk, in double. The exact KL sums both softmaxes in one loop with the same instructions,
+// so identical logits give bit-identical (m, s) and (mr, sr) and a KL of exactly 0.
+template <bool kFma, typename T>
 RA3_INLINE void stats_row_impl(int mode, const T* zi, const T* ri, int64_t vc, T inv_temp, T* m, T* s, T* a, T* mr,
                                T* sr) {
-  T mn, rescale;
-  if (advance_max(*m, chunk_max(zi, vc, inv_temp), &mn, &rescale)) {
-    T cs = 0, ca = 0;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const bool kl = mode == kExactKl;
+  const T cz = chunk_max(zi, vc) * inv_temp;
+  const T mn = *m > cz ? *m : cz;
+  T mnr = kNegInf;
+  if (kl) {
+    const T cr = chunk_max(ri, vc) * inv_temp;
+    mnr = *mr > cr ? *mr : cr;
+  }
+  // A side whose max is still -inf adds nothing and keeps its state; shifting it by 0 keeps its exps at 0, not NaN.
+  const T sh = mn == kNegInf ? T(0) : mn, shr = mnr == kNegInf ? T(0) : mnr;
+  Acc cs = 0, ca = 0, csr = 0;
+  for (int64_t j0 = 0; j0 < vc; j0 += kBlock) {
+    const int64_t j1 = vc - j0 > kBlock ? j0 + kBlock : vc;
+    T bs = 0, ba = 0, bsr = 0;
     if (mode == kLogprob) {
-#pragma omp simd reduction(+ : cs)
-      for (int64_t j = 0; j < vc; ++j) cs += vexp(zi[j] * inv_temp - mn);
+#pragma omp simd reduction(+ : bs)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T x = zi[j] * inv_temp;
+        bs += vexp<kFma>(x - sh);
+      }
     } else if (mode == kEntropy) {
-#pragma omp simd reduction(+ : cs, ca)
-      for (int64_t j = 0; j < vc; ++j) {
-        T x = zi[j] * inv_temp;
-        T e = vexp(x - mn);
-        T term = e * x;
-        cs += e;
-        ca += e > T(0) ? term : T(0);  // p = 0 at x = -inf: 0 * -inf must count as 0
+#pragma omp simd reduction(+ : bs, ba)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T x = zi[j] * inv_temp;
+        const T d = x - sh;
+        const T e = vexp<kFma>(d);
+        bs += e;
+        ba += e > T(0) ? e * d : T(0);  // p = 0 at x = -inf: 0 * -inf must count as 0
       }
     } else {
-#pragma omp simd reduction(+ : cs, ca)
-      for (int64_t j = 0; j < vc; ++j) {
-        T x = zi[j] * inv_temp;
-        T e = vexp(x - mn);
-        T term = e * (x - ri[j] * inv_temp);  // unconditional: a conditional load would block vectorisation
-        cs += e;
-        ca += e > T(0) ? term : T(0);
+#pragma omp simd reduction(+ : bs, ba, bsr)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T x = zi[j] * inv_temp, y = ri[j] * inv_temp;  // unconditional loads: conditional ones block simd
+        const T e = vexp<kFma>(x - sh), er = vexp<kFma>(y - shr);
+        bs += e;
+        bsr += er;
+        ba += e > T(0) ? e * (x - y) : T(0);
       }
     }
-    *s = *s * rescale + cs;
-    if (mode != kLogprob) *a = *a * rescale + ca;
-    *m = mn;
+    cs += bs, ca += ba, csr += bsr;
   }
-  if (mode == kExactKl && advance_max(*mr, chunk_max(ri, vc, inv_temp), &mn, &rescale)) {
-    T cs = 0;
-#pragma omp simd reduction(+ : cs)
-    for (int64_t j = 0; j < vc; ++j) cs += vexp(ri[j] * inv_temp - mn);
-    *sr = *sr * rescale + cs;
-    *mr = mn;
-  }
+  if (mn != kNegInf)  // entropy: a = sum e * x = sum e * (x - mn) + mn * sum e
+    fold(mn, cs, mode == kEntropy ? ca + Acc(mn) * cs : ca, m, s, mode == kLogprob ? nullptr : a);
+  if (kl && mnr != kNegInf) fold(mnr, csr, Acc(0), mr, sr, static_cast<T*>(nullptr));
 }
 
 // One row of softmax_grad without the target's +c (added by the caller). oi may alias zi (in-place backward):
 // each iteration reads element j before writing element j only.
-template <typename T>
+template <bool kFma, typename T>
 RA3_INLINE void grad_row_impl(int mode, const T* zi, const T* ri, T* oi, int64_t vc, T inv_temp, T l, T c, T aux,
                               T lr) {
   if (mode == kLogprob) {
 #pragma omp simd
-    for (int64_t j = 0; j < vc; ++j) oi[j] = -c * vexp(zi[j] * inv_temp - l);
+    for (int64_t j = 0; j < vc; ++j) oi[j] = -c * vexp<kFma>(zi[j] * inv_temp - l);
   } else if (mode == kEntropy) {
 #pragma omp simd
     for (int64_t j = 0; j < vc; ++j) {
       T lp = zi[j] * inv_temp - l;
-      T p = vexp(lp);
+      T p = vexp<kFma>(lp);
       T val = -c * p * (lp + aux);
       oi[j] = p > T(0) ? val : T(0);
     }
@@ -101,30 +122,26 @@ RA3_INLINE void grad_row_impl(int mode, const T* zi, const T* ri, T* oi, int64_t
 #pragma omp simd
     for (int64_t j = 0; j < vc; ++j) {
       T lp = zi[j] * inv_temp - l;
-      T p = vexp(lp);
+      T p = vexp<kFma>(lp);
       T val = c * p * (lp - (ri[j] * inv_temp - lr) - aux);
       oi[j] = p > T(0) ? val : T(0);
     }
   }
 }
 
-// The ISA-dispatched entry points (templates cannot carry target_clones).
-RA3_ROW_KERNEL void stats_row(int mode, const float* zi, const float* ri, int64_t vc, float inv_temp, float* m,
-                              float* s, float* a, float* mr, float* sr) {
-  stats_row_impl(mode, zi, ri, vc, inv_temp, m, s, a, mr, sr);
-}
-RA3_ROW_KERNEL void stats_row(int mode, const double* zi, const double* ri, int64_t vc, double inv_temp, double* m,
-                              double* s, double* a, double* mr, double* sr) {
-  stats_row_impl(mode, zi, ri, vc, inv_temp, m, s, a, mr, sr);
-}
-RA3_ROW_KERNEL void grad_row(int mode, const float* zi, const float* ri, float* oi, int64_t vc, float inv_temp,
-                             float l, float c, float aux, float lr) {
-  grad_row_impl(mode, zi, ri, oi, vc, inv_temp, l, c, aux, lr);
-}
-RA3_ROW_KERNEL void grad_row(int mode, const double* zi, const double* ri, double* oi, int64_t vc, double inv_temp,
-                             double l, double c, double aux, double lr) {
-  grad_row_impl(mode, zi, ri, oi, vc, inv_temp, l, c, aux, lr);
-}
+// The ISA-dispatched entry points (see RA3_ROW_KERNEL).
+RA3_ROW_KERNEL(void stats_row(int mode, const float* zi, const float* ri, int64_t vc, float inv_temp, float* m,
+                              float* s, float* a, float* mr, float* sr),
+               stats_row_impl<kFma>(mode, zi, ri, vc, inv_temp, m, s, a, mr, sr);)
+RA3_ROW_KERNEL(void stats_row(int mode, const double* zi, const double* ri, int64_t vc, double inv_temp, double* m,
+                              double* s, double* a, double* mr, double* sr),
+               stats_row_impl<kFma>(mode, zi, ri, vc, inv_temp, m, s, a, mr, sr);)
+RA3_ROW_KERNEL(void grad_row(int mode, const float* zi, const float* ri, float* oi, int64_t vc, float inv_temp,
+                             float l, float c, float aux, float lr),
+               grad_row_impl<kFma>(mode, zi, ri, oi, vc, inv_temp, l, c, aux, lr);)
+RA3_ROW_KERNEL(void grad_row(int mode, const double* zi, const double* ri, double* oi, int64_t vc, double inv_temp,
+                             double l, double c, double aux, double lr),
+               grad_row_impl<kFma>(mode, zi, ri, oi, vc, inv_temp, l, c, aux, lr);)
 
 template <typename T>
 void stats_fwd(int mode, const T* z, int64_t ldz, const T* r, int64_t ldr, int64_t n, int64_t vc, int64_t v_offset,
