@@ -36,7 +36,7 @@ KIND_NAMES = {KIND_SPECIAL: "special", KIND_THINK: "think", KIND_COMMENT: "comme
 # the comment line put where an act was taken, only to find where the two tokenisations part ways
 _PROBE = " note"
 # a comment ends at the first of these (a newline token ends it; the rest would break the line or the parse)
-_COMMENT_ENDS = ("\n", "\r", "\x00")
+COMMENT_ENDS = ("\n", "\r", "\x00")
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ class CommentVocab:
         # every special and added token (bos/eos/pad, FIM / repo / reserved ones) is excluded from comments
         excluded = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         self.excluded = frozenset(i for i in excluded if 0 <= i < n_tok) | frozenset(range(n_tok, self.vocab_size))
-        self.newline = frozenset(i for i, t in enumerate(self.texts) if any(c in t for c in _COMMENT_ENDS))
-        self.bos_id = tokenizer.bos_token_id
+        self.newline = frozenset(i for i, t in enumerate(self.texts) if any(c in t for c in COMMENT_ENDS))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("tokenizer: it has neither a pad nor an eos token to pad batches with")
@@ -91,6 +90,24 @@ class CommentVocab:
                 self.sets.append(sorted(ids))
                 self.set_prefixes.append(prefix)
         return self._sets[key]
+
+    def opening(self, set_id: int, first: int) -> list[int]:
+        """The tokens that open a comment line drawn from decision set ``set_id`` with token ``first``: that token,
+        then the rest of "<indent>#" (forced) when it is whitespace only."""
+        text, prefix = self.texts[first], self.set_prefixes[set_id]
+        if "#" in text:
+            return [first]
+        rest = prefix[len(text):] if prefix.startswith(text) else "#"
+        return [first] + self.tokenizer.encode(rest, add_special_tokens=False)
+
+    def comment(self, ids: list[int], *, truncated: bool) -> Comment:
+        """The Comment that tokens ``ids`` (from the decision token on) write: the text after the first "#", up to
+        the line's end."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = text[text.index("#") + 1:] if "#" in text else ""
+        for end in COMMENT_ENDS:
+            text = text.split(end, 1)[0]
+        return Comment(text, truncated)
 
     def encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
         """(ids, offsets, special mask) of each text, exactly as ``tokenizer(text)`` gives them."""
@@ -116,10 +133,6 @@ class Document:
     @property
     def num_decisions(self) -> int:
         return sum(a >= 0 for a in self.anchors)
-
-    def action_text(self, k: int) -> str:
-        end = self.starts[k + 1] if k + 1 < self.num_actions else len(self.text)
-        return self.text[self.starts[k]:end]
 
 
 def comment_lines(text: str) -> list[bool]:
@@ -199,7 +212,7 @@ def _annotate(doc: Document, comments: dict[int, Comment]) -> tuple[str, dict[in
         if not 0 <= k < doc.num_actions or doc.anchors[k] < 0:
             raise ValueError(f"comments: action {k} is not a decision point of the document (decision points: "
                              f"{[i for i, a in enumerate(doc.anchors) if a >= 0]})")
-        if any(e in c.text for e in _COMMENT_ENDS):
+        if any(e in c.text for e in COMMENT_ENDS):
             raise ValueError(f"comments[{k}]: a comment is one line, got {c.text!r}")
     parts, spans, last, shift = [], {}, 0, 0
     for k in sorted(comments):
@@ -420,8 +433,6 @@ def _action_of(action_starts: list[int], char: int) -> int:
 def check_annotation(doc: Document, comments: dict[int, Comment]) -> None:
     """Raise ValueError unless every inserted line is a Python COMMENT token, removing them gives back the
     expert document, and the annotated document parses whenever the expert one does."""
-    import ast
-
     text, spans = _annotate(doc, comments)
     rows = {text.count("\n", 0, s) + 1 for s, _ in spans.values()}
     seen = set()
@@ -444,7 +455,6 @@ def check_annotation(doc: Document, comments: dict[int, Comment]) -> None:
         raise ValueError("removing the comment lines does not give back the expert document")
     if _parses(doc.text) and not _parses(text):
         raise ValueError("the annotated document does not parse although the expert one does")
-    del ast
 
 
 def _gaps(spans: dict[int, tuple[int, int]], n: int):

@@ -161,9 +161,9 @@ def _run_objective(objective: str, cfg: MidtrainConfig, out: Path, writer: Metri
     ra3 = objective == "ra3"
     info = dist.get_info()
     if ra3 and cfg.engine == "vllm":
-        from ra3.midtrain.rollout_vllm import _vllm  # noqa: PLC0415
+        from ra3.midtrain.rollout_vllm import require_vllm  # noqa: PLC0415
 
-        _vllm()  # a missing vllm is named before any model loads
+        require_vllm()  # a missing vllm is named before any model loads
     try:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(info.device) if info.distributed
                                       else cfg.device, seed=cfg.seed)

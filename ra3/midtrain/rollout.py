@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from ra3.data.sequences import _COMMENT_ENDS, Comment, CommentVocab, Document, build_sequences
+from ra3.data.sequences import Comment, CommentVocab, Document, build_sequences
 from ra3.midtrain.batch import pack
 from ra3.midtrain.scoring import PolicyHead, output_head
 
@@ -142,12 +142,7 @@ class HFGenerator:
             if bias is not None:
                 z = z + bias[ids]
             first = int(ids[torch.multinomial(torch.softmax(z.float().cpu() / T, -1), 1, generator=gen)])
-            queue[i] = [first]
-            prefix = vocab.set_prefixes[d.set_id]
-            text = vocab.texts[first]
-            if "#" not in text:  # a whitespace token of the indentation: the "#" that opens the line is forced
-                queue[i] += vocab.tokenizer.encode(prefix[len(text):], add_special_tokens=False) \
-                    if prefix.startswith(text) else vocab.tokenizer.encode("#", add_special_tokens=False)
+            queue[i] = vocab.opening(d.set_id, first)
             fed[i] = []
         sampled = {i: 0 for i in thinking}
         done: dict[int, Comment] = {}
@@ -162,13 +157,13 @@ class HFGenerator:
                     nxt[i] = queue[i].pop(0)
                     continue
                 if sampled[i] >= self.max_rationale_tokens:
-                    done[i] = _comment(vocab, fed[i], truncated=True)
+                    done[i] = vocab.comment(fed[i], truncated=True)
                     continue
                 probs = torch.softmax(logits[i].float().cpu() / T, -1)
                 tok = int(torch.multinomial(probs, 1, generator=gen))
                 sampled[i] += 1
                 if tok in vocab.newline:
-                    done[i] = _comment(vocab, fed[i] + [tok], truncated=False)
+                    done[i] = vocab.comment(fed[i] + [tok], truncated=False)
                     continue
                 nxt[i] = tok
             active = torch.zeros(n, dtype=torch.bool)
@@ -177,7 +172,7 @@ class HFGenerator:
                     fed[i].append(int(nxt[i]))
                     active[i] = True
                     if int(nxt[i]) in vocab.newline:  # the decision token or a forced one closed the line
-                        done[i] = _comment(vocab, fed[i], truncated=False)
+                        done[i] = vocab.comment(fed[i], truncated=False)
             if not bool(active.any()):
                 continue
             active = active.to(device)
@@ -189,15 +184,6 @@ class HFGenerator:
             logits = out @ weight.T + comment_bias
         for i in thinking:
             if i not in done:
-                done[i] = _comment(vocab, fed[i], truncated=True)
+                done[i] = vocab.comment(fed[i], truncated=True)
         return done
 
-
-def _comment(vocab: CommentVocab, ids: list[int], *, truncated: bool) -> Comment:
-    """The comment written by tokens ``ids`` (from the decision token on): the text after the first "#", up to
-    the line's end."""
-    text = vocab.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    text = text[text.index("#") + 1:] if "#" in text else ""
-    for end in _COMMENT_ENDS:
-        text = text.split(end, 1)[0]
-    return Comment(text, truncated)

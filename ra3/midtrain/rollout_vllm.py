@@ -30,7 +30,6 @@ import os
 import tempfile
 
 from ra3.data.sequences import Comment, CommentVocab, Decision, Document, Sequence, build_sequences
-from ra3.midtrain.rollout import _comment
 
 # attribute paths from ``llm.llm_engine`` to the torch model, newest vLLM first
 _MODEL_PATHS = (
@@ -40,7 +39,7 @@ _MODEL_PATHS = (
 _DECIDE, _WRITE = 0, 1  # request phases, part of each request's seed
 
 
-def _vllm():
+def require_vllm():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         import vllm  # noqa: PLC0415
@@ -58,7 +57,7 @@ class VLLMGenerator:
     def __init__(self, model, tokenizer, vocab: CommentVocab, *, max_rationale_tokens: int,
                  temperature: float = 1.0, seed: int = 0, dtype: str = "auto",
                  gpu_memory_utilization: float = 0.3, llm=None):
-        vllm = _vllm()
+        vllm = require_vllm()
         self.vocab = vocab
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
@@ -123,28 +122,18 @@ class VLLMGenerator:
             self._sets[set_id] = frozenset(self.vocab.sets[set_id])
         return self._sets[set_id]
 
-    def _opening(self, set_id: int, first: int) -> list[int]:
-        """The comment line's opening tokens: the decision token, then the rest of "<indent>#" (forced) when the
-        decision token is whitespace only, as HFGenerator writes it."""
-        vocab = self.vocab
-        text, prefix = vocab.texts[first], vocab.set_prefixes[set_id]
-        if "#" in text:
-            return [first]
-        rest = prefix[len(text):] if prefix.startswith(text) else "#"
-        return [first] + vocab.tokenizer.encode(rest, add_special_tokens=False)
-
     def _write(self, thinking: dict[int, tuple[Sequence, Decision, int]], seed: int, rnd: int) -> dict[int, Comment]:
         """The comment of every thinking document (b -> Comment), one request each."""
         vocab = self.vocab
         done: dict[int, Comment] = {}
         rows, openings, prompts, seeds = [], [], [], []
         for b, (s, d, first) in thinking.items():
-            opening = self._opening(d.set_id, first)
+            opening = self.vocab.opening(d.set_id, first)
             closed = next((j for j, t in enumerate(opening) if t in vocab.newline), None)
             if closed is not None:  # the opening tokens closed the line themselves
-                done[b] = _comment(vocab, opening[:closed + 1], truncated=False)
+                done[b] = vocab.comment(opening[:closed + 1], truncated=False)
             elif self.max_rationale_tokens < 1:
-                done[b] = _comment(vocab, opening, truncated=True)
+                done[b] = vocab.comment(opening, truncated=True)
             else:
                 rows.append(b)
                 openings.append(opening)
@@ -155,11 +144,11 @@ class VLLMGenerator:
         for b, opening, (out, finish) in zip(rows, openings, written):
             end = next((j for j, t in enumerate(out) if t in vocab.newline), None)
             if end is not None:  # the newline is in the output (vLLM keeps a stop token in token_ids)
-                done[b] = _comment(vocab, opening + out[:end + 1], truncated=False)
+                done[b] = vocab.comment(opening + out[:end + 1], truncated=False)
             elif finish == "stop":  # stopped on a newline that the output left out
-                done[b] = _comment(vocab, opening + out, truncated=False)
+                done[b] = vocab.comment(opening + out, truncated=False)
             else:  # no newline within max_rationale_tokens: the line is closed by force
-                done[b] = _comment(vocab, opening + out[:self.max_rationale_tokens], truncated=True)
+                done[b] = vocab.comment(opening + out[:self.max_rationale_tokens], truncated=True)
         return done
 
     def _generate(self, prompts: list[list[int]], seeds: list[int], **params) -> list[tuple[list[int], str | None]]:
