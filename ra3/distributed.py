@@ -27,6 +27,7 @@ or strategy, single process included.
 from __future__ import annotations
 
 import contextlib
+import gc
 import copy
 import os
 import weakref
@@ -103,10 +104,20 @@ def setup(backend: Optional[str] = None, *, timeout_s: float = 1800.0) -> DistIn
     return get_info()
 
 
-def teardown() -> None:
-    """Leave the process group (no-op when none)."""
-    if _initialized():
-        torch.distributed.destroy_process_group()
+def teardown(*, sync: bool = True) -> None:
+    """Leave the process group (no-op when none).
+
+    sync: wait at a barrier first, so no rank destroys the group while a peer still talks to it (gloo then
+    aborts the peer with "terminate called without an active exception"). Pass False when leaving on an error,
+    where a peer may never reach the barrier.
+    """
+    if not _initialized():
+        return
+    if sync:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    # DDP / FSDP wrappers left in reference cycles still hold the group: free them now, not at interpreter exit.
+    gc.collect()
 
 
 @contextlib.contextmanager
@@ -126,11 +137,13 @@ def session(strategy: str, backend: Optional[str] = None):
                          f"pass --distributed ddp or fsdp, or run without torchrun")
     created = strategy != "none" and not _initialized()
     info = setup(backend) if strategy != "none" else get_info()
+    ok = False
     try:
         yield info
+        ok = True
     finally:
         if created:
-            teardown()
+            teardown(sync=ok)
 
 
 def is_main() -> bool:
