@@ -35,8 +35,8 @@ def versions() -> dict:
 
 
 def command(module: str, args: list[str]) -> str:
-    """The command as run, with the RA3_* settings in effect in front (they pick an op's design, e.g.
-    RA3_BF16_GRAD or RA3_TRITON_FUSED_LINEAR), so a recorded row can be reproduced."""
+    """The command as run, with the RA3_* settings in effect in front (e.g. RA3_CUBLAS_LIBRARY), so a recorded row
+    can be reproduced."""
     env = [f"{k}={v}" for k, v in sorted(os.environ.items())
            if (k.startswith("RA3_") and k != "RA3_BUILD_JOBS") or k == "TRITON_INTERPRET"]
     return " ".join([*env, "python -m " + module, *args])

@@ -17,10 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "ra3" / "ops" / "auto_order.json"
 
-# benchmark op -> registry op (linear_cross_entropy runs on the 'logprobs' kernels too, so it does not vote)
-REGISTRY_OP = {"linear_logprobs": "logprobs", "linear_entropy": "entropy", "kl": "kl", "segment_sum": "segment_sum",
-               "group_advantages": "group_advantages", "policy_loss": "policy_loss"}
-FUSED_LINEAR = {"logprobs", "entropy", "exact_kl"}
+# benchmark op -> registry op
+REGISTRY_OP = {"linear_logprobs": "logprobs", "linear_entropy": "entropy", "linear_cross_entropy": "cross_entropy",
+               "kl": "kl", "segment_sum": "segment_sum", "group_advantages": "group_advantages",
+               "policy_loss": "policy_loss"}
+FUSED_LINEAR = {"logprobs", "entropy", "exact_kl", "cross_entropy"}
 
 
 def _size(shape: dict) -> int:
@@ -41,7 +42,9 @@ def order_from_report(report: dict) -> dict[str, list[str]]:
     for op, rows in by_op.items():
         largest = max(_size(r["shape"]) for r in rows)
         timed = sorted((r["time_ms"], r["impl"].split(":", 1)[1]) for r in rows if _size(r["shape"]) == largest)
-        out[op] = [b for _, b in timed if not (op in FUSED_LINEAR and b == "torch")]
+        ranked = [b for _, b in timed if not (op in FUSED_LINEAR and b == "torch")]
+        if ranked:  # the reference alone ranks nothing
+            out[op] = ranked
     return out
 
 

@@ -46,16 +46,16 @@ build() {
 
 check() {
   # The suite's GPU cases: every backend against the float64 reference (conftest puts cuda and triton on the GPU),
-  # the extension loop on real cuBLAS included (test_ops_vocab.py's cuda cases).
+  # the extension loop on real cuBLAS included (test_vocab_softmax.py's cuda cases).
   capped 180 "$OUT/pytest.log" python3 -m pytest -q -p no:cacheprovider -k "cuda or triton" \
-    tests/test_ops_vocab.py tests/test_ops_rl.py tests/test_kernel_contracts.py tests/test_triton_kernels.py \
-    tests/test_cuda_linear_loop.py tests/test_native_build.py
+    tests/test_vocab_softmax.py tests/test_ops_rl.py tests/test_kernel_contracts.py tests/test_triton_kernels.py \
+    tests/test_vocab_softmax_loop.py tests/test_native_build.py
   log "pytest (GPU cases): exit $? ($(tail -1 "$OUT/pytest.log"))"
   if command -v compute-sanitizer > /dev/null; then
     for tool in memcheck racecheck; do
       capped 100 "$OUT/sanitizer-$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
         --target-processes all python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_kernel_contracts.py \
-        tests/test_ops_vocab.py
+        tests/test_vocab_softmax.py
       log "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer-$tool.log" | tail -2 | tr '\n' ' '))"
     done
   else
@@ -68,17 +68,11 @@ bench() {
   [ "${FULL:-0}" = "1" ] && shapes=""
   capped 360 "$OUT/bench.log" python3 -m benchmarks.ops $common $shapes --out-dir "$OUT"
   log "bench (defaults, every implementation): exit $?"
-  # The designs a default hides: Triton's in-kernel matmul; the cuda backend's bf16 gradient rounded once (as
-  # Liger-Kernel and CCE do) and its Python loop over torch's GEMMs.
-  capped 40 "$OUT/bench-fused.log" env RA3_TRITON_FUSED_LINEAR=1 python3 -m benchmarks.ops $common $shapes \
-    --no-peaks --ops linear_logprobs --impls ra3:triton --out-dir "$OUT/triton-fused"
-  log "bench (triton fused-matmul design): exit $?"
-  capped 40 "$OUT/bench-cuda-round.log" env RA3_BF16_GRAD=round python3 -m benchmarks.ops $common $shapes \
-    --no-peaks --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda --out-dir "$OUT/cuda-round"
-  log "bench (cuda, bf16 gradient rounded once): exit $?"
-  capped 40 "$OUT/bench-cuda-torch-gemm.log" env RA3_CUDA_TORCH_GEMM=1 python3 -m benchmarks.ops $common $shapes \
-    --no-peaks --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda --out-dir "$OUT/cuda-torch-gemm"
-  log "bench (cuda, Python loop over torch GEMMs): exit $?"
+  # Every design is a backend name the default run above measures (cuda, cuda-torch, triton, triton-fused); the
+  # opt-in precision is not: the cuda backend's bf16 gradient tiles as hi + lo terms.
+  capped 40 "$OUT/bench-cuda-high.log" python3 -m benchmarks.ops $common $shapes --precision high \
+    --no-peaks --ops linear_logprobs,linear_cross_entropy --impls ra3:cuda --out-dir "$OUT/cuda-high"
+  log "bench (cuda, precision='high'): exit $?"
   cat "$OUT"/ops-gpu-cuda-*.md "$OUT"/*/ops-gpu-cuda-*.md 2>/dev/null | grep -E '^\| linear|^- measured' | tail -30
 }
 

@@ -76,6 +76,7 @@ def _cce(h, w, t):
 # penalty of this weight, per sequence token-mean then batch mean (Liger's loss_type "grpo", ra3's aggregation
 # "seq-mean-token-mean"; the two gave identical losses on a CPU check, 2026-12-01).
 GRPO_BETA = 0.05
+PRECISION = "default"  # the fused linear ops' precision argument; --precision sets it for the run
 
 
 def _liger_grpo(h, w, t, mask, adv, old, ref):
@@ -124,10 +125,10 @@ def _make_case(op: str, shape: dict, device: str, dtype):
             if backend in PEERS.get(op, {}):
                 return PEERS[op][backend](h, w, t)
             if op == "linear_cross_entropy":
-                return ops.linear_cross_entropy(h, w, t, backend=backend)
+                return ops.linear_cross_entropy(h, w, t, precision=PRECISION, backend=backend)
             if op == "linear_logprobs":
-                return ops.linear_logprobs(h, w, t, backend=backend)
-            return ops.linear_entropy(h, w, backend=backend)
+                return ops.linear_logprobs(h, w, t, precision=PRECISION, backend=backend)
+            return ops.linear_entropy(h, w, precision=PRECISION, backend=backend)
         return make, eager, fused
     if op == "linear_grpo":  # per-token log-probs through the lm_head, then the GRPO policy loss
         B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
@@ -152,7 +153,8 @@ def _make_case(op: str, shape: dict, device: str, dtype):
         def fused(h, w, t, mask, adv, old, ref, backend):
             if backend in PEERS[op]:
                 return PEERS[op][backend](h, w, t, mask, adv, old, ref)
-            lp = ops.linear_logprobs(h.reshape(B * T, H), w, t.reshape(-1), backend=backend).reshape(B, T)
+            lp = ops.linear_logprobs(h.reshape(B * T, H), w, t.reshape(-1), precision=PRECISION,
+                                     backend=backend).reshape(B, T)
             return loss_of(lp, mask, adv, old, ref, backend)
         return make, eager, fused
     if op == "kl":
@@ -409,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", choices=("default", "high"), default="default",
+                        help="the fused linear ops' precision argument (high: bf16 gradient tiles as hi + lo terms)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--impls", default=None, help="comma-separated subset of implementations, e.g. "
                         "torch-eager,ra3:cuda,peer:cce")
@@ -419,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default ops-<preset>-<device>-<date>)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global PRECISION
+    PRECISION = args.precision
     if args.child:  # one measurement, in its own process
         spec = json.loads(args.child)
         print(json.dumps(_measure(spec["op"], spec["shape"], spec["impl"], args.device, args.dtype, args.repeats)))
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 spec = json.dumps({"op": op, "shape": shape, "impl": impl})
                 cmd = [sys.executable, "-m", "benchmarks.ops", "--child", spec, "--device", args.device,
-                       "--dtype", args.dtype, "--repeats", str(args.repeats)]
+                       "--dtype", args.dtype, "--repeats", str(args.repeats), "--precision", args.precision]
                 proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
                 row = {"op": op, "shape": shape, "impl": impl}
                 if proc.returncode == 0:

@@ -83,58 +83,60 @@ py::dict build_info() {
 }
 
 // Keyword names of the shared arguments, in contract order (see ra3_native.h).
-#define RA3_PY_ARGS_SOFTMAX_STATS_FWD                                                                             \
-  py::arg("mode"), py::arg("dtype"), py::arg("z"), py::arg("ldz"), py::arg("r"), py::arg("ldr"), py::arg("n"),  \
-      py::arg("vc"), py::arg("v_offset"), py::arg("inv_temp"), py::arg("targets"), py::arg("m"), py::arg("s"),  \
+#define RA3_PY_ARGS_VOCAB_SOFTMAX_FWD                                                                          \
+  py::arg("mode"), py::arg("dtype"), py::arg("z"), py::arg("ldz"), py::arg("r"), py::arg("ldr"), py::arg("n"), \
+      py::arg("vc"), py::arg("v_offset"), py::arg("inv_temp"), py::arg("targets"), py::arg("m"), py::arg("s"), \
       py::arg("a"), py::arg("mr"), py::arg("sr"), py::arg("tgt")
-#define RA3_PY_ARGS_SOFTMAX_GRAD                                                                                  \
+#define RA3_PY_ARGS_VOCAB_SOFTMAX_GRAD                                                                         \
   py::arg("mode"), py::arg("dtype"), py::arg("z"), py::arg("ldz"), py::arg("r"), py::arg("ldr"), py::arg("out"), \
       py::arg("ldo"), py::arg("n"), py::arg("vc"), py::arg("v_offset"), py::arg("inv_temp"), py::arg("targets"), \
       py::arg("lse"), py::arg("lse_r"), py::arg("aux"), py::arg("g")
-#define RA3_PY_ARGS_SEGMENT_SUM_FWD \
+#define RA3_PY_ARGS_SEGMENT_SUM_FWD                                                                            \
   py::arg("dtype"), py::arg("values"), py::arg("ids"), py::arg("n"), py::arg("num_segments"), py::arg("out")
-#define RA3_PY_ARGS_SEGMENT_SUM_BWD \
+#define RA3_PY_ARGS_SEGMENT_SUM_BWD                                                                            \
   py::arg("dtype"), py::arg("grad_out"), py::arg("ids"), py::arg("n"), py::arg("grad_values")
-#define RA3_PY_ARGS_KL_ESTIMATOR_FWD \
+#define RA3_PY_ARGS_KL_ESTIMATOR_FWD                                                                           \
   py::arg("dtype"), py::arg("estimator"), py::arg("lp"), py::arg("ref"), py::arg("n"), py::arg("out")
-#define RA3_PY_ARGS_KL_ESTIMATOR_BWD                                                                      \
-  py::arg("dtype"), py::arg("estimator"), py::arg("lp"), py::arg("ref"), py::arg("g"), py::arg("n"), \
+#define RA3_PY_ARGS_KL_ESTIMATOR_BWD                                                                           \
+  py::arg("dtype"), py::arg("estimator"), py::arg("lp"), py::arg("ref"), py::arg("g"), py::arg("n"),           \
       py::arg("grad_lp")
-#define RA3_PY_ARGS_GROUP_ADV_FWD                                                                            \
-  py::arg("dtype"), py::arg("rewards"), py::arg("gids"), py::arg("n"), py::arg("num_groups"),              \
+#define RA3_PY_ARGS_GROUP_ADV_FWD                                                                              \
+  py::arg("dtype"), py::arg("rewards"), py::arg("gids"), py::arg("n"), py::arg("num_groups"),                  \
       py::arg("normalize"), py::arg("eps"), py::arg("out"), py::arg("mean"), py::arg("std")
-#define RA3_PY_ARGS_GROUP_ADV_BWD                                                                            \
-  py::arg("dtype"), py::arg("rewards"), py::arg("gids"), py::arg("n"), py::arg("num_groups"),              \
+#define RA3_PY_ARGS_GROUP_ADV_BWD                                                                              \
+  py::arg("dtype"), py::arg("rewards"), py::arg("gids"), py::arg("n"), py::arg("num_groups"),                  \
       py::arg("normalize"), py::arg("eps"), py::arg("mean"), py::arg("std"), py::arg("g"), py::arg("grad_r")
-#define RA3_PY_ARGS_POLICY_LOSS_FWD                                                                              \
+#define RA3_PY_ARGS_POLICY_LOSS_FWD                                                                            \
   py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("lp"), py::arg("old"), py::arg("adv"),                 \
-      py::arg("adv_per_token"), py::arg("mask"), py::arg("ref"), py::arg("kl_coef"), py::arg("kl_estimator"), \
-      py::arg("clip_low"), py::arg("clip_high"), py::arg("aggregation"), py::arg("loss_out"),                 \
-      py::arg("grad_lp"), py::arg("stats_out")
+      py::arg("adv_per_token"), py::arg("mask"), py::arg("ref"), py::arg("kl_coef"), py::arg("kl_estimator"),  \
+      py::arg("clip_low"), py::arg("clip_high"), py::arg("ratio_level"), py::arg("surrogate"),                 \
+      py::arg("aggregation"), py::arg("agg_norm"), py::arg("loss_out"), py::arg("grad_lp"), py::arg("stats_out")
 
-#define RA3_PY_ARGS_LINEAR_SOURCES                                                                           \
-  py::arg("in_dtype"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("h"),                   \
+#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES                                                                 \
+  py::arg("in_dtype"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("h"),                    \
       py::arg("ref_in_dtype"), py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("ref_bias"), py::arg("ref_h")
-#define RA3_PY_ARGS_LINEAR_SOFTMAX_FWD                                                                           \
-  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"), RA3_PY_ARGS_LINEAR_SOURCES, \
-      py::arg("inv_temp"), py::arg("targets"), py::arg("ones"), py::arg("tile"), py::arg("ref_tile"),            \
+#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD                                                                     \
+  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"),                       \
+      RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,                                                                 \
+      py::arg("inv_temp"), py::arg("targets"), py::arg("ones"), py::arg("tile"), py::arg("ref_tile"),          \
       py::arg("m"), py::arg("s"), py::arg("a"), py::arg("mr"), py::arg("sr"), py::arg("tgt")
-#define RA3_PY_ARGS_LINEAR_SOFTMAX_GRAD                                                                          \
-  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"), RA3_PY_ARGS_LINEAR_SOURCES, \
-      py::arg("inv_temp"), py::arg("targets"), py::arg("lse"), py::arg("lse_r"), py::arg("aux"), py::arg("g"),   \
-      py::arg("ones"), py::arg("tile"), py::arg("ref_tile"), py::arg("tile16"), py::arg("bf16_terms"),           \
+#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD                                                                    \
+  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"),                       \
+      RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,                                                                 \
+      py::arg("inv_temp"), py::arg("targets"), py::arg("lse"), py::arg("lse_r"), py::arg("aux"), py::arg("g"), \
+      py::arg("ones"), py::arg("tile"), py::arg("ref_tile"), py::arg("tile16"), py::arg("bf16_terms"),         \
       py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
-#define RA3_PY_ARGS_LINEAR_CROSS_ENTROPY                                                                         \
-  py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("rows"), py::arg("in_dtype"), py::arg("hidden"),     \
-      py::arg("weight"), py::arg("bias"), py::arg("h"), py::arg("inv_temp"), py::arg("targets"), py::arg("g"),   \
-      py::arg("ones"), py::arg("tile"), py::arg("tile16"), py::arg("bf16_terms"), py::arg("m"), py::arg("s"),    \
+#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY                                                           \
+  py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("rows"), py::arg("in_dtype"), py::arg("hidden"),   \
+      py::arg("weight"), py::arg("bias"), py::arg("h"), py::arg("inv_temp"), py::arg("targets"), py::arg("g"), \
+      py::arg("ones"), py::arg("tile"), py::arg("tile16"), py::arg("bf16_terms"), py::arg("m"), py::arg("s"),  \
       py::arg("tgt"), py::arg("lse"), py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
 
 }  // namespace
 
-#define RA3_DEF_CPU(name, ARGS, doc) \
+#define RA3_DEF_CPU(name, ARGS, doc)                                                                           \
   m.def("cpu_" #name, &ra3::cpu::name, doc, ARGS, py::call_guard<py::gil_scoped_release>())
-#define RA3_DEF_CUDA(name, ARGS, doc)                                                                        \
+#define RA3_DEF_CUDA(name, ARGS, doc)                                                                          \
   m.def("cuda_" #name, &ra3::cuda::name, doc " Asynchronous on `stream` (a cudaStream_t as int, 0 = default).", \
         ARGS, py::arg("stream"), py::call_guard<py::gil_scoped_release>())
 
@@ -159,45 +161,47 @@ PYBIND11_MODULE(_C, m) {
         "dict: compiler, build_type, cuda_version (str or None), cuda_archs (list), openmp, openmp_max_threads, "
         "cpu_isa_variants (list), native_arch.");
 
-#define RA3_DEF_ALL(DEF)                                                                                        \
-  DEF(softmax_stats_fwd, RA3_PY_ARGS_SOFTMAX_STATS_FWD,                                                       \
+#define RA3_DEF_ALL(DEF)                                                                                       \
+  DEF(vocab_softmax_fwd, RA3_PY_ARGS_VOCAB_SOFTMAX_FWD,                                                        \
       "Online log-sum-exp of one vocabulary chunk into the running per-row state (m, s, a[, mr, sr]); "        \
-      "mode 0 also picks the target logit into tgt.");                                                       \
-  DEF(softmax_grad, RA3_PY_ARGS_SOFTMAX_GRAD,                                                                 \
+      "mode 0 also picks the target logit into tgt.");                                                         \
+  DEF(vocab_softmax_grad, RA3_PY_ARGS_VOCAB_SOFTMAX_GRAD,                                                      \
       "Gradient w.r.t. one logits chunk into out (may alias z) for mode 0 logprob, 1 entropy, 2 exact KL.");   \
-  DEF(segment_sum_fwd, RA3_PY_ARGS_SEGMENT_SUM_FWD, "out[k] = sum of values[i] with ids[i] == k (ids < 0 skipped).");   \
+  DEF(segment_sum_fwd, RA3_PY_ARGS_SEGMENT_SUM_FWD, "out[k] = sum of values[i] with ids[i] == k (ids < 0 skipped)."); \
   DEF(segment_sum_bwd, RA3_PY_ARGS_SEGMENT_SUM_BWD, "grad_values[i] = grad_out[ids[i]], or 0 where ids[i] < 0."); \
   DEF(kl_estimator_fwd, RA3_PY_ARGS_KL_ESTIMATOR_FWD, "Per-token KL estimate k1/k2/k3 of d = lp - ref.");      \
-  DEF(kl_estimator_bwd, RA3_PY_ARGS_KL_ESTIMATOR_BWD, "grad_lp = g * d(estimate)/d(lp).");                      \
-  DEF(group_adv_fwd, RA3_PY_ARGS_GROUP_ADV_FWD,                                                               \
-      "Group advantages (normalize 0 none, 1 mean, 2 std, 3 rloo) plus per-group mean and unbiased std.");     \
-  DEF(group_adv_bwd, RA3_PY_ARGS_GROUP_ADV_BWD, "Exact gradient of group_adv_fwd's out w.r.t. the rewards.");   \
-  DEF(policy_loss_fwd, RA3_PY_ARGS_POLICY_LOSS_FWD,                                                           \
-      "PPO-clipped loss + KL penalty: loss_out[0], grad_lp[B, T], stats_out = (clip fraction, kl mean, "       \
-      "ratio mean, mask sum).")
+  DEF(kl_estimator_bwd, RA3_PY_ARGS_KL_ESTIMATOR_BWD, "grad_lp = g * d(estimate)/d(lp).");                     \
+  DEF(group_adv_fwd, RA3_PY_ARGS_GROUP_ADV_FWD,                                                                \
+      "Group advantages (normalize 0 none, 1 mean, 2 std, 3 rloo, 4 batch-std) plus per-group mean and the "   \
+      "unbiased std that scales them (the group's, or the whole batch's for 4).");                             \
+  DEF(group_adv_bwd, RA3_PY_ARGS_GROUP_ADV_BWD, "Exact gradient of group_adv_fwd's out w.r.t. the rewards.");  \
+  DEF(policy_loss_fwd, RA3_PY_ARGS_POLICY_LOSS_FWD,                                                            \
+      "PPO-clipped (or CISPO) loss with token or sequence (GSPO) ratios + KL penalty: loss_out[0], "           \
+      "grad_lp[B, T], stats_out = (clip fraction, kl mean, ratio mean, mask sum).")
 
   RA3_DEF_ALL(RA3_DEF_CPU);
 #ifdef RA3_WITH_CUDA
   RA3_DEF_ALL(RA3_DEF_CUDA);
   // CUDA only: the fused linear ops' vocabulary loop with its cuBLAS GEMMs (no CPU twin: the CPU backend's GEMMs
   // go through torch, since this module links no BLAS).
-  RA3_DEF_CUDA(linear_softmax_fwd, RA3_PY_ARGS_LINEAR_SOFTMAX_FWD,
-               "softmax_stats_fwd over the whole vocabulary, each logits tile formed by cuBLAS (hidden @ weight.T).");
-  RA3_DEF_CUDA(linear_softmax_grad, RA3_PY_ARGS_LINEAR_SOFTMAX_GRAD,
-               "softmax_grad over the whole vocabulary, with the cuBLAS GEMMs into grad_hidden, grad_weight and "
+  RA3_DEF_CUDA(vocab_softmax_loop_fwd, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD,
+               "vocab_softmax_fwd over the whole vocabulary, each logits tile formed by cuBLAS (hidden @ weight.T).");
+  RA3_DEF_CUDA(vocab_softmax_loop_grad, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD,
+               "vocab_softmax_grad over the whole vocabulary, with the cuBLAS GEMMs into grad_hidden, grad_weight and "
                "grad_bias.");
-  RA3_DEF_CUDA(linear_cross_entropy, RA3_PY_ARGS_LINEAR_CROSS_ENTROPY,
+  RA3_DEF_CUDA(vocab_softmax_loop_cross_entropy, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY,
                "Token chunks of cross-entropy: log-sum-exp into lse and, while each tile is in memory, the gradient "
                "for upstream g into grad_hidden, grad_weight, grad_bias.");
-  m.def("_host_linear_cross_entropy", &ra3::cuda::host_linear_cross_entropy,
-        "Tests only: cuda_linear_cross_entropy's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
-        RA3_PY_ARGS_LINEAR_CROSS_ENTROPY, py::call_guard<py::gil_scoped_release>());
-  m.def("_host_linear_softmax_fwd", &ra3::cuda::host_linear_softmax_fwd,
-        "Tests only: cuda_linear_softmax_fwd's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
-        RA3_PY_ARGS_LINEAR_SOFTMAX_FWD, py::call_guard<py::gil_scoped_release>());
-  m.def("_host_linear_softmax_grad", &ra3::cuda::host_linear_softmax_grad,
-        "Tests only: cuda_linear_softmax_grad's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
-        RA3_PY_ARGS_LINEAR_SOFTMAX_GRAD, py::call_guard<py::gil_scoped_release>());
+  m.def("_host_vocab_softmax_loop_cross_entropy", &ra3::cuda::host_vocab_softmax_loop_cross_entropy,
+        "Tests only: cuda_vocab_softmax_loop_cross_entropy's loop on host buffers, CPU tile kernels, "
+        "RA3_CUBLAS_LIBRARY's GEMM.",
+        RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, py::call_guard<py::gil_scoped_release>());
+  m.def("_host_vocab_softmax_loop_fwd", &ra3::cuda::host_vocab_softmax_loop_fwd,
+        "Tests only: cuda_vocab_softmax_loop_fwd's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
+        RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD, py::call_guard<py::gil_scoped_release>());
+  m.def("_host_vocab_softmax_loop_grad", &ra3::cuda::host_vocab_softmax_loop_grad,
+        "Tests only: cuda_vocab_softmax_loop_grad's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
+        RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, py::call_guard<py::gil_scoped_release>());
   m.def("cublas_info", []() {
     const ra3::cuda::CublasInfo info = ra3::cuda::cublas_info();
     py::dict d;

@@ -15,11 +15,15 @@
 
 namespace ra3 {
 
-// Softmax-over-vocabulary modes shared by softmax_stats_fwd and softmax_grad.
+// Softmax-over-vocabulary modes shared by vocab_softmax_fwd and vocab_softmax_grad.
 enum SoftmaxMode : int { kLogprob = 0, kEntropy = 1, kExactKl = 2 };
-// Normalisations of group_adv_* and aggregations of policy_loss_fwd.
-enum GroupNormalize : int { kNormNone = 0, kNormMean = 1, kNormStd = 2, kNormRloo = 3 };
-enum Aggregation : int { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2 };
+// Normalisations of group_adv_* (kNormBatchStd: centred per group, scaled by the whole batch's std), and the
+// aggregations (kTokenSumNorm: the masked token sum over a given normaliser), importance-ratio levels and
+// surrogates of policy_loss_fwd.
+enum GroupNormalize : int { kNormNone = 0, kNormMean = 1, kNormStd = 2, kNormRloo = 3, kNormBatchStd = 4 };
+enum Aggregation : int { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2, kTokenSumNorm = 3 };
+enum RatioLevel : int { kRatioToken = 0, kRatioSequence = 1 };
+enum Surrogate : int { kSurrogatePpo = 0, kSurrogateCispo = 1 };
 
 inline void check_dtype(int dtype) {
   if (dtype != 0 && dtype != 1)
@@ -37,16 +41,26 @@ inline void check_estimator(int estimator) {
 }
 
 inline void check_normalize(int normalize) {
-  if (normalize < kNormNone || normalize > kNormRloo)
-    throw std::invalid_argument("normalize must be 0 (none), 1 (mean), 2 (std) or 3 (rloo), got " +
+  if (normalize < kNormNone || normalize > kNormBatchStd)
+    throw std::invalid_argument("normalize must be 0 (none), 1 (mean), 2 (std), 3 (rloo) or 4 (batch-std), got " +
                                 std::to_string(normalize));
 }
 
 inline void check_aggregation(int aggregation) {
-  if (aggregation < kTokenMean || aggregation > kSeqMeanTokenMean)
+  if (aggregation < kTokenMean || aggregation > kTokenSumNorm)
     throw std::invalid_argument(
-        "aggregation must be 0 (token-mean), 1 (seq-mean-token-sum) or 2 (seq-mean-token-mean), got " +
-        std::to_string(aggregation));
+        "aggregation must be 0 (token-mean), 1 (seq-mean-token-sum), 2 (seq-mean-token-mean) or 3 (token sum / "
+        "agg_norm), got " + std::to_string(aggregation));
+}
+
+inline void check_ratio_level(int ratio_level) {
+  if (ratio_level != kRatioToken && ratio_level != kRatioSequence)
+    throw std::invalid_argument("ratio_level must be 0 (token) or 1 (sequence), got " + std::to_string(ratio_level));
+}
+
+inline void check_surrogate(int surrogate) {
+  if (surrogate != kSurrogatePpo && surrogate != kSurrogateCispo)
+    throw std::invalid_argument("surrogate must be 0 (ppo) or 1 (cispo), got " + std::to_string(surrogate));
 }
 
 // Typed views of the integer addresses that cross the Python boundary.
@@ -69,33 +83,37 @@ void dispatch_dtype(int dtype, Fn&& fn) {
     fn(double{});
 }
 
-#define RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD                                                                      \
-  int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, int64_t n, int64_t vc,          \
-      int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t s, uintptr_t a,         \
+#define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD                                                                      \
+  int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, int64_t n, int64_t vc,              \
+      int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t s, uintptr_t a,             \
       uintptr_t mr, uintptr_t sr, uintptr_t tgt
-#define RA3_KERNEL_ARGS_SOFTMAX_GRAD                                                                           \
-  int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, uintptr_t out, int64_t ldo,      \
-      int64_t n, int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t lse,           \
+#define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD                                                                     \
+  int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, uintptr_t out, int64_t ldo,         \
+      int64_t n, int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t lse,              \
       uintptr_t lse_r, uintptr_t aux, uintptr_t g
-#define RA3_KERNEL_ARGS_SEGMENT_SUM_FWD \
+#define RA3_KERNEL_ARGS_SEGMENT_SUM_FWD                                                                        \
   int dtype, uintptr_t values, uintptr_t ids, int64_t n, int64_t num_segments, uintptr_t out
 #define RA3_KERNEL_ARGS_SEGMENT_SUM_BWD int dtype, uintptr_t grad_out, uintptr_t ids, int64_t n, uintptr_t grad_values
-#define RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD \
+#define RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD                                                                       \
   int dtype, int estimator, uintptr_t lp, uintptr_t ref, int64_t n, uintptr_t out
-#define RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD \
+#define RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD                                                                       \
   int dtype, int estimator, uintptr_t lp, uintptr_t ref, uintptr_t g, int64_t n, uintptr_t grad_lp
 #define RA3_KERNEL_ARGS_GROUP_ADV_FWD                                                                          \
-  int dtype, uintptr_t rewards, uintptr_t gids, int64_t n, int64_t num_groups, int normalize, double eps,   \
+  int dtype, uintptr_t rewards, uintptr_t gids, int64_t n, int64_t num_groups, int normalize, double eps,      \
       uintptr_t out, uintptr_t mean, uintptr_t std_out
 #define RA3_KERNEL_ARGS_GROUP_ADV_BWD                                                                          \
-  int dtype, uintptr_t rewards, uintptr_t gids, int64_t n, int64_t num_groups, int normalize, double eps,   \
+  int dtype, uintptr_t rewards, uintptr_t gids, int64_t n, int64_t num_groups, int normalize, double eps,      \
       uintptr_t mean, uintptr_t std_in, uintptr_t g, uintptr_t grad_r
+// policy_loss_fwd: ratio_level 1 uses each row's exp(weighted mean of lp - old) as every token's ratio (GSPO);
+// surrogate 1 is CISPO's -sg(clip(ratio)) A lp; aggregation 3 divides the masked token sum by agg_norm (0 gives
+// loss 0), which aggregations 0-2 ignore.
 #define RA3_KERNEL_ARGS_POLICY_LOSS_FWD                                                                        \
-  int dtype, int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, int adv_per_token,           \
-      uintptr_t mask, uintptr_t ref, double kl_coef, int kl_estimator, double clip_low, double clip_high,   \
-      int aggregation, uintptr_t loss_out, uintptr_t grad_lp, uintptr_t stats_out
+  int dtype, int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, int adv_per_token,              \
+      uintptr_t mask, uintptr_t ref, double kl_coef, int kl_estimator, double clip_low, double clip_high,      \
+      int ratio_level, int surrogate, int aggregation, double agg_norm, uintptr_t loss_out, uintptr_t grad_lp, \
+      uintptr_t stats_out
 
-// The fused linear ops' whole vocabulary loop (CUDA only; csrc/cuda/linear_softmax.cpp). A "source" is one
+// The fused linear ops' whole vocabulary loop (CUDA only; csrc/cuda/vocab_softmax_loop.cpp). A "source" is one
 // model's (hidden [n, h], weight [vocab, h], bias [vocab] or 0), contiguous; in_dtype 0 float32, 1 float64,
 // 2 bfloat16, 3 float16 is the dtype of its hidden and weight (the GEMM operands), the bias is in `dtype`, the
 // compute dtype of every other buffer. The ref_* source is read only by mode 2 (exact KL). `tile` / `ref_tile`
@@ -104,18 +122,18 @@ void dispatch_dtype(int dtype, Fn&& fn) {
 // (bf16_terms * round_up(n * chunk, 8) elements; the second starts at round_up(n * w, 8) for a chunk of w):
 // 1 = rounded once (the precision of Liger-Kernel and Cut Cross-Entropy), 2 = hi + lo (two GEMMs each,
 // float32-class gradients).
-#define RA3_KERNEL_ARGS_LINEAR_SOURCES                                                                         \
-  int in_dtype, uintptr_t hidden, uintptr_t weight, uintptr_t bias, int64_t h, int ref_in_dtype,             \
+#define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES                                                             \
+  int in_dtype, uintptr_t hidden, uintptr_t weight, uintptr_t bias, int64_t h, int ref_in_dtype,               \
       uintptr_t ref_hidden, uintptr_t ref_weight, uintptr_t ref_bias, int64_t ref_h
-#define RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD                                                                     \
-  int mode, int dtype, int64_t n, int64_t vocab, int64_t chunk, RA3_KERNEL_ARGS_LINEAR_SOURCES,              \
-      double inv_temp, uintptr_t targets, uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t m,   \
+#define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD                                                                 \
+  int mode, int dtype, int64_t n, int64_t vocab, int64_t chunk, RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,    \
+      double inv_temp, uintptr_t targets, uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t m,     \
       uintptr_t s, uintptr_t a, uintptr_t mr, uintptr_t sr, uintptr_t tgt
 // grad_hidden [n, h] is overwritten; grad_weight [vocab, h] and grad_bias [vocab] (0 = not wanted) too.
-#define RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD                                                                    \
-  int mode, int dtype, int64_t n, int64_t vocab, int64_t chunk, RA3_KERNEL_ARGS_LINEAR_SOURCES,              \
-      double inv_temp, uintptr_t targets, uintptr_t lse, uintptr_t lse_r, uintptr_t aux, uintptr_t g,        \
-      uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t tile16, int bf16_terms,                  \
+#define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD                                                                \
+  int mode, int dtype, int64_t n, int64_t vocab, int64_t chunk, RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,    \
+      double inv_temp, uintptr_t targets, uintptr_t lse, uintptr_t lse_r, uintptr_t aux, uintptr_t g,          \
+      uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t tile16, int bf16_terms,                    \
       uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias
 // Next-token cross-entropy's token loop (CUDA only): per chunk of `rows` tokens, the [rows, vocab] logits tile of
 // one source, its online log-sum-exp into m, s, tgt (initialised by the caller) and lse [n], and, while the tile is
@@ -123,15 +141,15 @@ void dispatch_dtype(int dtype, Fn&& fn) {
 // [vocab, h] and grad_bias [vocab] (accumulated from zero here); a gradient pointer of 0 is not computed. `tile`
 // holds rows * vocab compute-dtype elements, `tile16` bf16_terms * round_up(rows * vocab, 8) bfloat16 (in_dtype 2
 // with gradients).
-#define RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY                                                                   \
+#define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY                                                       \
   int dtype, int64_t n, int64_t vocab, int64_t rows, int in_dtype, uintptr_t hidden, uintptr_t weight,         \
       uintptr_t bias, int64_t h, double inv_temp, uintptr_t targets, uintptr_t g, uintptr_t ones, uintptr_t tile, \
-      uintptr_t tile16, int bf16_terms, uintptr_t m, uintptr_t s, uintptr_t tgt, uintptr_t lse,               \
+      uintptr_t tile16, int bf16_terms, uintptr_t m, uintptr_t s, uintptr_t tgt, uintptr_t lse,                \
       uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias
 
 namespace cpu {
-void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD);
-void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD);
+void vocab_softmax_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD);
+void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD);
 void segment_sum_fwd(RA3_KERNEL_ARGS_SEGMENT_SUM_FWD);
 void segment_sum_bwd(RA3_KERNEL_ARGS_SEGMENT_SUM_BWD);
 void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD);
@@ -143,8 +161,8 @@ void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD);
 
 #ifdef RA3_WITH_CUDA
 namespace cuda {
-void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream);
-void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream);
+void vocab_softmax_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t stream);
+void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t stream);
 void segment_sum_fwd(RA3_KERNEL_ARGS_SEGMENT_SUM_FWD, uintptr_t stream);
 void segment_sum_bwd(RA3_KERNEL_ARGS_SEGMENT_SUM_BWD, uintptr_t stream);
 void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD, uintptr_t stream);
@@ -152,14 +170,14 @@ void kl_estimator_bwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD, uintptr_t stream);
 void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD, uintptr_t stream);
 void group_adv_bwd(RA3_KERNEL_ARGS_GROUP_ADV_BWD, uintptr_t stream);
 void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD, uintptr_t stream);
-void linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, uintptr_t stream);
-void linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, uintptr_t stream);
+void vocab_softmax_loop_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD, uintptr_t stream);
+void vocab_softmax_loop_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, uintptr_t stream);
 // The same loop on host buffers with the CPU tile kernels: for tests only, with a cuBLAS stand-in that takes host
 // pointers (RA3_CUBLAS_LIBRARY); a real cuBLAS would fault on them.
-void host_linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD);
-void host_linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD);
-void linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY, uintptr_t stream);
-void host_linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY);
+void host_vocab_softmax_loop_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD);
+void host_vocab_softmax_loop_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD);
+void vocab_softmax_loop_cross_entropy(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, uintptr_t stream);
+void host_vocab_softmax_loop_cross_entropy(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY);
 // The cuBLAS the linear ops call, loaded on first use: (path, major, minor, patch); throws std::runtime_error
 // naming what was tried when none loads.
 struct CublasInfo {

@@ -13,10 +13,10 @@ import importlib
 
 # Launcher name (the C ABI's, without the cpu_/cuda_ prefix) -> module that implements it.
 _MODULES = {
-    "softmax_stats_fwd": "softmax_vocab",
-    "softmax_grad": "softmax_vocab",
-    "linear_softmax_stats_fwd": "fused_linear",
-    "linear_softmax_grad": "fused_linear",
+    "vocab_softmax_fwd": "vocab_softmax",
+    "vocab_softmax_grad": "vocab_softmax",
+    "vocab_softmax_fused_fwd": "vocab_softmax_fused",
+    "vocab_softmax_fused_grad": "vocab_softmax_fused",
     "segment_sum_fwd": "segment_sum",
     "segment_sum_bwd": "segment_sum",
     "kl_estimator_fwd": "kl_estimator",
@@ -28,7 +28,7 @@ _MODULES = {
 
 
 def launcher(name: str):
-    """The Python launcher of the Triton kernel ``name`` (e.g. 'softmax_stats_fwd')."""
+    """The Python launcher of the Triton kernel ``name`` (e.g. 'vocab_softmax_fwd')."""
     try:
         module = _MODULES[name]
     except KeyError:

@@ -1,9 +1,11 @@
 """Group-relative advantages (GRPO family) and their exact gradient w.r.t. the rewards.
 
 normalize: 0 none (r), 1 mean (r - mean), 2 std ((r - mean) / (unbiased std + eps)), 3 rloo (r - mean of the
-others = (r - mean) * c / (c - 1)). Per-group moments come from atomic scatters into scratch (counts as exact
-integers), then elementwise kernels; the variance is two-pass (squared deviations from the finished mean), as
-in csrc/cpu/group_advantages.cpp. Group ids outside [0, num_groups) read as "no group": out and grad get 0.
+others = (r - mean) * c / (c - 1)), 4 batch-std ((r - group mean) / (unbiased std of the whole batch + eps)).
+Per-group moments come from atomic scatters into scratch (counts as exact integers), then elementwise kernels;
+the variance is two-pass (squared deviations from the finished mean), as in csrc/cpu/group_advantages.cpp; the
+batch's moments are the same scatters with every reward under key 0 (WHOLE). Group ids outside [0, num_groups)
+read as "no group": out and grad get 0, and they count in no moment.
 """
 from __future__ import annotations
 
@@ -14,30 +16,34 @@ import triton.language as tl
 from ra3.kernels._common import check_dtype, grid_1d, scalar_as, sqrt_rn
 
 BLOCK = 1024
-NONE, MEAN, STD, RLOO = 0, 1, 2, 3
+NONE, MEAN, STD, RLOO, BATCH_STD = 0, 1, 2, 3, 4
 
 
 @triton.jit
-def _load_group(gid_ptr, i, n, num_groups):
+def _load_group(gid_ptr, i, n, num_groups, WHOLE: tl.constexpr = False):
+    """(key, valid, live): the group id (0 for every grouped reward when WHOLE: the batch), i < n, in a group."""
     valid = i < n
     k = tl.load(gid_ptr + i, mask=valid, other=-1)
     live = valid & (k >= 0) & (k < num_groups)
+    if WHOLE:
+        k = k * 0
     return tl.where(live, k, 0), valid, live
 
 
 @triton.jit
-def _count_sum_kernel(r_ptr, gid_ptr, n, num_groups, count_ptr, sum_ptr, BLOCK: tl.constexpr):
+def _count_sum_kernel(r_ptr, gid_ptr, n, num_groups, count_ptr, sum_ptr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    k, valid, live = _load_group(gid_ptr, i, n, num_groups)
+    k, valid, live = _load_group(gid_ptr, i, n, num_groups, WHOLE)
     r = tl.load(r_ptr + i, mask=valid, other=0.0)
     tl.atomic_add(count_ptr + k, tl.full(k.shape, 1, tl.int64), mask=live, sem="relaxed")
     tl.atomic_add(sum_ptr + k, r, mask=live, sem="relaxed")
 
 
 @triton.jit
-def _sq_dev_kernel(r_ptr, gid_ptr, n, num_groups, count_ptr, sum_ptr, ss_ptr, BLOCK: tl.constexpr):
+def _sq_dev_kernel(r_ptr, gid_ptr, n, num_groups, count_ptr, sum_ptr, ss_ptr, WHOLE: tl.constexpr,
+                   BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    k, valid, live = _load_group(gid_ptr, i, n, num_groups)
+    k, valid, live = _load_group(gid_ptr, i, n, num_groups, WHOLE)
     r = tl.load(r_ptr + i, mask=valid, other=0.0)
     c = tl.load(count_ptr + k, mask=live, other=1)
     # The same division as the finished mean in _moments_kernel, so the deviations are from that exact mean.
@@ -47,16 +53,23 @@ def _sq_dev_kernel(r_ptr, gid_ptr, n, num_groups, count_ptr, sum_ptr, ss_ptr, BL
 
 
 @triton.jit
-def _moments_kernel(count_ptr, sum_ptr, ss_ptr, num_groups, mean_ptr, std_ptr, BLOCK: tl.constexpr):
+def _moments_kernel(count_ptr, sum_ptr, ss_ptr, num_groups, mean_ptr, std_ptr, BATCH: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Per group k: mean and unbiased std from count, sum, ss [k]; with BATCH, the std is the batch's (slot 0 of
+    count, sum, ss, written there by the WHOLE scatters) in every group, and the means are left as they are."""
     k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = k < num_groups
-    c = tl.load(count_ptr + k, mask=valid, other=0)
-    total = tl.load(sum_ptr + k, mask=valid, other=0.0)
+    if BATCH:
+        slot = k * 0
+    else:
+        slot = k
+    c = tl.load(count_ptr + slot, mask=valid, other=0)
+    total = tl.load(sum_ptr + slot, mask=valid, other=0.0)
     cf = c.to(total.dtype)
-    mean = tl.where(c > 0, total / tl.maximum(cf, 1), 0.0)  # empty groups: mean 0, std 0
-    ss = tl.load(ss_ptr + k, mask=valid, other=0.0)
+    ss = tl.load(ss_ptr + slot, mask=valid, other=0.0)
     sd = tl.where(c > 1, sqrt_rn(ss / tl.maximum(cf - 1, 1)), 0.0)  # groups of one: std 0
-    tl.store(mean_ptr + k, mean, mask=valid)
+    if not BATCH:
+        tl.store(mean_ptr + k, tl.where(c > 0, total / tl.maximum(cf, 1), 0.0), mask=valid)  # empty: mean 0, std 0
     tl.store(std_ptr + k, sd, mask=valid)
 
 
@@ -72,7 +85,7 @@ def _adv_out_kernel(r_ptr, gid_ptr, n, num_groups, eps: tl.float64, count_ptr, m
         mu = tl.load(mean_ptr + k, mask=live, other=0.0)
         if NORMALIZE == 1:
             val = r - mu
-        elif NORMALIZE == 2:
+        elif NORMALIZE == 2 or NORMALIZE == 4:
             sd = tl.load(std_ptr + k, mask=live, other=0.0)
             val = (r - mu) / (sd + scalar_as(eps, r.dtype))
         else:
@@ -83,15 +96,23 @@ def _adv_out_kernel(r_ptr, gid_ptr, n, num_groups, eps: tl.float64, count_ptr, m
 
 @triton.jit
 def _grad_sums_kernel(r_ptr, gid_ptr, g_ptr, n, num_groups, mean_ptr, count_ptr, gsum_ptr, cov_ptr,
-                      BLOCK: tl.constexpr):
+                      BATCH: tl.constexpr, BLOCK: tl.constexpr):
+    """Per group: count, sum of g and cov = sum g (r - mu); with BATCH also the batch's count, reward sum and cov
+    (summed over groups) in slot num_groups of count, gsum (there the reward sum) and cov."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     k, valid, live = _load_group(gid_ptr, i, n, num_groups)
     r = tl.load(r_ptr + i, mask=valid, other=0.0)
     g = tl.load(g_ptr + i, mask=valid, other=0.0)
     mu = tl.load(mean_ptr + k, mask=live, other=0.0)
-    tl.atomic_add(count_ptr + k, tl.full(k.shape, 1, tl.int64), mask=live, sem="relaxed")
+    one = tl.full(k.shape, 1, tl.int64)
+    tl.atomic_add(count_ptr + k, one, mask=live, sem="relaxed")
     tl.atomic_add(gsum_ptr + k, g, mask=live, sem="relaxed")
     tl.atomic_add(cov_ptr + k, g * (r - mu), mask=live, sem="relaxed")
+    if BATCH:
+        slot = k * 0 + num_groups
+        tl.atomic_add(count_ptr + slot, one, mask=live, sem="relaxed")
+        tl.atomic_add(gsum_ptr + slot, r, mask=live, sem="relaxed")
+        tl.atomic_add(cov_ptr + slot, g * (r - mu), mask=live, sem="relaxed")
 
 
 @triton.jit
@@ -110,37 +131,55 @@ def _adv_grad_kernel(r_ptr, gid_ptr, g_ptr, n, num_groups, eps: tl.float64, mean
         elif NORMALIZE == 3:
             gr = tl.where(c > 1, centred * c / tl.maximum(c - 1, 1), 0.0)
         else:
-            # out_j = (r_j - mu) / (sd + eps): the centring term, plus the term through sd (absent when sd is 0).
+            # out_j = (r_j - mu) / (sd + eps): the centring term, plus the term through sd (absent when sd is 0),
+            # whose moments are the group's, or the batch's (slot num_groups, its gsum holding the reward sum).
             r = tl.load(r_ptr + i, mask=valid, other=0.0)
-            mu = tl.load(mean_ptr + k, mask=live, other=0.0)
             sd = tl.load(std_ptr + k, mask=live, other=0.0)
-            cov = tl.load(cov_ptr + k, mask=live, other=0.0)
+            if NORMALIZE == 4:
+                slot = k * 0 + num_groups
+                sc = tl.load(count_ptr + slot, mask=live, other=1).to(g.dtype)
+                mu = tl.load(gsum_ptr + slot, mask=live, other=0.0) / tl.maximum(sc, 1)
+            else:
+                slot = k
+                sc = c
+                mu = tl.load(mean_ptr + k, mask=live, other=0.0)
+            cov = tl.load(cov_ptr + slot, mask=live, other=0.0)
             s = sd + scalar_as(eps, g.dtype)
-            through_sd = (r - mu) * cov / (tl.maximum(c - 1, 1) * tl.where(sd > 0, sd, 1) * s * s)
-            gr = centred / s - tl.where((c > 1) & (sd > 0), through_sd, 0.0)
+            through_sd = (r - mu) * cov / (tl.maximum(sc - 1, 1) * tl.where(sd > 0, sd, 1) * s * s)
+            gr = centred / s - tl.where((sc > 1) & (sd > 0), through_sd, 0.0)
     tl.store(grad_ptr + i, tl.where(live, gr, 0.0), mask=valid)
 
 
 def _check_normalize(normalize: int) -> None:
-    if normalize not in (NONE, MEAN, STD, RLOO):
-        raise ValueError(f"normalize must be 0 (none), 1 (mean), 2 (std) or 3 (rloo), got {normalize}")
+    if normalize not in (NONE, MEAN, STD, RLOO, BATCH_STD):
+        raise ValueError(f"normalize must be 0 (none), 1 (mean), 2 (std), 3 (rloo) or 4 (batch-std), got {normalize}")
+
+
+def _moments(rewards, gids, n, num_groups, mean, std_out, whole: bool) -> torch.Tensor:
+    """Per group (or, when ``whole``, for the batch: the std only, written to every group) the mean and std into
+    mean and std_out; returns the counts."""
+    count = torch.zeros(num_groups, dtype=torch.int64, device=rewards.device)
+    total = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)
+    ss = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device)
+    if n > 0:
+        _count_sum_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, count, total, WHOLE=whole, BLOCK=BLOCK)
+        _sq_dev_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, count, total, ss, WHOLE=whole, BLOCK=BLOCK)
+    _moments_kernel[grid_1d(num_groups, BLOCK)](count, total, ss, num_groups, mean, std_out, BATCH=whole,
+                                                BLOCK=BLOCK)
+    return count
 
 
 def group_adv_fwd(dtype: int, rewards: torch.Tensor, gids: torch.Tensor, n: int, num_groups: int, normalize: int,
                   eps: float, out: torch.Tensor, mean: torch.Tensor, std_out: torch.Tensor) -> None:
     """rewards [n] float32|float64, gids [n] int64 -> out [n] advantages, mean [num_groups], std_out [num_groups]
-    (unbiased; 0 for groups of one and empty groups), all overwritten."""
+    (unbiased; 0 for groups of one and empty groups; with batch-std the batch's, in every group), all overwritten."""
     _check_normalize(normalize)
-    dt = check_dtype(dtype, rewards, out, mean, std_out)
+    check_dtype(dtype, rewards, out, mean, std_out)
     dev = rewards.device
     if num_groups > 0:
-        count = torch.zeros(num_groups, dtype=torch.int64, device=dev)
-        total = torch.zeros(num_groups, dtype=dt, device=dev)
-        ss = torch.zeros(num_groups, dtype=dt, device=dev)
-        if n > 0:
-            _count_sum_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, count, total, BLOCK=BLOCK)
-            _sq_dev_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, count, total, ss, BLOCK=BLOCK)
-        _moments_kernel[grid_1d(num_groups, BLOCK)](count, total, ss, num_groups, mean, std_out, BLOCK=BLOCK)
+        count = _moments(rewards, gids, n, num_groups, mean, std_out, whole=False)
+        if normalize == BATCH_STD:  # std_out: the batch's std, in every group
+            _moments(rewards, gids, n, num_groups, mean, std_out, whole=True)
     else:
         count = torch.zeros(1, dtype=torch.int64, device=dev)  # never read: every id is out of range
     if n > 0:
@@ -155,11 +194,12 @@ def group_adv_bwd(dtype: int, rewards: torch.Tensor, gids: torch.Tensor, n: int,
     dt = check_dtype(dtype, rewards, mean, std_in, g, grad_r)
     if n <= 0:
         return
-    size = max(num_groups, 1)
+    size = max(num_groups, 1) + 1  # the groups, then the batch (with batch-std)
     count = torch.zeros(size, dtype=torch.int64, device=rewards.device)
     gsum = torch.zeros(size, dtype=dt, device=rewards.device)
     cov = torch.zeros(size, dtype=dt, device=rewards.device)
     if normalize != NONE and num_groups > 0:
-        _grad_sums_kernel[grid_1d(n, BLOCK)](rewards, gids, g, n, num_groups, mean, count, gsum, cov, BLOCK=BLOCK)
+        _grad_sums_kernel[grid_1d(n, BLOCK)](rewards, gids, g, n, num_groups, mean, count, gsum, cov,
+                                             BATCH=normalize == BATCH_STD, BLOCK=BLOCK)
     _adv_grad_kernel[grid_1d(n, BLOCK)](rewards, gids, g, n, num_groups, eps, mean, std_in, count, gsum, cov, grad_r,
                                         NORMALIZE=normalize, BLOCK=BLOCK)

@@ -1,7 +1,9 @@
-"""PPO-clipped policy loss with an optional KL penalty, fused: loss, per-token gradient and statistics.
+"""Clipped policy-gradient loss with an optional KL penalty, fused: loss, per-token gradient and statistics.
 
-Three launches, as in csrc/cuda/policy_loss.cu:
-  1. one program per row: each masked token's loss and unscaled gradient, the row's partial sums into scratch;
+Variants (defined in ra3/ops/policy_loss.py): token or sequence (GSPO) importance ratios, the PPO-clipped or the
+CISPO surrogate, and the aggregations below. Three launches, as in csrc/cuda/policy_loss.cu:
+  1. one program per row: (with sequence ratios, first the row's weighted mean log-ratio) each masked token's
+     loss and unscaled gradient, the row's partial sums into scratch;
   2. one program: totals over rows in row order, the loss, the statistics and each row's aggregation weight;
   3. elementwise: each token's gradient times its row's weight.
 Every sum has a fixed shape (no atomics), so the result is reproducible run to run. Tokens with mask 0
@@ -18,14 +20,36 @@ from ra3.kernels.token_math import check_estimator, kl_dlogprob, kl_value
 
 # Per-row partial sums, the columns of the [B, 5] scratch.
 MASK, LOSS, CLIPPED, KL, RATIO, NUM_ROW_SUMS = 0, 1, 2, 3, 4, 5
-TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN = 0, 1, 2
+TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN, TOKEN_SUM_NORM = 0, 1, 2, 3
+RATIO_TOKEN, RATIO_SEQUENCE = 0, 1
+PPO, CISPO = 0, 1
 BLOCK = 1024
+
+
+@triton.jit
+def _sequence_ratio(lp_ptr, old_ptr, mask_ptr, b, T, BLOCK_T: tl.constexpr):
+    """GSPO's sequence ratio of row b: exp of the mask-weighted mean of lp - old over its tokens (1 without any)."""
+    dt = lp_ptr.dtype.element_ty
+    acc_w = tl.zeros([BLOCK_T], dt)
+    acc_d = tl.zeros([BLOCK_T], dt)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        i = b * T + t
+        w = tl.load(mask_ptr + i, mask=t < T, other=0.0)
+        on = w != 0
+        d = tl.load(lp_ptr + i, mask=on, other=0.0) - tl.load(old_ptr + i, mask=on, other=0.0)
+        acc_w += tl.where(on, w, 0.0)
+        acc_d += tl.where(on, w * d, 0.0)
+    total_w = tl.sum(acc_w, 0)
+    some = total_w != 0
+    return tl.where(some, tl.exp(tl.sum(acc_d, 0) / tl.where(some, total_w, 1)), 1.0)
 
 
 @triton.jit
 def _ppo_rows_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, T, kl_coef: tl.float64, clip_low: tl.float64,
                      clip_high: tl.float64, grad_ptr, rows_ptr, ADV_PER_TOKEN: tl.constexpr, USE_KL: tl.constexpr,
-                     ESTIMATOR: tl.constexpr, BLOCK_T: tl.constexpr):
+                     ESTIMATOR: tl.constexpr, SEQ_LEVEL: tl.constexpr, SURROGATE: tl.constexpr,
+                     BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     dt = lp_ptr.dtype.element_ty
     lo = 1 - scalar_as(clip_low, dt)
@@ -38,6 +62,8 @@ def _ppo_rows_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, T, kl_coef: tl
     acc_ratio = tl.zeros([BLOCK_T], dt)
     if not ADV_PER_TOKEN:
         adv_row = tl.load(adv_ptr + b)
+    if SEQ_LEVEL:
+        seq_ratio = _sequence_ratio(lp_ptr, old_ptr, mask_ptr, b, T, BLOCK_T)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         valid = t < T
@@ -50,13 +76,21 @@ def _ppo_rows_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, T, kl_coef: tl
             adv = tl.load(adv_ptr + i, mask=on, other=0.0)
         else:
             adv = adv_row
-        ratio = tl.exp(lp - old)
+        if SEQ_LEVEL:  # GSPO-token: the sequence ratio's value, d ratio / d lp = ratio
+            ratio = tl.zeros([BLOCK_T], dt) + seq_ratio
+        else:
+            ratio = tl.exp(lp - old)
         clamped = tl.where(ratio < lo, lo, tl.where(ratio > hi, hi, ratio))
-        unclipped = -ratio * adv
-        clipped_term = -clamped * adv
-        is_clipped = clipped_term > unclipped  # the clamped branch is strictly larger: active, no gradient
-        loss = tl.where(is_clipped, clipped_term, unclipped)
-        dloss = tl.where(is_clipped, 0.0, unclipped)  # d(-ratio A)/d lp = -ratio A
+        if SURROGATE == 1:  # CISPO: -sg(clip(ratio)) A lp, every token passes a gradient
+            is_clipped = (ratio < lo) | (ratio > hi)  # the weight was clipped
+            loss = -clamped * adv * lp
+            dloss = -clamped * adv
+        else:
+            unclipped = -ratio * adv
+            clipped_term = -clamped * adv
+            is_clipped = clipped_term > unclipped  # the clamped branch is strictly larger: active, no gradient
+            loss = tl.where(is_clipped, clipped_term, unclipped)
+            dloss = tl.where(is_clipped, 0.0, unclipped)  # d(-ratio A)/d lp = -ratio A
         kl = tl.zeros([BLOCK_T], dt)
         if USE_KL:
             d = lp - tl.load(ref_ptr + i, mask=on, other=0.0)
@@ -78,22 +112,30 @@ def _ppo_rows_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, T, kl_coef: tl
 
 
 @triton.jit
-def _row_scale(row_mask, total_mask, B, tiny, AGGREGATION: tl.constexpr):
+def _inverse_or_zero(x):
+    """1 / x where x > 0, else 0."""
+    return tl.where(x > 0, 1 / tl.where(x > 0, x, 1), 0.0)
+
+
+@triton.jit
+def _row_scale(row_mask, total_mask, B, tiny, agg_norm, AGGREGATION: tl.constexpr):
     """Aggregation weight of each row: loss = sum_b scale_b * sum_t mask * l."""
     if AGGREGATION == 0:  # token-mean
-        safe = tl.where(total_mask > 0, total_mask, 1)
-        return tl.where(total_mask > 0, 1 / safe, 0.0) + row_mask * 0
+        return _inverse_or_zero(total_mask) + row_mask * 0
     elif AGGREGATION == 1:  # seq-mean-token-sum
         return row_mask * 0 + 1 / scalar_as(B, row_mask.dtype)
+    elif AGGREGATION == 3:  # token sum / agg_norm (Dr. GRPO's B * max length, DAPO's global token count)
+        return _inverse_or_zero(agg_norm) + row_mask * 0
     else:  # seq-mean-token-mean
         return 1 / (scalar_as(B, row_mask.dtype) * tl.maximum(row_mask, tiny))
 
 
 @triton.jit
-def _ppo_reduce_kernel(rows_ptr, B, tiny: tl.float64, scale_ptr, loss_ptr, stats_ptr, AGGREGATION: tl.constexpr,
-                       BLOCK_B: tl.constexpr):
+def _ppo_reduce_kernel(rows_ptr, B, tiny: tl.float64, agg_norm: tl.float64, scale_ptr, loss_ptr, stats_ptr,
+                       AGGREGATION: tl.constexpr, BLOCK_B: tl.constexpr):
     dt = rows_ptr.dtype.element_ty
     tiny_t = scalar_as(tiny, dt)
+    norm_t = scalar_as(agg_norm, dt)
     acc_mask = tl.zeros([BLOCK_B], dt)
     acc_clipped = tl.zeros([BLOCK_B], dt)
     acc_kl = tl.zeros([BLOCK_B], dt)
@@ -112,7 +154,7 @@ def _ppo_reduce_kernel(rows_ptr, B, tiny: tl.float64, scale_ptr, loss_ptr, stats
         valid = b < B
         row_mask = tl.load(rows_ptr + b * 5 + 0, mask=valid, other=0.0)
         row_loss = tl.load(rows_ptr + b * 5 + 1, mask=valid, other=0.0)
-        scale = _row_scale(row_mask, total_mask, B, tiny_t, AGGREGATION)
+        scale = _row_scale(row_mask, total_mask, B, tiny_t, norm_t, AGGREGATION)
         tl.store(scale_ptr + b, scale, mask=valid)
         acc_loss += tl.where(valid, scale * row_loss, 0.0)
     tl.store(loss_ptr, tl.sum(acc_loss, 0))
@@ -135,16 +177,23 @@ def _scale_rows_kernel(grad_ptr, scale_ptr, numel, T, BLOCK: tl.constexpr):
 
 def policy_loss_fwd(dtype: int, B: int, T: int, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
                     adv_per_token: int, mask: torch.Tensor, ref: torch.Tensor | None, kl_coef: float,
-                    kl_estimator: int, clip_low: float, clip_high: float, aggregation: int, loss_out: torch.Tensor,
-                    grad_lp: torch.Tensor, stats_out: torch.Tensor) -> None:
+                    kl_estimator: int, clip_low: float, clip_high: float, ratio_level: int, surrogate: int,
+                    aggregation: int, agg_norm: float, loss_out: torch.Tensor, grad_lp: torch.Tensor,
+                    stats_out: torch.Tensor) -> None:
     """lp, old, mask, ref: [B, T] contiguous float32|float64 (mask as 0/1 or weights); adv: [B] or [B, T].
 
+    ratio_level 0 token, 1 sequence (GSPO); surrogate 0 PPO clip, 1 CISPO; aggregation 0 token-mean,
+    1 seq-mean-token-sum, 2 seq-mean-token-mean, 3 token sum / agg_norm (0 gives 0; read by 3 only).
     Writes loss_out [1], grad_lp [B, T] (d loss / d lp) and stats_out [4] = (clip fraction, KL mean, ratio mean,
     mask total), the means over masked tokens (0 when there are none). ref is read only when kl_coef != 0.
     """
     check_estimator(kl_estimator)
-    if aggregation not in (TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN):
-        raise ValueError(f"aggregation must be 0, 1 or 2, got {aggregation}")
+    if ratio_level not in (RATIO_TOKEN, RATIO_SEQUENCE):
+        raise ValueError(f"ratio_level must be 0 (token) or 1 (sequence), got {ratio_level}")
+    if surrogate not in (PPO, CISPO):
+        raise ValueError(f"surrogate must be 0 (ppo) or 1 (cispo), got {surrogate}")
+    if aggregation not in (TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN, TOKEN_SUM_NORM):
+        raise ValueError(f"aggregation must be 0, 1, 2 or 3, got {aggregation}")
     dt = check_dtype(dtype, lp, old, adv, mask, ref, loss_out, grad_lp, stats_out)
     use_kl = ref is not None and kl_coef != 0
     rows = torch.empty(max(B, 1), NUM_ROW_SUMS, dtype=dt, device=lp.device)
@@ -152,10 +201,10 @@ def policy_loss_fwd(dtype: int, B: int, T: int, lp: torch.Tensor, old: torch.Ten
     if B > 0 and T > 0:
         _ppo_rows_kernel[(B,)](lp, old, adv, mask, ref if use_kl else None, T, kl_coef, clip_low, clip_high, grad_lp,
                                rows, ADV_PER_TOKEN=bool(adv_per_token), USE_KL=use_kl, ESTIMATOR=kl_estimator,
-                               BLOCK_T=block(T, BLOCK))
+                               SEQ_LEVEL=ratio_level == RATIO_SEQUENCE, SURROGATE=surrogate, BLOCK_T=block(T, BLOCK))
     else:
         rows.zero_()
-    _ppo_reduce_kernel[(1,)](rows, B, torch.finfo(dt).tiny, scale, loss_out, stats_out, AGGREGATION=aggregation,
-                             BLOCK_B=block(B, BLOCK))
+    _ppo_reduce_kernel[(1,)](rows, B, torch.finfo(dt).tiny, float(agg_norm), scale, loss_out, stats_out,
+                             AGGREGATION=aggregation, BLOCK_B=block(B, BLOCK))
     if B * T > 0:
         _scale_rows_kernel[grid_1d(B * T, BLOCK)](grad_lp, scale, B * T, T, BLOCK=BLOCK)

@@ -61,7 +61,7 @@ def _signature(fn: JITFunction, args, kwargs):
 
 def _cases(quick: bool):
     """(description, thunk) pairs; each thunk calls launchers with small CPU tensors."""
-    from ra3.kernels import fused_linear, group_advantages, kl_estimator, policy_loss, segment_sum, softmax_vocab
+    from ra3.kernels import vocab_softmax_fused, group_advantages, kl_estimator, policy_loss, segment_sum, vocab_softmax
 
     cases = []
     dtypes = (torch.float32,) if quick else (torch.float32, torch.float64)
@@ -72,10 +72,10 @@ def _cases(quick: bool):
         tg = torch.tensor([0, 3, -1, 39, 2])
         st = [torch.zeros(n, dtype=dt) for _ in range(6)]
         for mode in (0, 1, 2):
-            cases.append((f"softmax_stats_fwd mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
-                          softmax_vocab.softmax_stats_fwd(mode, code, z, vc, r, vc, n, vc, 0, 0.7, tg, *st)))
-            cases.append((f"softmax_grad mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
-                          softmax_vocab.softmax_grad(mode, code, z, vc, r, vc, z.clone(), vc, n, vc, 0, 0.7, tg,
+            cases.append((f"vocab_softmax_fwd mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
+                          vocab_softmax.vocab_softmax_fwd(mode, code, z, vc, r, vc, n, vc, 0, 0.7, tg, *st)))
+            cases.append((f"vocab_softmax_grad mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
+                          vocab_softmax.vocab_softmax_grad(mode, code, z, vc, r, vc, z.clone(), vc, n, vc, 0, 0.7, tg,
                                                      st[0], st[1], st[2], st[3])))
         for src in ((torch.float32, torch.bfloat16) if dt == torch.float32 else (torch.float64,)):
             if quick and src != torch.bfloat16 and dt == torch.float32:
@@ -84,14 +84,14 @@ def _cases(quick: bool):
             lse, aux, g = torch.zeros(n, dtype=dt), torch.zeros(n, dtype=dt), torch.ones(n, dtype=dt)
             for mode in (0, 1, 2):
                 ref = (h, w, b) if mode == 2 else (None, None, None)
-                cases.append((f"linear_softmax_stats_fwd mode {mode} {src}->{dt} (2 splits)",
+                cases.append((f"vocab_softmax_fused_fwd mode {mode} {src}->{dt} (2 splits)",
                               lambda mode=mode, h=h, w=w, b=b, ref=ref, code=code, dt=dt:
-                              fused_linear.linear_softmax_stats_fwd(mode, code, h, w, b, *ref, tg, 0.7,
+                              vocab_softmax_fused.vocab_softmax_fused_fwd(mode, code, h, w, b, *ref, tg, 0.7,
                                                                     *[torch.zeros(n, dtype=dt) for _ in range(6)],
                                                                     splits=2)))
-                cases.append((f"linear_softmax_grad mode {mode} {src}->{dt}",
+                cases.append((f"vocab_softmax_fused_grad mode {mode} {src}->{dt}",
                               lambda mode=mode, h=h, w=w, b=b, ref=ref, code=code, dt=dt, lse=lse, aux=aux, g=g:
-                              fused_linear.linear_softmax_grad(mode, code, h, w, b, *ref, tg, 0.7, lse, lse, aux, g,
+                              vocab_softmax_fused.vocab_softmax_fused_grad(mode, code, h, w, b, *ref, tg, 0.7, lse, lse, aux, g,
                                                                torch.zeros(n, H, dtype=dt),
                                                                torch.zeros(V, H, dtype=dt),
                                                                torch.zeros(V, dtype=dt))))
@@ -104,7 +104,7 @@ def _cases(quick: bool):
                 kl_estimator.kl_estimator_fwd(code, est, x, x, 50, torch.empty_like(x)),
                 kl_estimator.kl_estimator_bwd(code, est, x, x, x, 50, torch.empty_like(x)))))
         gid = torch.randint(0, 4, (50,))
-        for norm in (0, 1, 2, 3):
+        for norm in (0, 1, 2, 3, 4):
             def adv(norm=norm, x=x, code=code, dt=dt):
                 out, mean, std = torch.empty_like(x), torch.empty(4, dtype=dt), torch.empty(4, dtype=dt)
                 group_advantages.group_adv_fwd(code, x, gid, 50, 4, norm, 1e-6, out, mean, std)
@@ -112,19 +112,24 @@ def _cases(quick: bool):
             cases.append((f"group_advantages normalize {norm} {dt}", adv))
         B, T = 3, 9
         lp = torch.randn(B, T, dtype=dt)
-        for agg in (0, 1, 2):
-            for per_token, ref in ((False, None), (True, lp)):
-                cases.append((f"policy_loss agg {agg} per_token {per_token} kl {ref is not None} {dt}",
-                              lambda agg=agg, per_token=per_token, ref=ref, lp=lp, code=code, dt=dt:
+        for agg in (0, 1, 2, 3):
+            # (ratio level, surrogate): token PPO, and sequence (GSPO) with PPO and CISPO
+            for (level, surrogate), per_token, ref in (((0, 0), False, None), ((0, 0), True, lp),
+                                                       ((1, 0), False, lp), ((1, 1), True, None)):
+                cases.append((f"policy_loss agg {agg} level {level} surrogate {surrogate} per_token {per_token} "
+                              f"kl {ref is not None} {dt}",
+                              lambda agg=agg, level=level, surrogate=surrogate, per_token=per_token, ref=ref, lp=lp,
+                              code=code, dt=dt:
                               policy_loss.policy_loss_fwd(code, B, T, lp, lp, lp if per_token else lp[:, 0].clone(),
                                                           int(per_token), torch.ones(B, T, dtype=dt), ref, 0.1, 3,
-                                                          0.2, 0.28, agg, torch.empty(1, dtype=dt),
-                                                          torch.empty(B, T, dtype=dt), torch.empty(4, dtype=dt))))
+                                                          0.2, 0.28, level, surrogate, agg, 5.0,
+                                                          torch.empty(1, dtype=dt), torch.empty(B, T, dtype=dt),
+                                                          torch.empty(4, dtype=dt))))
             cases.append((f"policy_loss B=1 T=1 agg {agg} {dt}", lambda agg=agg, code=code, dt=dt:
                           policy_loss.policy_loss_fwd(code, 1, 1, torch.zeros(1, 1, dtype=dt),
                                                       torch.zeros(1, 1, dtype=dt), torch.zeros(1, dtype=dt), 0,
-                                                      torch.ones(1, 1, dtype=dt), None, 0.0, 1, 0.2, 0.2, agg,
-                                                      torch.empty(1, dtype=dt), torch.empty(1, 1, dtype=dt),
+                                                      torch.ones(1, 1, dtype=dt), None, 0.0, 1, 0.2, 0.2, 0, 0, agg,
+                                                      1.0, torch.empty(1, dtype=dt), torch.empty(1, 1, dtype=dt),
                                                       torch.empty(4, dtype=dt))))
     return cases
 

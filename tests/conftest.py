@@ -1,6 +1,7 @@
 """Shared fixtures: the backends under test, per-dtype tolerances, small vocabulary chunks."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -19,6 +20,7 @@ ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")
 
 
 def backend_device(backend: str) -> str:
+    backend = registry.BASE.get(backend, backend)  # a design runs where its base backend runs
     return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else \
         ("cpu" if backend in ("torch", "cpu", "triton") else "cuda")
 
@@ -54,10 +56,42 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert worst <= 1.0, f"{what}: max error {err.max().item():.3e} is {worst:.2f}x the {dtype} tolerance"
 
 
+# A 16-bit result may be at most this many times as far from the float64 reference as torch eager's own result in
+# that dtype, on the same inputs (the bound of Cut Cross-Entropy's tests; ../shared/STYLE.md).
+EAGER_FACTOR = 2.0
+
+
+def assert_within_eager(actual: torch.Tensor, expected: torch.Tensor, eager: torch.Tensor, what: str = "") -> None:
+    """max|actual - expected| <= EAGER_FACTOR * max|eager - expected| (+ 1e-6 of max|expected| for exact eager
+    results), where ``eager`` is torch eager's result in the 16-bit dtype itself and ``expected`` float64."""
+    a, e, g = (t.detach().double().cpu() for t in (actual, expected, eager))
+    assert a.shape == e.shape == g.shape, f"{what}: shapes {tuple(a.shape)}, {tuple(e.shape)}, {tuple(g.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values in result"
+    if not e.numel():
+        return
+    err, eager_err = (a - e).abs().max().item(), (g - e).abs().max().item()
+    bound = EAGER_FACTOR * eager_err + 1e-6 * e.abs().max().item()
+    assert err <= bound, (f"{what}: max error {err:.3e} is {err / max(eager_err, 1e-30):.2f}x torch eager's own "
+                          f"{eager_err:.3e} (at most {EAGER_FACTOR}x)")
+
+
+@contextlib.contextmanager
+def eager_in(dtype: torch.dtype):
+    """The reference computes in ``dtype`` itself inside this block, as torch eager does on a 16-bit model."""
+    from ra3.ops import reference
+
+    saved = reference.compute_dtype
+    reference.compute_dtype = lambda *tensors: dtype
+    try:
+        yield
+    finally:
+        reference.compute_dtype = saved
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Vocabulary chunks of 7 columns, so every multi-chunk path (and a ragged last chunk) runs on tiny shapes."""
-    from ra3.ops import _vocab_chunks
+    from ra3.ops import vocab_softmax_walk
 
-    monkeypatch.setattr(_vocab_chunks, "MIN_CHUNK", 1)
-    monkeypatch.setattr(_vocab_chunks, "chunk_size", lambda n, vocab: min(vocab, 7))
+    monkeypatch.setattr(vocab_softmax_walk, "MIN_CHUNK", 1)
+    monkeypatch.setattr(vocab_softmax_walk, "chunk_size", lambda n, vocab, device: min(vocab, 7))

@@ -1,11 +1,11 @@
 /* A stand-in for libcublas.so.<major> that multiplies *host* memory, so that the cuda backend's fused linear loop
- * (csrc/cuda/linear_softmax.cpp, run on host buffers by ra3._C._host_linear_softmax_*) can be checked on a machine
+ * (csrc/cuda/vocab_softmax_loop.cpp, run on host buffers by ra3._C._host_vocab_softmax_loop_*) can be checked on a machine
  * with no GPU. It exports the five entry points ra3 resolves, follows cuBLAS's column-major conventions, and
  * rejects (CUBLAS_STATUS_INVALID_VALUE / NOT_SUPPORTED) what real cuBLAS rejects: leading dimensions below the
  * stored rows, A and B of different types, type combinations cublasGemmEx does not offer. With beta == 0 it never
  * reads C (cuBLAS's rule: C may hold garbage then). Accumulates in double.
  *
- * Built by tests/test_cuda_linear_loop.py: cc -shared -fPIC -DFAKE_MAJOR=13 [-DFAKE_OMIT_GEMM] fake_cublas.c
+ * Built by tests/test_vocab_softmax_loop.py: cc -shared -fPIC -DFAKE_MAJOR=13 [-DFAKE_OMIT_GEMM] fake_cublas.c
  */
 #include <stdint.h>
 #include <string.h>

@@ -1,7 +1,7 @@
-"""pytest plugin for the child run of test_cuda_linear_loop.py: backend='cuda' on CPU tensors.
+"""pytest plugin for the child run of test_vocab_softmax_loop.py: backend='cuda' on CPU tensors.
 
-The cuda backend's fused linear ops then run the extension's real vocabulary loop (csrc/cuda/linear_softmax.cpp)
-on host buffers (``ra3._C._host_linear_softmax_*``), with the CPU tile kernels and, for cuBLAS, the stand-in named
+The cuda backend's fused linear ops then run the extension's real vocabulary loop (csrc/cuda/vocab_softmax_loop.cpp)
+on host buffers (``ra3._C._host_vocab_softmax_loop_*``), with the CPU tile kernels and, for cuBLAS, the stand-in named
 by RA3_CUBLAS_LIBRARY (tests/fake_cublas.c). Every other cuda kernel call (logits-input ops, the float16
 backward's torch-GEMM loop) runs its CPU twin. Loaded with ``-p host_cuda_plugin`` and tests/ on sys.path.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-EXTENSION_LOOP = ("linear_softmax_fwd", "linear_softmax_grad", "linear_cross_entropy")
+EXTENSION_LOOP = ("vocab_softmax_loop_fwd", "vocab_softmax_loop_grad", "vocab_softmax_loop_cross_entropy")
 # Buffers the loop must overwrite before it reads them (scratch tiles, gradients), by argument position: they
 # are NaN-poisoned first, so a GEMM that accumulated into one (beta = 1 where 0 belongs) shows as NaN.
-OVERWRITTEN = {"linear_softmax_fwd": (18, 19), "linear_softmax_grad": (22, 23, 24, 26, 27, 28),
-               "linear_cross_entropy": (13, 14, 19, 20, 21, 22)}
+OVERWRITTEN = {"vocab_softmax_loop_fwd": (18, 19), "vocab_softmax_loop_grad": (22, 23, 24, 26, 27, 28),
+               "vocab_softmax_loop_cross_entropy": (13, 14, 19, 20, 21, 22)}
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def host_cuda(monkeypatch, request):
     import conftest
 
     from ra3 import _native
-    from ra3.ops import _kernels, _vocab_chunks, registry
+    from ra3.ops import _kernels, registry
 
     mod = _native.load()
     calls: list[str] = []
@@ -40,7 +40,6 @@ def host_cuda(monkeypatch, request):
     monkeypatch.setattr(conftest, "backend_device", lambda backend: "cpu")
     monkeypatch.setattr(registry, "_usable", lambda backend, dev: backend == "cuda" or usable(backend, dev))
     monkeypatch.setattr(_kernels, "call", call)
-    monkeypatch.setattr(_vocab_chunks, "CUDA_EXTENSION_LOOP", True)
     yield calls
     # A linear-op test that never reached the extension's loop would pass without testing it.
     name = request.node.name

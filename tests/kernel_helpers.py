@@ -42,8 +42,8 @@ def softmax_reference(x, y=None):
 
 
 def run_stats(backend, mode, dtype, z, r, targets, inv_temp, vc):
-    """Walks the columns of z (and r), possibly strided views, in chunks of vc with ``softmax_stats_fwd`` of
-    ``backend``, as ra3/ops/_vocab_chunks.py does, and returns the running state (m, s, a, mr, sr, tgt)."""
+    """Walks the columns of z (and r), possibly strided views, in chunks of vc with ``vocab_softmax_fwd`` of
+    ``backend``, as ra3/ops/vocab_softmax_walk.py does, and returns the running state (m, s, a, mr, sr, tgt)."""
     n, v = z.shape
     dev = z.device
     m = torch.full((n,), -math.inf, dtype=dtype, device=dev)
@@ -54,7 +54,7 @@ def run_stats(backend, mode, dtype, z, r, targets, inv_temp, vc):
         v1 = min(v, v0 + vc)
         zc = z[:, v0:v1]
         rc = r[:, v0:v1] if r is not None else None
-        _kernels.call(backend, "softmax_stats_fwd", dev, mode, CODE[dtype], zc, zc.stride(0), rc,
+        _kernels.call(backend, "vocab_softmax_fwd", dev, mode, CODE[dtype], zc, zc.stride(0), rc,
                       0 if rc is None else rc.stride(0), n, v1 - v0, v0, inv_temp, targets, m, s,
                       a if mode != LOGPROB else None, mr, sr, tgt)
     return m, s, a, mr, sr, tgt
@@ -63,8 +63,8 @@ def run_stats(backend, mode, dtype, z, r, targets, inv_temp, vc):
 def shrink_triton_blocks(monkeypatch):
     """Triton blocks of 32 vocabulary columns and of 16 elements in the memory-bound kernels, so every
     multi-block loop and multi-program grid runs on small shapes (imports ra3.kernels, hence triton)."""
-    from ra3.kernels import group_advantages, kl_estimator, policy_loss, segment_sum, softmax_vocab
+    from ra3.kernels import group_advantages, kl_estimator, policy_loss, segment_sum, vocab_softmax
 
-    monkeypatch.setattr(softmax_vocab, "MAX_BLOCK_V", {torch.float32: 32, torch.float64: 32})
+    monkeypatch.setattr(vocab_softmax, "MAX_BLOCK_V", {torch.float32: 32, torch.float64: 32})
     for mod in (group_advantages, kl_estimator, policy_loss, segment_sum):
         monkeypatch.setattr(mod, "BLOCK", 16)

@@ -2,7 +2,7 @@
 
 1. Accumulation (V = 50257 and 32000, logits spread like a language model's): the cpu backend's error against a
    float64 reference is at most K = 2 times that of torch eager in float32 on the same inputs, value and gradient
-   (../shared/STYLE.md item 12), plus one float32 ulp of the row's log-sum-exp: ra3/ops/_vocab_chunks.py finishes
+   (../shared/STYLE.md item 12), plus one float32 ulp of the row's log-sum-exp: ra3/ops/vocab_softmax_walk.py finishes
    every op in float32 from lse = m + log(s) (entropy = lse - a / s, KL = a / s - lse + lse_r), so a value cannot
    get closer than that, and an lse off by d scales every probability of the backward by exp(-d). The kernel's own
    running state (m, s, a), finished in float64, meets K = 2 with no allowance. The kernels used to sum exp(x - m)
@@ -15,7 +15,7 @@
 3. Known limit (xfail): at T = 1e-3 with logits / T ~ 1e3, the hidden gradients of linear_entropy and
    linear_exact_kl are still off by 2% to over 100% depending on the inputs (torch eager: under 0.3%): the float32
    lse and value the backward is handed carry ~1e-4 that no kernel can take back. It needs the op to keep
-   (m, log s) apart (ra3/ops/_vocab_chunks.py).
+   (m, log s) apart (ra3/ops/vocab_softmax_walk.py).
 
 Run against kernels built for AVX-512 (this machine's ISA clone), AVX2 only (-march=x86-64-v3, no clones) and
 baseline x86-64: each sums in a different order, and each passes.
@@ -108,7 +108,7 @@ def test_float32_error_is_within_twice_torch_eager(op, case, temperature):
 @pytest.mark.parametrize("vc", [None, 4096])  # the whole row in one call; 4096-column chunks, the last one ragged
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_state_is_within_twice_torch_eager(case, vc):
-    """softmax_stats_fwd's state (m, s, a, mr, sr), finished in float64: the accumulation alone, with no allowance."""
+    """vocab_softmax_fwd's state (m, s, a, mr, sr), finished in float64: the accumulation alone, with no allowance."""
     require_backend("cpu")
     z, r, targets, _ = _case(case, seed=1)
     x, y = z.double(), r.double()
@@ -204,7 +204,7 @@ def test_linear_exact_kl_of_identical_sources_is_zero(temperature, chunked, requ
 
 
 @pytest.mark.xfail(strict=True, reason="the backward gets lse and the value as float32 numbers ~1e3 (ra3/ops/"
-                   "_vocab_chunks.py): their ~1e-4 errors reach the hidden gradient times 1 / T")
+                   "vocab_softmax_walk.py): their ~1e-4 errors reach the hidden gradient times 1 / T")
 @pytest.mark.parametrize("op", ["linear_entropy", "linear_exact_kl"])
 def test_linear_gradient_at_tiny_temperature_within_twice_torch_eager(op):
     require_backend("cpu")

@@ -6,7 +6,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ra3.integrations import lm_head  # noqa: E402
 from ra3.integrations.transformers import (  # noqa: E402
     SUPPORTED_ARCHITECTURES, apply_ra3, is_patched, patch, token_logprobs, unapply_ra3,
 )
@@ -115,7 +114,9 @@ def test_scaling_and_softcap_are_exercised(name):
 
 def test_softcap_chunks_cover_the_vocabulary(monkeypatch):
     """Force many vocabulary chunks in the soft-capped path (one tile of 256 columns) and still match."""
-    monkeypatch.setattr(lm_head, "_TILE_ELEMENTS", 1)
+    from ra3.ops import vocab_softmax_walk
+
+    monkeypatch.setattr(vocab_softmax_walk, "TILE_ELEMENTS", {"cpu": 1, "cuda": 1})
     config, cls = transformers.Gemma2Config(**{**_DECODER, "vocab_size": 700}, head_dim=8,
                                             final_logit_softcapping=2.0), transformers.Gemma2ForCausalLM
     torch.manual_seed(0)

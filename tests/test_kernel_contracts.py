@@ -77,7 +77,7 @@ def _targets(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vc", [128, 300, 37])
 @pytest.mark.parametrize("neg_inf", [False, True])
-def test_softmax_stats_fwd_matches_logsumexp(kern, dtype, vc, neg_inf):
+def test_vocab_softmax_fwd_matches_logsumexp(kern, dtype, vc, neg_inf):
     inv_temp = 1 / 0.7
     _, z = _logits(dtype, 0, kern.device, neg_inf)
     _, r = _logits(dtype, 1, kern.device)
@@ -101,13 +101,13 @@ def test_softmax_stats_fwd_matches_logsumexp(kern, dtype, vc, neg_inf):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [8, 40])  # one vector/block; several 32-column Triton blocks, a ragged last one
-def test_softmax_stats_fwd_all_neg_inf_chunk_leaves_state(kern, dtype, width):
+def test_vocab_softmax_fwd_all_neg_inf_chunk_leaves_state(kern, dtype, width):
     dev = kern.device
     z = torch.full((2, width), -math.inf, dtype=dtype, device=dev)
     m = torch.tensor([-math.inf, 1.5], dtype=dtype, device=dev)
     s = torch.tensor([0.0, 2.0], dtype=dtype, device=dev)
     a = torch.tensor([0.0, 3.0], dtype=dtype, device=dev)
-    kern("softmax_stats_fwd", ENTROPY, CODE[dtype], z, width, None, 0, 2, width, 0, 1.0, None, m, s, a, None, None,
+    kern("vocab_softmax_fwd", ENTROPY, CODE[dtype], z, width, None, 0, 2, width, 0, 1.0, None, m, s, a, None, None,
          None)
     assert m[0] == -math.inf and s.tolist() == [0.0, 2.0] and a.tolist() == [0.0, 3.0] and m[1] == 1.5
 
@@ -120,7 +120,7 @@ def _run_grad(kern, mode, dtype, z_wide, r_wide, targets, inv_temp, vc, lse, lse
         z = (out_wide if in_place else z_wide)[:, PAD + v0:PAD + v1]
         out = z if in_place else out_wide[:, 2 * PAD + v0:2 * PAD + v1]
         r = r_wide[:, PAD + v0:PAD + v1] if r_wide is not None else None
-        kern("softmax_grad", mode, CODE[dtype], z, z.stride(0), r, 0 if r is None else r.stride(0), out,
+        kern("vocab_softmax_grad", mode, CODE[dtype], z, z.stride(0), r, 0 if r is None else r.stride(0), out,
              out.stride(0), N, v1 - v0, v0, inv_temp, targets, lse, lse_r, aux, g)
     off = PAD if in_place else 2 * PAD
     return out_wide, out_wide[:, off:off + V]
@@ -241,13 +241,15 @@ def test_kl_estimator_fwd_bwd(kern, dtype, estimator):
 
 # --- group advantages ------------------------------------------------------------------------------------------
 
-NORMALIZE = {"none": 0, "mean": 1, "std": 2, "rloo": 3}
+NORMALIZE = {"none": 0, "mean": 1, "std": 2, "rloo": 3, "batch-std": 4}
 
 
 def _group_adv_reference(r, gids, num_groups, normalize, eps):
-    """Straightforward per-group loop in float64 (autograd-able)."""
+    """Straightforward per-group loop in float64 (autograd-able). batch-std: every group is scaled by the std of
+    all rewards, which the kernel also leaves in every group's std."""
     out = torch.zeros_like(r)
     means, stds = torch.zeros(num_groups, dtype=r.dtype), torch.zeros(num_groups, dtype=r.dtype)
+    batch_sd = r.std(unbiased=True)
     for k in range(num_groups):
         idx = (gids == k).nonzero().flatten()
         if len(idx) == 0:
@@ -256,16 +258,20 @@ def _group_adv_reference(r, gids, num_groups, normalize, eps):
         c = len(idx)
         mu = rk.mean()
         sd = rk.std(unbiased=True) if c > 1 else torch.zeros((), dtype=r.dtype)
+        if normalize == "batch-std":
+            sd = batch_sd
         means[k], stds[k] = mu.detach(), sd.detach()
         if normalize == "none":
             val = rk
         elif normalize == "mean":
             val = rk - mu
-        elif normalize == "std":
+        elif normalize in ("std", "batch-std"):
             val = (rk - mu) / (sd + eps)
         else:
             val = (rk - mu) * c / (c - 1) if c > 1 else torch.zeros_like(rk)
         out = out.index_put((idx,), val)
+    if normalize == "batch-std":
+        stds[:] = batch_sd.detach()  # empty groups included
     return out, means, stds
 
 
@@ -291,7 +297,7 @@ def test_group_adv_fwd_bwd(kern, dtype, normalize):
     close(out, expected.detach(), dtype)
     close(mean, means, dtype)
     close(std, stds, dtype)
-    assert mean[2] == 0 and std[2] == 0 and std[1] == 0 and std[3] == 0
+    assert mean[2] == 0 and (normalize == "batch-std" or (std[2] == 0 and std[1] == 0 and std[3] == 0))
 
     g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     (expected_grad,) = torch.autograd.grad((expected * g.double()).sum(), r64)
@@ -299,7 +305,7 @@ def test_group_adv_fwd_bwd(kern, dtype, normalize):
     kern("group_adv_bwd", CODE[dtype], rewards.to(dev), gids.to(dev), n, num_groups, NORMALIZE[normalize], eps, mean,
          std, g.to(dev), grad)
     # The sd = 0 group's autograd gradient goes through std's undefined derivative at 0; the contract drops it.
-    ok = gids != 3
+    ok = (gids != 3) | (normalize == "batch-std")
     close(grad.cpu()[ok], expected_grad[ok], dtype, rtol=1e-4 if dtype == torch.float32 else 1e-10)
     if normalize == "std":
         g3 = g[gids == 3].double()
@@ -309,18 +315,36 @@ def test_group_adv_fwd_bwd(kern, dtype, normalize):
 
 # --- policy loss -----------------------------------------------------------------------------------------------
 
-AGGREGATION = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2}
+AGGREGATION = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "token-sum-norm": 3}
+AGG_NORM = 17.5  # the divisor of aggregation 3
+# (ratio_level, surrogate) -> (clip_low, clip_high): token / sequence (GSPO) ratios, PPO / CISPO surrogates; the
+# sequence ratios get a narrow range, so some sequences are clipped.
+VARIANTS = {(0, 0): (0.2, 0.28), (1, 0): (0.02, 0.03), (0, 1): (0.2, 0.28), (1, 1): (0.02, 0.03)}
 
 
-def _policy_loss_reference(lp, old, adv, mask, ref, kl_coef, estimator, clip_low, clip_high, aggregation):
-    """float64, autograd-able; tokens with mask 0 contribute nothing, whatever lp holds there (the contract)."""
+def _policy_loss_reference(lp, old, adv, mask, ref, kl_coef, estimator, clip_low, clip_high, aggregation,
+                           ratio_level=0, surrogate=0):
+    """float64, autograd-able; tokens with mask 0 contribute nothing, whatever lp holds there (the contract).
+    ratio_level 1: each token's ratio is sg(s) exp(lp - sg(lp)), s = exp(mask-weighted mean of lp - old over the
+    row), 1 for a row without weight; surrogate 1: -sg(clamp(ratio)) A lp."""
     B = lp.shape[0]
     a = adv if adv.dim() == 2 else adv[:, None]
-    ratio = torch.exp(lp - old)
+    if ratio_level == 1:
+        w = mask.sum(1)
+        d = torch.where(mask > 0, mask * (lp - old), torch.zeros_like(lp)).detach().sum(1)
+        s = torch.where(w != 0, torch.exp(d / torch.where(w != 0, w, torch.ones_like(w))), torch.ones_like(w))
+        ratio = s[:, None] * torch.exp(lp - lp.detach())
+    else:
+        ratio = torch.exp(lp - old)
     unclipped = -ratio * a
-    clipped = -ratio.clamp(1 - clip_low, 1 + clip_high) * a
-    is_clipped = clipped > unclipped
-    per_token = torch.maximum(unclipped, clipped)
+    clamped = ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped = -clamped * a
+    if surrogate == 1:
+        is_clipped = (ratio < 1 - clip_low) | (ratio > 1 + clip_high)
+        per_token = -clamped.detach() * a * lp
+    else:
+        is_clipped = clipped > unclipped
+        per_token = torch.maximum(unclipped, clipped)
     kl = KL_FORMULAS[estimator](lp - ref) if (ref is not None and kl_coef != 0) else torch.zeros_like(lp)
     per_token = torch.where(mask > 0, per_token + kl_coef * kl, torch.zeros_like(lp))
     total = mask.sum()
@@ -328,6 +352,8 @@ def _policy_loss_reference(lp, old, adv, mask, ref, kl_coef, estimator, clip_low
         loss = (per_token * mask).sum() / total if total > 0 else (per_token * mask).sum() * 0
     elif aggregation == "seq-mean-token-sum":
         loss = (per_token * mask).sum() / B
+    elif aggregation == "token-sum-norm":
+        loss = (per_token * mask).sum() / AGG_NORM
     else:
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp_min(torch.finfo(lp.dtype).tiny)).sum() / B
     denom = total if total > 0 else torch.ones(())
@@ -344,7 +370,8 @@ def _policy_loss_reference(lp, old, adv, mask, ref, kl_coef, estimator, clip_low
 @pytest.mark.parametrize("aggregation", list(AGGREGATION))
 @pytest.mark.parametrize("adv_per_token,with_ref,estimator", [(False, False, 3), (True, True, 3), (False, True, 1),
                                                                 (True, True, 2)])
-def test_policy_loss_fwd(kern, dtype, aggregation, adv_per_token, with_ref, estimator):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_policy_loss_fwd(kern, dtype, aggregation, adv_per_token, with_ref, estimator, variant):
     gen = torch.Generator().manual_seed(13)
     B, T = 20, 37  # 2 blocks of rows in the (Triton) reduction, 3 blocks of tokens per row
     rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -364,15 +391,17 @@ def test_policy_loss_fwd(kern, dtype, aggregation, adv_per_token, with_ref, esti
 
     # The reference sees exactly the (cast) values the kernel sees.
     lp64 = lp_d.double().cpu().requires_grad_()
+    clip_low, clip_high = VARIANTS[variant]
     loss, stats = _policy_loss_reference(lp64, old_d.double().cpu(), adv_d.double().cpu(), mask_d.double().cpu(),
-                                         None if ref_d is None else ref_d.double().cpu(), kl_coef, estimator, 0.2,
-                                         0.28, aggregation)
+                                         None if ref_d is None else ref_d.double().cpu(), kl_coef, estimator,
+                                         clip_low, clip_high, aggregation, *variant)
     (grad_expected,) = torch.autograd.grad(loss, lp64)
     grad_expected = torch.where(mask > 0, grad_expected, torch.zeros_like(grad_expected))
     dev = kern.device
     loss_out, grad, stats_out = nan_like((1,), dtype, dev), nan_like((B, T), dtype, dev), nan_like((4,), dtype, dev)
     kern("policy_loss_fwd", CODE[dtype], B, T, lp_d, old_d, adv_d, int(adv_per_token), mask_d, ref_d, kl_coef,
-         estimator, 0.2, 0.28, AGGREGATION[aggregation], loss_out, grad, stats_out)
+         estimator, clip_low, clip_high, *variant, AGGREGATION[aggregation], AGG_NORM, loss_out, grad, stats_out)
+    assert 0 < float(stats.detach()[0]) < 1  # both branches of the clip run
     close(loss_out[0], loss.detach(), dtype)
     close(grad, grad_expected, dtype)
     close(stats_out, stats.detach(), dtype)
@@ -387,8 +416,8 @@ def test_policy_loss_fwd_all_masked_is_zero(kern, dtype, aggregation):
     lp, old = torch.zeros(B, T, dtype=dtype, device=dev), torch.zeros(B, T, dtype=dtype, device=dev)
     adv, mask = torch.ones(B, dtype=dtype, device=dev), torch.zeros(B, T, dtype=dtype, device=dev)
     loss, grad, stats = nan_like((1,), dtype, dev), nan_like((B, T), dtype, dev), nan_like((4,), dtype, dev)
-    kern("policy_loss_fwd", CODE[dtype], B, T, lp, old, adv, 0, mask, None, 0.0, 3, 0.2, 0.2,
-         AGGREGATION[aggregation], loss, grad, stats)
+    kern("policy_loss_fwd", CODE[dtype], B, T, lp, old, adv, 0, mask, None, 0.0, 3, 0.2, 0.2, 1, 0,
+         AGGREGATION[aggregation], 0.0, loss, grad, stats)
     assert loss[0] == 0 and grad.eq(0).all() and stats.eq(0).all()
 
 
@@ -402,10 +431,14 @@ def test_bad_tags_raise_value_error_naming_the_argument(kern):
     with pytest.raises(ValueError, match="estimator"):
         kern("kl_estimator_fwd", 0, 4, x, x, 4, x)
     with pytest.raises(ValueError, match="mode"):
-        kern("softmax_stats_fwd", 3, 0, x[None], 4, None, 0, 1, 4, 0, 1.0, None, x[:1], x[:1], x[:1], None, None,
+        kern("vocab_softmax_fwd", 3, 0, x[None], 4, None, 0, 1, 4, 0, 1.0, None, x[:1], x[:1], x[:1], None, None,
              None)
     with pytest.raises(ValueError, match="normalize"):
         kern("group_adv_fwd", 0, x, None, 0, 1, 7, 1e-6, x, x, x)
-    with pytest.raises(ValueError, match="aggregation"):
-        kern("policy_loss_fwd", 0, 1, 4, x[None], x[None], x[:1], 0, x[None], None, 0.0, 3, 0.2, 0.2, 5, x[:1],
-             x[None], x)
+    with pytest.raises(ValueError, match="normalize"):
+        kern("group_adv_bwd", 0, x, None, 0, 1, 5, 1e-6, x, x, x, x)
+    for ratio_level, surrogate, aggregation, name in ((0, 0, 5, "aggregation"), (2, 0, 0, "ratio_level"),
+                                                      (0, 2, 0, "surrogate")):
+        with pytest.raises(ValueError, match=name):
+            kern("policy_loss_fwd", 0, 1, 4, x[None], x[None], x[:1], 0, x[None], None, 0.0, 3, 0.2, 0.2, ratio_level,
+                 surrogate, aggregation, 1.0, x[:1], x[None], x)

@@ -35,14 +35,14 @@ def test_build_info_describes_the_build():
     assert _C.has_cuda() == (info["cuda_version"] is not None)
     if _C.has_cuda():
         assert all(a.strip() for a in info["cuda_archs"]) and info["cuda_archs"]
-        assert hasattr(_C, "cuda_softmax_stats_fwd") and hasattr(_C, "cuda_policy_loss_fwd")
+        assert hasattr(_C, "cuda_vocab_softmax_fwd") and hasattr(_C, "cuda_policy_loss_fwd")
     else:
-        assert info["cuda_archs"] == [] and not hasattr(_C, "cuda_softmax_stats_fwd")
+        assert info["cuda_archs"] == [] and not hasattr(_C, "cuda_vocab_softmax_fwd")
         assert _C.cuda_usable() is False
 
 
 def test_every_contract_function_is_exported():
-    for name in ("softmax_stats_fwd", "softmax_grad", "segment_sum_fwd", "segment_sum_bwd", "kl_estimator_fwd",
+    for name in ("vocab_softmax_fwd", "vocab_softmax_grad", "segment_sum_fwd", "segment_sum_bwd", "kl_estimator_fwd",
                  "kl_estimator_bwd", "group_adv_fwd", "group_adv_bwd", "policy_loss_fwd"):
         assert callable(getattr(_C, "cpu_" + name)), name
 
@@ -52,7 +52,7 @@ def test_every_contract_function_is_exported():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vectorised_exp_is_accurate_over_its_range(dtype):
-    # softmax_grad mode 0 with lse = 0, g = -1, inv_temp = 1 and no target in the chunk writes exp(z) itself.
+    # vocab_softmax_grad mode 0 with lse = 0, g = -1, inv_temp = 1 and no target in the chunk writes exp(z) itself.
     lo, hi = (-745.0, 709.0) if dtype == torch.float64 else (-104.0, 88.0)
     z = torch.cat([torch.linspace(lo, hi, 20001, dtype=torch.float64),
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, math.log(2), -math.inf, math.inf, math.nan, 1e4, -1e4],
@@ -61,7 +61,7 @@ def test_vectorised_exp_is_accurate_over_its_range(dtype):
     out = nan_like((1, n), dtype)
     one = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
     lse, g, t = one(0.0), one(-1.0), torch.tensor([-1], dtype=torch.int64)
-    _C.cpu_softmax_grad(LOGPROB, CODE[dtype], ptr(z), n, 0, 0, ptr(out), n, 1, n, 0, 1.0, ptr(t), ptr(lse), 0, 0,
+    _C.cpu_vocab_softmax_grad(LOGPROB, CODE[dtype], ptr(z), n, 0, 0, ptr(out), n, 1, n, 0, 1.0, ptr(t), ptr(lse), 0, 0,
                         ptr(g))
     expected = z.double().exp()
     tiny = torch.finfo(dtype).tiny

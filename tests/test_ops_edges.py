@@ -10,8 +10,8 @@ backward:
   vocabulary ops with N = 0 return [0] results that back-propagate zero gradients;
 - policy_loss sends a gradient to logprobs only, never to old_logprobs, advantages, ref_logprobs or mask.
 
-``triton-fused`` is the triton backend with the fused-matmul design of the linear ops (16-wide tiles, the
-vocabulary in splits), which ``RA3_TRITON_FUSED_LINEAR=1`` selects.
+``triton-fused`` is the backend with the fused-matmul design of the linear ops, here with 16-wide tiles and the
+vocabulary in splits.
 """
 from __future__ import annotations
 
@@ -34,16 +34,14 @@ def variant_backend(request, monkeypatch, small_chunks):
     """(backend name, its device) for the ``variant`` parameter, with 7-column vocabulary chunks; for
     'triton-fused', the fused-matmul linear ops with 16-wide tiles and up to 3 vocabulary splits."""
     variant, op = request.param
-    backend = "triton" if variant == "triton-fused" else variant
+    backend = variant
     device = require_backend(backend, op)
     if variant == "triton-fused":
-        from ra3.kernels import fused_linear
-        from ra3.ops import _vocab_chunks
+        from ra3.kernels import vocab_softmax_fused
 
         small = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
-        monkeypatch.setattr(fused_linear, "TILES", {F32: small, F64: small})
-        monkeypatch.setattr(fused_linear, "_splits", lambda n_tiles, vocab_tiles, dev: 3)
-        monkeypatch.setattr(_vocab_chunks, "TRITON_FUSED_LINEAR", True)
+        monkeypatch.setattr(vocab_softmax_fused, "TILES", {F32: small, F64: small})
+        monkeypatch.setattr(vocab_softmax_fused, "_splits", lambda n_tiles, vocab_tiles, dev: 3)
     return backend, device
 
 

@@ -807,10 +807,10 @@ _CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
 import test_ops_fuzz as f
-from ra3.ops import _vocab_chunks
+from ra3.ops import vocab_softmax_walk
 # Odder still: vocabulary chunks of 7 columns (a ragged last chunk, offsets into every row), prime sizes, H = 0.
-_vocab_chunks.MIN_CHUNK = 1
-_vocab_chunks.chunk_size = lambda n, vocab: min(vocab, 7)
+vocab_softmax_walk.MIN_CHUNK = 1
+vocab_softmax_walk.chunk_size = lambda n, vocab, device: min(vocab, 7)
 f.SIZES, f.VOCABS, f.HIDDEN = (0, 1, 1, 2, 3, 7, 13), (1, 2, 3, 5, 7, 8, 29), (0, 1, 3)
 for i, op in enumerate(f.OPS):
     f.fuzz_op(op, {seed} + i, {n}, 60.0, ("torch", "cpu"))

@@ -63,7 +63,7 @@ def test_kl_estimators(backend, estimator, dtype):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("normalize", ("std", "mean", "rloo", "none"))
+@pytest.mark.parametrize("normalize", ("std", "mean", "rloo", "none", "batch-std"))
 def test_group_advantages(backend, normalize):
     device = require_backend(backend, "group_advantages")
     g = torch.Generator().manual_seed(2)
@@ -101,7 +101,7 @@ def test_group_advantages_gradcheck():
     for backend in ("torch", "cpu"):
         device = require_backend(backend, "group_advantages")
         r = torch.randn(9, dtype=torch.float64, device=device, requires_grad=True)
-        for normalize in ("std", "mean", "rloo"):
+        for normalize in ("std", "mean", "rloo", "batch-std"):
             assert torch.autograd.gradcheck(
                 lambda x: ops.group_advantages(x, group_size=3, normalize=normalize, backend=backend), (r,))
 
@@ -182,7 +182,10 @@ def test_custom_ops_pass_opcheck(backend):
     ids = torch.tensor([0, 2, 2, -1, 1, 0, 0, 3, 1, 2, -1, 0], device=device)
     torch.library.opcheck(_segment_sum_op, (backend, x, ids, 5))
     torch.library.opcheck(_kl_op, (backend, x, torch.randn(12, generator=g).to(device), 3))
-    torch.library.opcheck(_group_adv_op, (backend, x, torch.arange(12, device=device) // 4, 3, 2, 1e-6))
+    for normalize in (2, 4):  # std, batch-std
+        torch.library.opcheck(_group_adv_op, (backend, x, torch.arange(12, device=device) // 4, 3, normalize, 1e-6))
     lp, old, adv, mask, ref = (t.to(device) for t in _policy_inputs(3, 4, torch.float32))
-    torch.library.opcheck(_policy_loss_op, (backend, lp.requires_grad_(), old, adv, mask.float(), ref, 0.1, 3, 0.2,
-                                            0.28, 2))
+    # (ratio level, surrogate, aggregation, normaliser): token PPO seq-mean-token-mean, GSPO CISPO token-sum / 7
+    for variant in ((0, 0, 2, 0.0), (1, 1, 3, 7.0)):
+        torch.library.opcheck(_policy_loss_op, (backend, lp.requires_grad_(), old, adv, mask.float(), ref, 0.1, 3,
+                                                0.2, 0.28, *variant))

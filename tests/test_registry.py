@@ -16,7 +16,7 @@ def _report(device="cpu"):
         row("kl", "torch-eager", 1.0, N=8), row("kl", "ra3:cpu", 3.0, N=8), row("kl", "ra3:torch", 2.0, N=8),
         row("kl", "ra3:torch", 0.1, N=2),  # a smaller shape does not vote
         row("linear_logprobs", "ra3:torch", 1.0, N=4, H=2, V=8), row("linear_logprobs", "ra3:cpu", 5.0, N=4, H=2, V=8),
-        row("linear_cross_entropy", "ra3:torch", 0.5, N=4, H=2, V=8),  # not a registry op of its own
+        row("linear_cross_entropy", "ra3:torch", 0.5, N=4, H=2, V=8),  # the reference alone: no order
         {"op": "segment_sum", "impl": "ra3:cpu", "shape": {"N": 8}, "error": "boom"},
     ]}
 
@@ -63,3 +63,21 @@ def test_the_shipped_table_names_known_backends_and_ops():
     for dev, ops in table["order"].items():
         for op, order in ops.items():
             assert op in registry.OPS and set(order) <= set(registry.BACKENDS), (dev, op, order)
+
+
+def test_designs_are_backend_names_and_features_steer_auto(monkeypatch):
+    """'cuda-torch' / 'triton-fused' are designs of the vocabulary-softmax ops: elsewhere they run their base
+    backend; a soft-cap skips (with auto) or refuses (by name) the designs that cannot apply one."""
+    monkeypatch.setattr(registry, "_usable", lambda backend, dev: True)
+    cuda = torch.device("cuda")
+    assert registry.resolve("logprobs", "cuda-torch", cuda) == "cuda-torch"
+    assert registry.resolve("cross_entropy", "triton-fused", cuda) == "triton-fused"
+    assert registry.resolve("kl", "cuda-torch", cuda) == "cuda"
+    assert registry.resolve("policy_loss", "triton-fused", cuda) == "triton"
+    monkeypatch.setattr(registry, "measured_order", lambda: {})
+    assert registry.resolve("logprobs", "auto", cuda) == "cuda"
+    assert registry.resolve("logprobs", "auto", cuda, needs=("softcap",)) == "cuda-torch"
+    with pytest.raises(ValueError, match="backend='cuda' does not implement softcap"):
+        registry.resolve("logprobs", "cuda", cuda, needs=("softcap",))
+    with pytest.raises(ValueError, match="triton-fused"):
+        registry.resolve("logprobs", "triton-fused", cuda, needs=("softcap",))

@@ -22,12 +22,12 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install -e .[triton])", allow_module_level=True)
 
-import test_ops_vocab  # noqa: E402
+import test_vocab_softmax  # noqa: E402
 from conftest import assert_close, require_backend  # noqa: E402
 from kernel_helpers import (CODE, DTYPES, ENTROPY, EXACT_KL, LOGPROB, close, nan_like, run_stats,  # noqa: E402
                             shrink_triton_blocks, softmax_reference)
 from ra3 import ops  # noqa: E402
-from ra3.ops import _vocab_chunks, reference  # noqa: E402
+from ra3.ops import reference  # noqa: E402
 
 
 @pytest.fixture
@@ -51,60 +51,59 @@ def test_launchers_reject_unknown_names_and_mismatched_dtypes(device):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """16-wide tiles in the fused-matmul kernels: several token, vocabulary and hidden tiles, ragged edges."""
-    from ra3.kernels import fused_linear
+    from ra3.kernels import vocab_softmax_fused
 
     small = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
-    monkeypatch.setattr(fused_linear, "TILES", {torch.float32: small, torch.float64: small})
-    return fused_linear
+    monkeypatch.setattr(vocab_softmax_fused, "TILES", {torch.float32: small, torch.float64: small})
+    return vocab_softmax_fused
 
 
 @pytest.fixture
 def fused(monkeypatch, small_tiles):
     """The linear ops on the fused-matmul design, with 16-wide tiles and the vocabulary in 3 splits where it has 3
     tiles (the merge kernel; fewer tiles, fewer splits)."""
-    fused_linear = small_tiles
-    monkeypatch.setattr(_vocab_chunks, "TRITON_FUSED_LINEAR", True)
-    monkeypatch.setattr(fused_linear, "_splits", lambda n_tiles, vocab_tiles, dev: 3)
+    vocab_softmax_fused = small_tiles
+    monkeypatch.setattr(vocab_softmax_fused, "_splits", lambda n_tiles, vocab_tiles, dev: 3)
     calls = []
-    for name in ("linear_softmax_stats_fwd", "linear_softmax_grad"):
-        original = getattr(fused_linear, name)
+    for name in ("vocab_softmax_fused_fwd", "vocab_softmax_fused_grad"):
+        original = getattr(vocab_softmax_fused, name)
 
         def counted(*args, _original=original, _name=name, **kw):
             calls.append(_name)
             return _original(*args, **kw)
-        monkeypatch.setattr(fused_linear, name, counted)
+        monkeypatch.setattr(vocab_softmax_fused, name, counted)
     return calls
 
 
-@pytest.mark.parametrize("dtype", test_ops_vocab.DTYPES)
-@pytest.mark.parametrize("shape", test_ops_vocab.SHAPES)
+@pytest.mark.parametrize("dtype", test_vocab_softmax.DTYPES)
+@pytest.mark.parametrize("shape", test_vocab_softmax.SHAPES)
 @pytest.mark.parametrize("bias", (False, True))
 def test_fused_linear_logprobs_matches_reference(fused, dtype, shape, bias):
-    test_ops_vocab.test_linear_logprobs_matches_reference("triton", dtype, shape, bias, None)
-    assert fused == ["linear_softmax_stats_fwd", "linear_softmax_grad"], "the fused kernels did not run"
+    test_vocab_softmax.test_linear_logprobs_matches_reference("triton-fused", dtype, shape, bias, None)
+    assert fused == ["vocab_softmax_fused_fwd", "vocab_softmax_fused_grad"], "the fused kernels did not run"
 
 
-@pytest.mark.parametrize("dtype", test_ops_vocab.DTYPES)
+@pytest.mark.parametrize("dtype", test_vocab_softmax.DTYPES)
 @pytest.mark.parametrize("bias", (False, True))
 def test_fused_linear_entropy_matches_reference(fused, dtype, bias):
-    test_ops_vocab.test_linear_entropy_matches_reference("triton", dtype, bias, None)
-    assert fused == ["linear_softmax_stats_fwd", "linear_softmax_grad"]
+    test_vocab_softmax.test_linear_entropy_matches_reference("triton-fused", dtype, bias, None)
+    assert fused == ["vocab_softmax_fused_fwd", "vocab_softmax_fused_grad"]
 
 
-@pytest.mark.parametrize("dtype", test_ops_vocab.DTYPES)
+@pytest.mark.parametrize("dtype", test_vocab_softmax.DTYPES)
 def test_fused_linear_exact_kl_matches_reference(fused, dtype):
-    test_ops_vocab.test_linear_exact_kl_matches_reference("triton", dtype, None)
-    assert fused == ["linear_softmax_stats_fwd", "linear_softmax_grad"]
+    test_vocab_softmax.test_linear_exact_kl_matches_reference("triton-fused", dtype, None)
+    assert fused == ["vocab_softmax_fused_fwd", "vocab_softmax_fused_grad"]
 
 
 def test_fused_linear_large_logits_all_ignored_and_segments(fused):
-    test_ops_vocab.test_linear_logprobs_large_logits_and_all_ignored("triton", None)
-    test_ops_vocab.test_linear_logprobs_segments("triton", None)
-    assert set(fused) == {"linear_softmax_stats_fwd", "linear_softmax_grad"}
+    test_vocab_softmax.test_linear_logprobs_large_logits_and_all_ignored("triton-fused", None)
+    test_vocab_softmax.test_linear_logprobs_segments("triton-fused", None)
+    assert set(fused) == {"vocab_softmax_fused_fwd", "vocab_softmax_fused_grad"}
 
 
 def test_fused_linear_gradcheck_float64(fused):
-    test_ops_vocab.test_gradcheck_float64("triton", None)
+    test_vocab_softmax.test_gradcheck_float64("triton-fused", None)
 
 
 def test_fused_linear_hidden_only_and_strided_inputs(fused, device):
@@ -112,7 +111,7 @@ def test_fused_linear_hidden_only_and_strided_inputs(fused, device):
     h = torch.randn(7, 30, device=device)[:, 3:19].requires_grad_()  # row stride 30
     weight = torch.randn(45, 16, device=device) / 4
     targets = torch.randint(0, 45, (7,), device=device)
-    out = ops.linear_logprobs(h, weight, targets, temperature=1.7, backend="triton")
+    out = ops.linear_logprobs(h, weight, targets, temperature=1.7, backend="triton-fused")
     expected = reference.linear_logprobs(h.detach().double().cpu().requires_grad_(), weight.double().cpu(),
                                          targets.cpu(), temperature=1.7)
     assert_close(out, expected, torch.float32, "log-probs")
@@ -121,7 +120,7 @@ def test_fused_linear_hidden_only_and_strided_inputs(fused, device):
     (gh_want,) = torch.autograd.grad(reference.linear_logprobs(h64, weight.double().cpu(), targets.cpu(),
                                                                temperature=1.7).sum(), h64)
     assert_close(gh, gh_want, torch.float32, "grad hidden")
-    assert fused == ["linear_softmax_stats_fwd", "linear_softmax_grad"]
+    assert fused == ["vocab_softmax_fused_fwd", "vocab_softmax_fused_grad"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,9 +128,9 @@ def test_fused_linear_hidden_only_and_strided_inputs(fused, device):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_fused_stats_write_every_output_and_match_chunks(small_tiles, device, monkeypatch, dtype, mode, splits):
     """The fused launcher writes its whole state (NaN-poisoned first) and agrees with the chunked walk over
-    hidden @ weight.T (softmax_stats_fwd, in 32-column blocks), for every mode, with and without vocabulary
+    hidden @ weight.T (vocab_softmax_fwd, in 32-column blocks), for every mode, with and without vocabulary
     splits."""
-    fused_linear = small_tiles
+    vocab_softmax_fused = small_tiles
     shrink_triton_blocks(monkeypatch)
     gen = torch.Generator().manual_seed(21 + mode)
     n, h, v = 19, 20, 53
@@ -143,7 +142,7 @@ def test_fused_stats_write_every_output_and_match_chunks(small_tiles, device, mo
     inv_temp = 1 / 0.8
     kl = mode == EXACT_KL
     state = [nan_like((n,), dtype, device) for _ in range(6)]
-    fused_linear.linear_softmax_stats_fwd(mode, CODE[dtype], hidden, weight, bias, ref_hidden if kl else None,
+    vocab_softmax_fused.vocab_softmax_fused_fwd(mode, CODE[dtype], hidden, weight, bias, ref_hidden if kl else None,
                                           ref_weight if kl else None, None, targets, inv_temp, *state,
                                           splits=splits)
     m, s, a, mr, sr, tgt = state
@@ -165,7 +164,7 @@ def test_fused_stats_write_every_output_and_match_chunks(small_tiles, device, mo
 @pytest.mark.parametrize("mode", [LOGPROB, ENTROPY, EXACT_KL])
 def test_fused_grad_writes_every_output(small_tiles, device, mode):
     """The fused backward overwrites NaN-poisoned gradient buffers completely (it zeroes, then accumulates)."""
-    fused_linear = small_tiles
+    vocab_softmax_fused = small_tiles
     n, h, v = 18, 20, 35
     hidden, weight, bias = torch.randn(n, h, device=device), torch.randn(v, h, device=device) / 3, \
         torch.randn(v, device=device)
@@ -179,7 +178,7 @@ def test_fused_grad_writes_every_output(small_tiles, device, mode):
     f = lambda t: None if t is None else t.float().to(device)  # noqa: E731
     gh, gw, gb = nan_like((n, h), torch.float32, device), nan_like((v, h), torch.float32, device), \
         nan_like((v,), torch.float32, device)
-    fused_linear.linear_softmax_grad(mode, 0, hidden, weight, bias, ref_hidden if kl else None,
+    vocab_softmax_fused.vocab_softmax_fused_grad(mode, 0, hidden, weight, bias, ref_hidden if kl else None,
                                      ref_weight if kl else None, None, targets, 1.0, f(lse), f(lse_r) if kl else None,
                                      f(aux), torch.ones(n, device=device), gh, gw, gb)
     assert gh.isfinite().all() and gw.isfinite().all() and gb.isfinite().all()

@@ -1,5 +1,6 @@
 // CUDA twin of csrc/cpu/policy_loss.cpp in three launches on `stream`:
-//   1. one block per row: per-token loss and unscaled gradient, block sums of the row's partials into scratch;
+//   1. one block per row: (with sequence ratios, first the row's weighted mean log-ratio) per-token loss and
+//      unscaled gradient, block sums of the row's partials into scratch;
 //   2. one block: totals over rows, the loss and the statistics, and each row's aggregation weight;
 //   3. one block per row: scales the row's gradient by its weight.
 // Every sum is a fixed-shape tree, so the result is reproducible run to run.
@@ -27,13 +28,31 @@ __device__ __forceinline__ double tiny<double>() {
   return DBL_MIN;
 }
 
+// GSPO's sequence ratio of row b: exp of the mask-weighted mean of lp - old over its tokens (1 without any); every
+// thread of the block gets it.
+template <typename T>
+__device__ T sequence_ratio(int64_t b, int64_t T_, const T* __restrict__ lp, const T* __restrict__ old,
+                            const T* __restrict__ mask) {
+  T acc[2] = {};  // weight, weighted log-ratio
+  for (int64_t t = threadIdx.x; t < T_; t += blockDim.x) {
+    const int64_t i = b * T_ + t;
+    const T w = mask[i];
+    if (w == T(0)) continue;
+    acc[0] += w;
+    acc[1] += w * (lp[i] - old[i]);
+  }
+  block_sum(acc);
+  return acc[0] != T(0) ? exp_t(acc[1] / acc[0]) : T(1);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     rows_kernel(int64_t T_, const T* __restrict__ lp, const T* __restrict__ old, const T* __restrict__ adv,
                 bool adv_per_token, const T* __restrict__ mask, const T* __restrict__ ref, T kl_coef, int estimator,
-                T clip_low, T clip_high, T* __restrict__ grad, T* __restrict__ rows) {
+                T clip_low, T clip_high, bool seq_level, bool cispo, T* __restrict__ grad, T* __restrict__ rows) {
   const int64_t b = blockIdx.x;
   const bool use_kl = ref != nullptr && kl_coef != T(0);
+  const T seq_ratio = seq_level ? sequence_ratio<T>(b, T_, lp, old, mask) : T(1);
   T acc[kNumRowSums] = {};
   for (int64_t t = threadIdx.x; t < T_; t += blockDim.x) {
     const int64_t i = b * T_ + t;
@@ -42,7 +61,8 @@ __global__ void __launch_bounds__(kRowThreads)
       grad[i] = T(0);
       continue;
     }
-    const PpoToken<T> tok = ppo_token<T>(lp[i], old[i], adv_per_token ? adv[i] : adv[b], use_kl,
+    const T ratio = seq_level ? seq_ratio : exp_t(lp[i] - old[i]);
+    const PpoToken<T> tok = ppo_token<T>(lp[i], ratio, adv_per_token ? adv[i] : adv[b], cispo, use_kl,
                                          use_kl ? ref[i] : T(0), kl_coef, estimator, clip_low, clip_high);
     acc[kMask] += w;
     acc[kLoss] += w * tok.loss;
@@ -61,7 +81,7 @@ __global__ void __launch_bounds__(kRowThreads)
 // Single block. Leaves each row's aggregation weight in rows[b * kNumRowSums + kClipped] for scale_kernel.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
-    totals_kernel(int64_t B, int aggregation, T* rows, T* __restrict__ loss_out, T* __restrict__ stats) {
+    totals_kernel(int64_t B, int aggregation, T agg_norm, T* rows, T* __restrict__ loss_out, T* __restrict__ stats) {
   T tot[4] = {};
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const T* row = rows + b * kNumRowSums;
@@ -81,6 +101,8 @@ __global__ void __launch_bounds__(kReduceThreads)
       scale = any ? T(1) / total : T(0);
     } else if (aggregation == kSeqMeanTokenSum) {
       scale = T(1) / T(B);
+    } else if (aggregation == kTokenSumNorm) {
+      scale = agg_norm > T(0) ? T(1) / agg_norm : T(0);
     } else {
       const T ms = row[kMask];
       scale = T(1) / (T(B) * (ms > tiny<T>() ? ms : tiny<T>()));
@@ -109,6 +131,8 @@ __global__ void __launch_bounds__(kRowThreads) scale_kernel(int64_t T_, const T*
 
 void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD, uintptr_t stream) {
   check_estimator(kl_estimator);
+  check_ratio_level(ratio_level);
+  check_surrogate(surrogate);
   check_aggregation(aggregation);
   check_dtype(dtype);
   if (B > int64_t(0x7fffffff)) throw std::invalid_argument("B must be < 2^31, got " + std::to_string(B));
@@ -122,8 +146,9 @@ void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD, uintptr_t stream) {
     if (rows_n > 0)
       rows_kernel<Tp><<<static_cast<unsigned>(rows_n), kRowThreads, 0, st>>>(
           T, cptr<Tp>(lp), cptr<Tp>(old), cptr<Tp>(adv), adv_per_token != 0, cptr<Tp>(mask), cptr<Tp>(ref),
-          Tp(kl_coef), kl_estimator, Tp(clip_low), Tp(clip_high), mptr<Tp>(grad_lp), rows);
-    totals_kernel<Tp><<<1, kReduceThreads, 0, st>>>(rows_n, aggregation, rows, mptr<Tp>(loss_out),
+          Tp(kl_coef), kl_estimator, Tp(clip_low), Tp(clip_high), ratio_level == kRatioSequence,
+          surrogate == kSurrogateCispo, mptr<Tp>(grad_lp), rows);
+    totals_kernel<Tp><<<1, kReduceThreads, 0, st>>>(rows_n, aggregation, Tp(agg_norm), rows, mptr<Tp>(loss_out),
                                                     mptr<Tp>(stats_out));
     if (rows_n > 0 && T > 0)
       scale_kernel<Tp><<<static_cast<unsigned>(rows_n), kRowThreads, 0, st>>>(T, rows, mptr<Tp>(grad_lp));

@@ -1,4 +1,4 @@
-// Small element-wise passes between the fused linear ops' GEMMs (linear_softmax.cpp).
+// Small element-wise passes between the fused linear ops' GEMMs (vocab_softmax_loop.cpp).
 //
 // float32 -> bfloat16 rounding of a gradient tile, so that the two backward GEMMs of the fused linear ops run
 // on bf16 tensor cores (accumulating in float32) instead of at the float32 rate. With a second output the tile is

@@ -141,7 +141,7 @@ def unapply_ra3(model):
     return model
 
 
-def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+def bind_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
     """Named arguments of a forward call, positional ones resolved by the original signature, **kwargs flat."""
     bound = sig.bind_partial(*args, **kwargs)
     named = {}
@@ -163,11 +163,11 @@ def _make_forward(original, *, bound: bool, backend: str):
     @functools.wraps(original.__func__ if bound else original)
     def forward(self, *args, skip_logits: Optional[bool] = None, ra3_token_logprobs: bool = False,
                 ra3_entropy: bool = False, ra3_temperature: float = 1.0, **kwargs):
-        named = _bind(sig, args, kwargs)
+        named = bind_arguments(sig, args, kwargs)
         fuse_loss = named.get("labels") is not None and (self.training if skip_logits is None else skip_logits)
         if not (fuse_loss or ra3_token_logprobs):
             return original(*args, **kwargs) if bound else original(self, *args, **kwargs)
-        return _fused_forward(self, named, backend=backend, token_outputs=ra3_token_logprobs,
+        return fused_forward(self, named, backend=backend, token_outputs=ra3_token_logprobs,
                               with_entropy=ra3_entropy, temperature=ra3_temperature)
 
     return forward
@@ -188,8 +188,11 @@ def _head_weight(model):
     return weight, bias
 
 
-def _fused_forward(model, named: dict, *, backend: str, token_outputs: bool, with_entropy: bool,
-                   temperature: float):
+def fused_forward(model, named: dict, *, backend: str, token_outputs: bool, with_entropy: bool,
+                  temperature: float):
+    """The patched forward of a causal LM (shared with the TRL adapter): the backbone on ``named`` (from
+    ``bind_arguments``), then the loss or the token log-probs from the head through ``ra3.ops``, logits never
+    materialised."""
     spec = head_spec(model)
     labels = named.pop("labels", None)
     logits_to_keep = named.pop("logits_to_keep", 0)
@@ -269,8 +272,8 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Optional[Tensor] = 
         out = model(**kwargs, ra3_token_logprobs=True, ra3_entropy=with_entropy, ra3_temperature=temperature)
     else:
         sig = inspect.signature(type(inner).forward)
-        named = _bind(sig.replace(parameters=list(sig.parameters.values())[1:]), (), kwargs)
-        out = _fused_forward(inner, named, backend=backend, token_outputs=True, with_entropy=with_entropy,
+        named = bind_arguments(sig.replace(parameters=list(sig.parameters.values())[1:]), (), kwargs)
+        out = fused_forward(inner, named, backend=backend, token_outputs=True, with_entropy=with_entropy,
                              temperature=float(temperature))
     return TokenLogProbs(out.token_logprobs, out.entropy, out.mask)
 

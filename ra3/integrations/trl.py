@@ -25,7 +25,7 @@ import types
 from trl import GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
-from ra3.integrations.transformers import _bind, _fused_forward, head_spec
+from ra3.integrations.transformers import bind_arguments, fused_forward, head_spec
 
 _OUTPUTS = ("log_probs", "entropy")
 
@@ -58,9 +58,9 @@ def add_ra3_fused_lm_head(model, *, temperature: float = 1.0, outputs: tuple[str
     def forward(self, *args, fused_lm_head: bool = False, **kwargs):
         if not fused_lm_head:
             return previous(*args, **kwargs)
-        named = _bind(sig, args, kwargs)
+        named = bind_arguments(sig, args, kwargs)
         named["use_cache"] = False
-        out = _fused_forward(self, named, backend=backend, token_outputs=True, with_entropy=with_entropy,
+        out = fused_forward(self, named, backend=backend, token_outputs=True, with_entropy=with_entropy,
                              temperature=float(temperature))
         shifted = named.get("shift_labels") is None  # ra3 aligns with labels; TRL drops the unscored column 0
         cut = (lambda x: x[:, 1:]) if shifted else (lambda x: x)

@@ -99,6 +99,17 @@ def temperature(value, dtype: torch.dtype) -> float:
     return value
 
 
+def scalar_value(name: str, value):
+    """A one-element real tensor (a global count, say) as its Python number; anything else as given, for the number
+    checks above. Reading it waits for the tensor's device."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.device.type == "meta" or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a number or a one-element real tensor, got a {value.dtype} tensor of "
+                            f"shape {tuple(value.shape)} on {value.device}")
+        return value.item()
+    return value
+
+
 def choice(name: str, value, options: tuple[str, ...]) -> str:
     want = ", ".join(repr(o) for o in options)
     if not isinstance(value, str):  # before ``in``: a tensor or an array compares elementwise

@@ -7,7 +7,7 @@ from torch import Tensor
 from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
 
-_NORMALIZE_CODE = {"none": 0, "mean": 1, "std": 2, "rloo": 3}
+_NORMALIZE_CODE = {"none": 0, "mean": 1, "std": 2, "rloo": 3, "batch-std": 4}
 
 
 # ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernels the op body calls.
@@ -92,20 +92,27 @@ def group_advantages(rewards, group_size=None, group_ids=None, normalize: str = 
 
     rewards: [B] fp32|bf16|fp16, finite. Groups: ``group_size`` G (consecutive blocks of G, B % G == 0), or
     ``group_ids`` [B] int >= 0 (any order, unequal sizes, gaps and ids of any size allowed), or neither (one group).
-    normalize: 'std' (r - mean) / (std + eps), GRPO, unbiased std, eps > 0; 'mean' r - mean, Dr. GRPO;
-    'rloo' r - mean of the other samples; 'none' r. Returns [B] float32 (float64 for float64), differentiable.
+    normalize ("mean" is the group's mean, "std" an unbiased std, eps > 0 for both std modes):
+      'std'        (r - mean) / (std + eps): GRPO (Shao et al. 2024, DeepSeekMath); TRL's scale_rewards="group".
+      'batch-std'  (r - mean) / (std of all B rewards + eps): centred per group, scaled by the whole batch's std,
+                   as TRL's scale_rewards="batch" (from "Tricks or Traps?", Liu et al. 2025, arXiv 2508.08221). TRL
+                   adds eps=1e-4.
+      'mean'       r - mean: Dr. GRPO (Liu et al. 2025, arXiv 2503.20783); TRL's scale_rewards="none".
+      'rloo'       r - mean of the other samples of the group (RLOO, Ahmadian et al. 2024).
+      'none'       r.
+    Returns [B] float32 (float64 for float64), differentiable.
     Edges: NaN or inf rewards raise ValueError (checked); a group of one sample, or a constant group, gets 0 (r
-    itself for 'none'); B = 0 gives [0].
+    itself for 'none'; for 'batch-std' only a constant batch or a batch of one has std 0); B = 0 gives [0].
     """
     check.tensor("rewards", rewards, ndim=1, floating=True)
     check.finite("rewards", rewards)
     normalize = check.choice("normalize", normalize, reference.NORMALIZE_MODES)
     dt = check.compute_dtype(rewards)
     eps = check.nonnegative_float("eps", eps, dt)
-    if normalize == "std" and eps < torch.finfo(dt).tiny:
+    if normalize in ("std", "batch-std") and eps < torch.finfo(dt).tiny:
         # A constant group (or a group of one) has std 0: its advantages would be 0 / eps, NaN for eps = 0.
-        raise ValueError(f"eps must be at least {torch.finfo(dt).tiny:.3g} (> 0 in {dt}) with normalize='std', "
-                         f"got {eps:g}: a constant group would divide 0 by 0")
+        raise ValueError(f"eps must be at least {torch.finfo(dt).tiny:.3g} (> 0 in {dt}) with "
+                         f"normalize={normalize!r}, got {eps:g}: a constant group would divide 0 by 0")
     ids, num_groups = _group_ids(rewards, group_size, group_ids)
     name = registry.resolve("group_advantages", backend, rewards.device)
     if name == "torch":

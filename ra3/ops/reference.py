@@ -16,16 +16,23 @@ import torch
 from ra3.ops._validate import compute_dtype
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-NORMALIZE_MODES = ("none", "mean", "std", "rloo")
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+NORMALIZE_MODES = ("none", "mean", "std", "rloo", "batch-std")
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "dr-grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SURROGATES = ("ppo", "cispo")
 
 
-def linear_logits(hidden, weight, bias=None, temperature: float = 1.0) -> torch.Tensor:
-    """[N, H] x [V, H] (+ [V]) -> [N, V] logits / temperature in the compute dtype."""
+def linear_logits(hidden, weight, bias=None, temperature: float = 1.0, *, scale: float = 1.0,
+                  softcap: float | None = None) -> torch.Tensor:
+    """[N, H] x [V, H] (+ [V]) -> [N, V] softcap(scale * (hidden @ weight.T + bias)) / temperature in the compute
+    dtype, with softcap(x) = cap * tanh(x / cap) (identity for None)."""
     dt = compute_dtype(hidden, weight, bias)
     logits = hidden.to(dt) @ weight.to(dt).T
     if bias is not None:
         logits = logits + bias.to(dt)
+    logits = logits * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     return logits / temperature
 
 
@@ -39,8 +46,10 @@ def logprobs(logits, targets, *, temperature: float = 1.0, ignore_index: int = -
     return torch.where(keep, picked, torch.zeros_like(picked))
 
 
-def linear_logprobs(hidden, weight, targets, *, bias=None, temperature: float = 1.0, ignore_index: int = -100):
-    return logprobs(linear_logits(hidden, weight, bias), targets, temperature=temperature, ignore_index=ignore_index)
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature: float = 1.0, ignore_index: int = -100,
+                    scale: float = 1.0, softcap: float | None = None):
+    return logprobs(linear_logits(hidden, weight, bias, scale=scale, softcap=softcap), targets,
+                    temperature=temperature, ignore_index=ignore_index)
 
 
 def _live_logp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,8 +67,9 @@ def entropy(logits, *, temperature: float = 1.0) -> torch.Tensor:
     return -(p * logp).sum(-1)
 
 
-def linear_entropy(hidden, weight, *, bias=None, temperature: float = 1.0):
-    return entropy(linear_logits(hidden, weight, bias), temperature=temperature)
+def linear_entropy(hidden, weight, *, bias=None, temperature: float = 1.0, scale: float = 1.0,
+                   softcap: float | None = None):
+    return entropy(linear_logits(hidden, weight, bias, scale=scale, softcap=softcap), temperature=temperature)
 
 
 def exact_kl(logits, ref_logits, *, temperature: float = 1.0) -> torch.Tensor:
@@ -74,10 +84,21 @@ def exact_kl(logits, ref_logits, *, temperature: float = 1.0) -> torch.Tensor:
     return (p * (logp - torch.where(live, logq, torch.zeros_like(logq)))).sum(-1)
 
 
-def linear_exact_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, temperature: float = 1.0):
+def linear_exact_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, temperature: float = 1.0,
+                    scale: float = 1.0, softcap: float | None = None):
     with torch.no_grad():
-        ref_logits = linear_logits(ref_hidden, ref_weight, ref_bias)
-    return exact_kl(linear_logits(hidden, weight, bias), ref_logits, temperature=temperature)
+        ref_logits = linear_logits(ref_hidden, ref_weight, ref_bias, scale=scale, softcap=softcap)
+    return exact_kl(linear_logits(hidden, weight, bias, scale=scale, softcap=softcap), ref_logits,
+                    temperature=temperature)
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, temperature: float = 1.0, ignore_index: int = -100,
+                         reduction: str = "mean", scale: float = 1.0, softcap: float | None = None):
+    """-sum or -mean over the kept tokens of linear_logprobs (0 when none is kept)."""
+    lp = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                         scale=scale, softcap=softcap)
+    total = -lp.sum()
+    return total / max(int((targets != ignore_index).sum()), 1) if reduction == "mean" else total
 
 
 def kl(logprobs, ref_logprobs, estimator: str = "k3") -> torch.Tensor:
@@ -103,7 +124,8 @@ def group_advantages(rewards, group_ids, num_groups: int, normalize: str = "std"
     """[B] rewards, [B] group ids in [0, num_groups) -> [B] group-relative advantages.
 
     std: (r - mean) / (unbiased std + eps) (GRPO); mean: r - mean (Dr. GRPO); rloo: r - mean of the others;
-    none: r. A group of one sample has std 0 and an rloo advantage of 0.
+    batch-std: (r - mean) / (unbiased std of all B rewards + eps) (TRL's scale_rewards="batch"); none: r. A group
+    of one sample has std 0 and an rloo advantage of 0; so has a batch of one for batch-std.
     """
     dt = compute_dtype(rewards)
     r = rewards.to(dt)
@@ -118,20 +140,35 @@ def group_advantages(rewards, group_ids, num_groups: int, normalize: str = "std"
     c = count[ids]
     if normalize == "rloo":
         return torch.where(c > 1, centred * c / (c - 1).clamp_min(1), torch.zeros_like(centred))
+    if normalize == "batch-std":  # one std for the batch: its own mean, not the groups'
+        n = r.new_full((1,), r.numel())
+        batch = r - r.sum() / n.clamp_min(1)
+        return centred / (_unbiased_std((batch * batch).sum()[None], n)[0] + eps)
     sq = torch.zeros(num_groups, dtype=dt, device=r.device).index_add(0, ids, centred * centred)
+    return centred / (_unbiased_std(sq, count)[ids] + eps)
+
+
+def _unbiased_std(sq, count):
+    """sqrt(sq / (count - 1)) elementwise from summed squared deviations, 0 where count < 2."""
     var = torch.where(count > 1, sq / (count - 1).clamp_min(1), torch.zeros_like(sq))
     # sqrt has an infinite slope at 0: where a group's rewards are all equal, the exact gradient of its std term
     # is 0 (every centred reward is 0), so take the sqrt only where var > 0.
-    std = torch.where(var > 0, var.clamp_min(torch.finfo(dt).tiny).sqrt(), torch.zeros_like(var))
-    return centred / (std[ids] + eps)
+    return torch.where(var > 0, var.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(var))
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.2,
                 ref_logprobs=None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-                aggregation: str = "token-mean"):
-    """PPO-clipped policy-gradient loss with an optional KL penalty to a reference policy.
+                aggregation: str = "token-mean", importance_sampling_level: str = "token", surrogate: str = "ppo",
+                max_completion_length: int | None = None, num_items_in_batch: float | None = None):
+    """Clipped policy-gradient loss (PPO or CISPO) with an optional KL penalty to a reference policy.
 
     logprobs, old_logprobs, mask, ref_logprobs: [B, T]; advantages: [B] (per sequence) or [B, T].
+    importance_sampling_level: 'token' r = exp(lp - old); 'sequence' (GSPO-token) r = sg(s) exp(lp - sg(lp)) with
+    s = exp(mask-weighted mean of lp - old over the sequence), 1 for a sequence without weight.
+    surrogate: 'ppo' max(-r A, -clip(r) A); 'cispo' -sg(clip(r)) A lp, clip(r) = clamp(r, 1 - clip_low,
+    1 + clip_high). aggregation of the per-token terms l (mask weights w): 'token-mean' sum w l / sum w;
+    'seq-mean-token-sum' sum w l / B; 'seq-mean-token-mean' mean over sequences of sum_t w l / sum_t w;
+    'dr-grpo' sum w l / (B * max_completion_length, default T); 'dapo' sum w l / num_items_in_batch (0 for 0).
     Returns (loss: scalar, clip_fraction, kl_mean, ratio_mean), the last three as detached statistics
     over the masked tokens. Only ``loss`` carries a gradient, and only to ``logprobs``: old_logprobs, advantages,
     mask and ref_logprobs are constants. Tokens of mask weight 0 contribute exactly 0 to every result and
@@ -148,23 +185,38 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
     lp = alive(logprobs.to(dt))
     adv = advantages.detach().to(dt)
     adv = alive(adv[:, None].expand_as(m) if adv.dim() == 1 else adv)
-    ratio = torch.exp(lp - alive(old_logprobs.detach().to(dt)))
-    unclipped = -ratio * adv
-    clipped_term = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
-    is_clipped = clipped_term > unclipped
-    per_token = torch.maximum(unclipped, clipped_term)
+    log_ratio = lp - alive(old_logprobs.detach().to(dt))
+    if importance_sampling_level == "sequence":
+        with torch.no_grad():
+            seq_weight = m.sum(1)
+            has_weight = seq_weight != 0
+            seq_log_ratio = (m * log_ratio).sum(1) / torch.where(has_weight, seq_weight, torch.ones_like(seq_weight))
+            seq_ratio = torch.where(has_weight, seq_log_ratio.exp(), torch.ones_like(seq_log_ratio))
+        ratio = seq_ratio[:, None] * torch.exp(lp - lp.detach())
+    else:
+        ratio = torch.exp(log_ratio)
+    clamped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    if surrogate == "cispo":
+        is_clipped = (ratio < 1 - clip_low) | (ratio > 1 + clip_high)  # the weight was clipped
+        per_token = -clamped.detach() * adv * lp
+    else:
+        unclipped = -ratio * adv
+        clipped_term = -clamped * adv
+        is_clipped = clipped_term > unclipped
+        per_token = torch.maximum(unclipped, clipped_term)
     if ref_logprobs is not None and kl_coef != 0.0:
         per_token_kl = kl(lp, alive(ref_logprobs.detach().to(dt)), kl_estimator)
         per_token = per_token + kl_coef * per_token_kl
     else:
         per_token_kl = torch.zeros_like(per_token)
-    B = lp.shape[0]
+    B, T = lp.shape
     total = m.sum()
     weighted = per_token * m
-    if aggregation == "token-mean":
-        loss = weighted.sum() / total if total > 0 else weighted.sum() * 0
-    elif aggregation == "seq-mean-token-sum":
-        loss = weighted.sum() / max(B, 1)  # B = 0: the empty sum, 0
+    norm = {"token-mean": total, "seq-mean-token-sum": max(B, 1),  # B = 0: the empty sum, 0
+            "dr-grpo": B * (T if max_completion_length is None else max_completion_length),
+            "dapo": num_items_in_batch}.get(aggregation)
+    if norm is not None:
+        loss = weighted.sum() / norm if norm > 0 else weighted.sum() * 0
     else:
         per_seq = m.sum(1)
         loss = (weighted.sum(1) / per_seq.clamp_min(torch.finfo(dt).tiny)).sum() / max(B, 1)

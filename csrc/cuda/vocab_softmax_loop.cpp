@@ -2,7 +2,7 @@
 // vocabulary loop runs here, so a step costs one Python call instead of several launches per chunk from Python.
 //
 // Per chunk of w <= `chunk` columns, on one stream: cuBLAS forms the logits tile [n, w] = hidden @ W[v0:v0+w].T
-// (+ bias) in the compute dtype (bf16 / fp16 operands on tensor cores, float32 accumulation), the softmax_vocab.cu
+// (+ bias) in the compute dtype (bf16 / fp16 operands on tensor cores, float32 accumulation), the vocab_softmax.cu
 // kernels fold it into the online log-sum-exp (forward) or turn it in place into d(value)/dlogits (backward), and
 // the backward's two more GEMMs carry that tile to grad_hidden (accumulated over chunks) and to its rows of
 // grad_weight. The tile (n * chunk elements, allocated by the caller so torch's allocator sees it) is reused by
@@ -11,7 +11,7 @@
 //
 // Row-major [rows, cols] buffers are cuBLAS column-major [cols, rows] matrices; each GEMM below is written in
 // that view. Plain C++: the kernels are launched through their host entry points, from a table, so that the same
-// loop also runs on host buffers with the CPU tile kernels (host_linear_softmax_*; tests/test_cuda_linear_loop.py
+// loop also runs on host buffers with the CPU tile kernels (host_vocab_softmax_loop_*; tests/test_vocab_softmax_loop.py
 // runs it against a cuBLAS stand-in that multiplies host memory, on machines with no GPU).
 #include <algorithm>
 #include <cmath>
@@ -59,13 +59,13 @@ struct Source {
 
 // Where the loop's tile work runs: the CUDA kernels on a stream, or (tests) the CPU kernels on host buffers.
 struct Tiles {
-  void (*stats)(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream);
-  void (*grad)(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream);
+  void (*stats)(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t stream);
+  void (*grad)(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t stream);
   void (*round_bf16)(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t stream);
   void (*lse)(int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t stream);
 };
 
-const Tiles kCudaTiles{&softmax_stats_fwd, &softmax_grad, &round_to_bf16, &lse_from_state};
+const Tiles kCudaTiles{&vocab_softmax_fwd, &vocab_softmax_grad, &round_to_bf16, &lse_from_state};
 
 // bfloat16 bits of x rounded to nearest even on the dropped 16 bits; a NaN stays a (quiet) NaN.
 uint16_t host_bf16(float x) {
@@ -90,11 +90,11 @@ void host_round_bf16(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, c
 }
 
 const Tiles kHostTiles{
-    [](RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t) {
-      cpu::softmax_stats_fwd(mode, dtype, z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt);
+    [](RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t) {
+      cpu::vocab_softmax_fwd(mode, dtype, z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt);
     },
-    [](RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t) {
-      cpu::softmax_grad(mode, dtype, z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g);
+    [](RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t) {
+      cpu::vocab_softmax_grad(mode, dtype, z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g);
     },
     &host_round_bf16,
     [](int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t) {
@@ -220,7 +220,7 @@ void require(uintptr_t p, const char* name) {
   if (p == 0) throw std::invalid_argument(std::string(name) + " is required");
 }
 
-void run_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, const Compute& c) {
+void run_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD, const Compute& c) {
   const bool kl = mode == kExactKl;
   const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
   const Source ref = kl ? source("ref_hidden", ref_in_dtype, ref_hidden, ref_weight, ref_bias, ref_h, dtype) : Source{};
@@ -237,7 +237,7 @@ void run_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, const Compute& c) {
   }
 }
 
-void run_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, const Compute& c) {
+void run_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, const Compute& c) {
   const bool kl = mode == kExactKl;
   const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
   const Source ref = kl ? source("ref_hidden", ref_in_dtype, ref_hidden, ref_weight, ref_bias, ref_h, dtype) : Source{};
@@ -264,7 +264,7 @@ void run_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, const Compute& c) {
 
 // Token chunks of whole vocabulary rows: each tile's log-sum-exp is final at once, so its gradient is formed
 // while it is still in memory (3 GEMMs in all, against 4 for a per-token op with its backward pass).
-void run_ce(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY, const Compute& c) {
+void run_ce(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, const Compute& c) {
   const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
   const bool grads = grad_hidden != 0 || grad_weight != 0 || grad_bias != 0;
   if (grads) {
@@ -317,40 +317,40 @@ CublasInfo cublas_info() {
   return {lib.path, lib.major, lib.minor, lib.patch};
 }
 
-void linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD, uintptr_t stream) {
+void vocab_softmax_loop_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD, uintptr_t stream) {
   check_common(mode, dtype, n, chunk);
   if (n <= 0 || vocab <= 0) return;
   DeviceGuard guard(m);
   run_fwd(RA3_FWD_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
 }
 
-void linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD, uintptr_t stream) {
+void vocab_softmax_loop_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, uintptr_t stream) {
   check_common(mode, dtype, n, chunk);
   if (n <= 0 || vocab <= 0) return;
   DeviceGuard guard(grad_hidden);
   run_grad(RA3_GRAD_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
 }
 
-void host_linear_softmax_fwd(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_FWD) {
+void host_vocab_softmax_loop_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD) {
   check_common(mode, dtype, n, chunk);
   if (n <= 0 || vocab <= 0) return;
   run_fwd(RA3_FWD_ARGS, compute(dtype, 0, -1, kHostTiles));
 }
 
-void host_linear_softmax_grad(RA3_KERNEL_ARGS_LINEAR_SOFTMAX_GRAD) {
+void host_vocab_softmax_loop_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD) {
   check_common(mode, dtype, n, chunk);
   if (n <= 0 || vocab <= 0) return;
   run_grad(RA3_GRAD_ARGS, compute(dtype, 0, -1, kHostTiles));
 }
 
-void linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY, uintptr_t stream) {
+void vocab_softmax_loop_cross_entropy(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, uintptr_t stream) {
   check_common(kLogprob, dtype, n, rows);
   if (n <= 0 || vocab <= 0) return;
   DeviceGuard guard(lse);
   run_ce(RA3_CE_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
 }
 
-void host_linear_cross_entropy(RA3_KERNEL_ARGS_LINEAR_CROSS_ENTROPY) {
+void host_vocab_softmax_loop_cross_entropy(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY) {
   check_common(kLogprob, dtype, n, rows);
   if (n <= 0 || vocab <= 0) return;
   run_ce(RA3_CE_ARGS, compute(dtype, 0, -1, kHostTiles));

@@ -1,13 +1,13 @@
-"""The cuda backend's fused linear loop (csrc/cuda/linear_softmax.cpp) and its cuBLAS loader, on a machine without
+"""The cuda backend's fused linear loop (csrc/cuda/vocab_softmax_loop.cpp) and its cuBLAS loader, on a machine without
 a GPU.
 
 The loop's GEMM calls (column-major views, transposes, leading dimensions, the bias as a rank-1 update, the first
 chunk overwriting grad_hidden, grad_bias as d^T @ ones, bfloat16 rounding of the gradient tile) and the Python glue
-in ra3/ops/_vocab_chunks.py are checked against the float64 reference by running the real loop on host buffers:
-``ra3._C._host_linear_softmax_*`` swaps only the tile kernels (CPU twins) and cuBLAS (tests/fake_cublas.c, a
-stand-in built here that multiplies host memory and refuses what cuBLAS refuses). The cases are test_ops_vocab.py's
+in ra3/ops/vocab_softmax_walk.py are checked against the float64 reference by running the real loop on host buffers:
+``ra3._C._host_vocab_softmax_loop_*`` swaps only the tile kernels (CPU twins) and cuBLAS (tests/fake_cublas.c, a
+stand-in built here that multiplies host memory and refuses what cuBLAS refuses). The cases are test_vocab_softmax.py's
 own cuda cases plus the ones below, in a child process (the loader keeps the first cuBLAS it finds). On a GPU the
-same test_ops_vocab.py cases also run for real, on cuBLAS.
+same test_vocab_softmax.py cases also run for real, on cuBLAS.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_host_loop_matches_reference(tmp_path):
     assert "LOADED" in _cublas_error(str(fake))
     res = _child({"RA3_CUBLAS_LIBRARY": str(fake), "RA3_HOST_CUDA_CHILD": "1"},
                  "-m", "pytest", "-q", "-p", "host_cuda_plugin", "-p", "no:cacheprovider",
-                 "tests/test_ops_vocab.py", "tests/test_cuda_linear_loop.py", "-k", "cuda or host")
+                 "tests/test_vocab_softmax.py", "tests/test_vocab_softmax_loop.py", "-k", "cuda or host")
     tail = (res.stdout + res.stderr)[-6000:]
     assert res.returncode == 0, tail
     assert " passed" in res.stdout and "failed" not in res.stdout, tail
@@ -186,11 +186,38 @@ def test_host_frozen_weight_and_mixed_dtypes(small_chunks):
     assert_close(gh, gh_want, torch.float32, "grad hidden")
 
 
+@child_only
+@pytest.mark.parametrize("op", ("logprobs", "cross_entropy"))
+def test_host_bf16_gradient_precision_default_and_high(op, small_chunks, monkeypatch, host_cuda):
+    """bf16 backward passes: the default rounds the gradient tile once (1 bf16 term per GEMM); precision='high'
+    splits it into hi + lo (2 terms) and lands within the fixed bf16 tolerance of float64, closer than the default."""
+    from ra3.ops import vocab_softmax_walk
+
+    monkeypatch.setattr(vocab_softmax_walk, "ce_rows", lambda vocab, device: 5)
+    hidden, weight, b = _pair(13, 16, 50, torch.bfloat16, 4)
+    targets = torch.randint(0, 50, (13,), generator=torch.Generator().manual_seed(4))
+    h64, w64, b64 = _ref64(hidden, weight, b)
+    fn = {"logprobs": lambda m, h, w, bb, **kw: m.linear_logprobs(h, w, targets, bias=bb, temperature=0.8, **kw).sum(),
+          "cross_entropy": lambda m, h, w, bb, **kw: m.linear_cross_entropy(h, w, targets, bias=bb, temperature=0.8,
+                                                                            **kw)}[op]
+    want = torch.autograd.grad(fn(reference, h64, w64, b64), (h64, w64))
+    errors = {}
+    for precision in ("default", "high"):
+        host_cuda.clear()
+        got = torch.autograd.grad(fn(ops, hidden, weight, b, backend="cuda", precision=precision), (hidden, weight))
+        assert set(host_cuda) & {"vocab_softmax_loop_grad", "vocab_softmax_loop_cross_entropy"}, host_cuda
+        errors[precision] = max((g1.double() - g2).abs().max().item() for g1, g2 in zip(got, want))
+        if precision == "high":
+            for name, g1, g2 in zip(("hidden", "weight"), got, want):
+                assert_close(g1, g2, torch.bfloat16, f"grad {name}, precision='high'")
+    assert errors["high"] < errors["default"], errors
+
+
 @parent_only
-def test_the_extension_loop_is_chosen_only_where_it_can_run(monkeypatch):
-    """cuda + linear + cuBLAS loadable -> the extension; float16 backward passes, logits inputs, other backends and
-    RA3_CUDA_TORCH_GEMM=1 keep the Python loop; a cuBLAS that does not load falls back with one warning."""
-    from ra3.ops import _vocab_chunks as vc
+def test_the_extension_loop_runs_only_where_it_can(monkeypatch):
+    """Backend 'cuda' + a linear op + cuBLAS loadable -> the extension; float16 backward passes and logits inputs
+    take the Python walk ('cuda-torch'); a cuBLAS that does not load falls back with one warning."""
+    from ra3.ops import vocab_softmax_walk as vw
 
     class Module:
         calls = 0
@@ -202,31 +229,28 @@ def test_the_extension_loop_is_chosen_only_where_it_can_run(monkeypatch):
                 raise RuntimeError("ra3._C: cuBLAS 13 could not be loaded")
             return {"path": "libcublas.so.13", "version": "13.1.1"}
 
-    monkeypatch.setattr(vc._native, "load", lambda: Module())
-    monkeypatch.setattr(vc, "CUDA_EXTENSION_LOOP", True)
-    vc._cublas_loads.cache_clear()
+    monkeypatch.setattr(vw._native, "load", lambda: Module())
+    vw._cublas_loads.cache_clear()
+    runs = vw.DESIGNS["cuda"]._runs
     h16, w16 = torch.zeros(2, 3, dtype=torch.float16), torch.zeros(5, 3, dtype=torch.float16)
     h, w = torch.zeros(2, 3), torch.zeros(5, 3)
     try:
-        assert vc._extension_loop("cuda", h, w) and vc._extension_loop("cuda", h, w, backward=True)
-        assert vc._extension_loop("cuda", h16, w16) and not vc._extension_loop("cuda", h16, w16, backward=True)
-        assert vc._extension_loop("cuda", h16, w, backward=True)  # mixed dtypes are promoted to float32
-        assert not vc._extension_loop("cuda", h, None)
-        assert not any(vc._extension_loop(b, h, w) for b in ("cpu", "triton", "torch"))
-        monkeypatch.setattr(vc, "CUDA_EXTENSION_LOOP", False)
-        assert not vc._extension_loop("cuda", h, w)
-        monkeypatch.setattr(vc, "CUDA_EXTENSION_LOOP", True)
+        assert runs(vw.Head(h, w, None), False) and runs(vw.Head(h, w, None), True)
+        assert runs(vw.Head(h16, w16, None), False) and not runs(vw.Head(h16, w16, None), True)
+        assert runs(vw.Head(h16, w, None), True)  # mixed dtypes are promoted to float32
+        assert not runs(vw.Head(h, None, None), False)
+        assert isinstance(vw.DESIGNS["cuda-torch"], vw.ChunkedWalk) and vw.DESIGNS["cuda-torch"].kernels == "cuda"
         assert Module.calls == 1  # loaded once per process
-        vc._cublas_loads.cache_clear()
+        vw._cublas_loads.cache_clear()
         Module.fail = True
-        with pytest.warns(RuntimeWarning, match="fall back to torch's GEMMs: ra3._C: cuBLAS 13 could not be loaded"):
-            assert not vc._extension_loop("cuda", h, w)
+        with pytest.warns(RuntimeWarning, match="fall back to torch's GEMMs .*: ra3._C: cuBLAS 13 could not be loaded"):
+            assert not runs(vw.Head(h, w, None), False)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no second warning, no second attempt
-            assert not vc._extension_loop("cuda", h, w)
+            assert not runs(vw.Head(h, w, None), False)
         assert Module.calls == 2
     finally:
-        vc._cublas_loads.cache_clear()
+        vw._cublas_loads.cache_clear()
 
 
 @needs_cuda_build
@@ -253,4 +277,4 @@ def test_the_loop_refuses_bad_arguments_before_any_gemm(change, message):
     args.update({k: buf if v == "buffer" else v for k, v in change.items()})
     raw = {k: (v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v) for k, v in args.items()}
     with pytest.raises(ValueError, match=re.escape(message)):
-        _native.load()._host_linear_softmax_grad(**raw)
+        _native.load()._host_vocab_softmax_loop_grad(**raw)

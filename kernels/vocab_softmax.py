@@ -1,7 +1,7 @@
-"""Softmax over one vocabulary chunk: the online log-sum-exp forward (softmax_stats_fwd) and the gradient w.r.t.
-the logits chunk (softmax_grad), for log-probs (mode 0), entropy (mode 1) and exact KL (mode 2).
+"""Softmax over one vocabulary chunk: the online log-sum-exp forward (vocab_softmax_fwd) and the gradient w.r.t.
+the logits chunk (vocab_softmax_grad), for log-probs (mode 0), entropy (mode 1) and exact KL (mode 2).
 
-The Triton twin of csrc/cpu/softmax_vocab.cpp, same arguments and state. A chunk is z [n, vc] with row stride
+The Triton twin of csrc/cpu/vocab_softmax.cpp, same arguments and state. A chunk is z [n, vc] with row stride
 ldz (unit column stride), read as x = z * inv_temp. Per row the running state is
     m  = max over the columns seen so far,   s = sum exp(x - m),
     a  = sum exp(x - m) * x             (entropy; H = lse - a / s),
@@ -136,7 +136,7 @@ def _check_mode(mode: int) -> None:
         raise ValueError(f"mode must be 0 (logprob), 1 (entropy) or 2 (exact KL), got {mode}")
 
 
-def softmax_stats_fwd(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int, n: int,
+def vocab_softmax_fwd(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int, n: int,
                       vc: int, v_offset: int, inv_temp: float, targets: torch.Tensor | None, m: torch.Tensor,
                       s: torch.Tensor, a: torch.Tensor | None, mr: torch.Tensor | None, sr: torch.Tensor | None,
                       tgt: torch.Tensor | None) -> None:
@@ -156,7 +156,7 @@ def softmax_stats_fwd(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch
         MODE=mode, HAS_TARGETS=targets is not None and tgt is not None, BLOCK_V=block(vc, MAX_BLOCK_V[dt]))
 
 
-def softmax_grad(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int,
+def vocab_softmax_grad(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int,
                  out: torch.Tensor, ldo: int, n: int, vc: int, v_offset: int, inv_temp: float,
                  targets: torch.Tensor | None, lse: torch.Tensor, lse_r: torch.Tensor | None,
                  aux: torch.Tensor | None, g: torch.Tensor) -> None:

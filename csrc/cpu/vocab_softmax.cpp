@@ -1,5 +1,5 @@
-// Softmax over one vocabulary chunk: the online log-sum-exp forward (softmax_stats_fwd) and the gradient w.r.t. the
-// logits chunk (softmax_grad), for log-probs (mode 0), entropy (mode 1) and exact KL (mode 2).
+// Softmax over one vocabulary chunk: the online log-sum-exp forward (vocab_softmax_fwd) and the gradient w.r.t. the
+// logits chunk (vocab_softmax_grad), for log-probs (mode 0), entropy (mode 1) and exact KL (mode 2).
 //
 // Rows run in parallel (OpenMP); within a row the loops over the chunk are contiguous `omp simd` loops with the
 // vectorisable vexp(), so a row of vc logits costs two streaming passes in the forward and one in the backward.
@@ -45,7 +45,7 @@ RA3_INLINE void fold(T mn, Acc cs, Acc ca, T* m, T* s, T* a) {
   *m = mn;
 }
 
-// One row of softmax_stats_fwd (see ra3_native.h for the state). ri is read in mode 2 only.
+// One row of vocab_softmax_fwd (see ra3_native.h for the state). ri is read in mode 2 only.
 //
 // Each element is x = z * inv_temp, rounded (the kernels are compiled without FMA contraction, CMakeLists.txt), so
 // the max, the exponents x - mn, the target's logit and the backward's x - lse all see the same x. The entropy sums
@@ -102,7 +102,7 @@ RA3_INLINE void stats_row_impl(int mode, const T* zi, const T* ri, int64_t vc, T
   if (kl && mnr != kNegInf) fold(mnr, csr, Acc(0), mr, sr, static_cast<T*>(nullptr));
 }
 
-// One row of softmax_grad without the target's +c (added by the caller). oi may alias zi (in-place backward):
+// One row of vocab_softmax_grad without the target's +c (added by the caller). oi may alias zi (in-place backward):
 // each iteration reads element j before writing element j only.
 template <bool kFma, typename T>
 RA3_INLINE void grad_row_impl(int mode, const T* zi, const T* ri, T* oi, int64_t vc, T inv_temp, T l, T c, T aux,
@@ -178,7 +178,7 @@ void grad(int mode, const T* z, int64_t ldz, const T* r, int64_t ldr, T* out, in
 
 }  // namespace
 
-void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD) {
+void vocab_softmax_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD) {
   check_softmax_mode(mode);
   if (n <= 0 || vc <= 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
@@ -188,7 +188,7 @@ void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD) {
   });
 }
 
-void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD) {
+void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD) {
   check_softmax_mode(mode);
   if (n <= 0 || vc <= 0) return;
   dispatch_dtype(dtype, [&](auto tag) {

@@ -1,4 +1,4 @@
-// CUDA twins of csrc/cpu/softmax_vocab.cpp: online log-sum-exp over one vocabulary chunk, and the gradient w.r.t.
+// CUDA twins of csrc/cpu/vocab_softmax.cpp: online log-sum-exp over one vocabulary chunk, and the gradient w.r.t.
 // the logits chunk. One block per row; the threads stride over the chunk (coalesced), so each logit is read once.
 #include "../ra3_native.h"
 #include "../token_math.h"
@@ -171,7 +171,7 @@ void check_rows(int64_t n) {
 
 }  // namespace
 
-void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream) {
+void vocab_softmax_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t stream) {
   check_softmax_mode(mode);
   check_rows(n);
   if (n <= 0 || vc <= 0) return;
@@ -183,10 +183,10 @@ void softmax_stats_fwd(RA3_KERNEL_ARGS_SOFTMAX_STATS_FWD, uintptr_t stream) {
                                   : &launch_stats<T, kExactKl>;
     fn(z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt, as_stream(stream));
   });
-  check_launch("softmax_stats_fwd");
+  check_launch("vocab_softmax_fwd");
 }
 
-void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream) {
+void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t stream) {
   check_softmax_mode(mode);
   check_rows(n);
   if (n <= 0 || vc <= 0) return;
@@ -198,7 +198,7 @@ void softmax_grad(RA3_KERNEL_ARGS_SOFTMAX_GRAD, uintptr_t stream) {
                                   : &launch_grad<T, kExactKl>;
     fn(z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g, as_stream(stream));
   });
-  check_launch("softmax_grad");
+  check_launch("vocab_softmax_grad");
 }
 
 }  // namespace ra3::cuda

@@ -1,16 +1,16 @@
 """The fused-matmul design of the linear softmax-over-vocabulary ops (log-probs, entropy, exact KL): the GEMM
 ``hidden @ weight.T`` runs inside the kernel, tile by tile, so no logits tile ever reaches global memory
 (Cut Cross-Entropy's approach). The chunked design (a torch GEMM per vocabulary chunk, then the tile kernels of
-softmax_vocab.py) stays the default; ra3.ops._vocab_chunks.TRITON_FUSED_LINEAR selects this one.
+vocab_softmax.py, backend "triton") stays the default; backend "triton-fused" selects this one.
 
-Forward (linear_softmax_stats_fwd): the grid is (token tiles x vocabulary splits). A program walks its split in
+Forward (vocab_softmax_fused_fwd): the grid is (token tiles x vocabulary splits). A program walks its split in
 tiles of BLOCK_V entries; per tile it forms the logits [BLOCK_N, BLOCK_V] in registers with tl.dot over the
 hidden dimension (plus bias, times inv_temp) and folds them into a per-row online log-sum-exp, the same state
-(m, s, a, mr, sr, tgt) as softmax_vocab.py. With several splits, each writes a partial state and a second
+(m, s, a, mr, sr, tgt) as vocab_softmax.py. With several splits, each writes a partial state and a second
 kernel merges them in split order. Exact KL forms the reference tile the same way in the same loop.
 
-Backward (linear_softmax_grad): one program per (token tile, vocabulary tile) recomputes its logits tile, turns
-it into d(value)/dlogits in registers (the formulas of softmax_vocab._grad_kernel) and adds d @ W[tile] into
+Backward (vocab_softmax_fused_grad): one program per (token tile, vocabulary tile) recomputes its logits tile, turns
+it into d(value)/dlogits in registers (the formulas of vocab_softmax._grad_kernel) and adds d @ W[tile] into
 grad_hidden and d^T @ hidden into grad_weight with atomic adds, BLOCK_H columns at a time. The order of those
 adds varies on a GPU, so the last bits of the gradients may vary run to run (the chunked design is exact-order).
 
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ra3.kernels._common import block, check_dtype, scalar_as
-from ra3.kernels.softmax_vocab import ENTROPY, EXACT_KL, LOGPROB, _check_mode
+from ra3.kernels.vocab_softmax import ENTROPY, EXACT_KL, LOGPROB, _check_mode
 
 # Tile shapes; float64 tiles are smaller (twice the registers per element).
 TILES = {torch.float32: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32), torch.float64: dict(BLOCK_N=32, BLOCK_V=32,
@@ -60,7 +60,7 @@ def _logits_tile(h_ptr, ldh, w_ptr, ldw, b_ptr, rows, row_ok, cols, col_ok, hdim
 @triton.jit
 def _fold_rows(m, s, a, x, term, WITH_A: tl.constexpr):
     """Folds a tile x [BLOCK_N, BLOCK_V] (and, WITH_A, term summed into a) into the per-row state, as _fold_block
-    does for one row in softmax_vocab.py."""
+    does for one row in vocab_softmax.py."""
     mn = tl.maximum(m, tl.max(x, 1))
     live = mn != -float("inf")
     base = tl.where(live, mn, 0.0)
@@ -242,7 +242,7 @@ def _splits(n_tiles: int, vocab_tiles: int, device: torch.device) -> int:
     return max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, n_tiles)))
 
 
-def linear_softmax_stats_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor,
+def vocab_softmax_fused_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor | None, ref_hidden: torch.Tensor | None,
                              ref_weight: torch.Tensor | None, ref_bias: torch.Tensor | None,
                              targets: torch.Tensor | None, inv_temp: float, m: torch.Tensor, s: torch.Tensor,
@@ -252,7 +252,7 @@ def linear_softmax_stats_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight
 
     hidden [n, H], weight [V, H], bias [V] | None: any float dtype; ref_* likewise (mode 2, H_ref may differ);
     targets [n] int64 (-1: ignored; mode 0). Writes m, s and (mode 0) tgt, (modes 1-2) a, (mode 2) mr, sr: the
-    state softmax_stats_fwd leaves after walking every chunk from an empty state (tgt = 0 for ignored rows).
+    state vocab_softmax_fwd leaves after walking every chunk from an empty state (tgt = 0 for ignored rows).
     The state tensors have the compute dtype (tag ``dtype``). ``splits``: vocabulary splits (default: enough
     programs for the GPU; 1 off it).
     """
@@ -298,7 +298,7 @@ def linear_softmax_stats_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight
             mr if kl else None, sr if kl else None, tgt if mode == LOGPROB else None, MODE=mode, BLOCK=rows)
 
 
-def linear_softmax_grad(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def vocab_softmax_fused_grad(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None,
                         ref_bias: torch.Tensor | None, targets: torch.Tensor | None, inv_temp: float,
                         lse: torch.Tensor, lse_r: torch.Tensor | None, aux: torch.Tensor | None, g: torch.Tensor,
@@ -306,7 +306,7 @@ def linear_softmax_grad(mode: int, dtype: int, hidden: torch.Tensor, weight: tor
                         grad_bias: torch.Tensor | None) -> None:
     """Gradients of sum_i g[i] * value_i (log-prob of the target, entropy or KL) w.r.t. hidden, weight and bias.
 
-    Inputs as linear_softmax_stats_fwd; lse, lse_r [n] the forward's log-sum-exps, aux [n] the value (modes 1-2),
+    Inputs as vocab_softmax_fused_fwd; lse, lse_r [n] the forward's log-sum-exps, aux [n] the value (modes 1-2),
     g [n] the upstream gradient (0 on ignored rows in mode 0). Writes grad_hidden [n, H] and, when given,
     grad_weight [V, H] and grad_bias [V], contiguous in the compute dtype.
     """
@@ -336,4 +336,4 @@ def linear_softmax_grad(mode: int, dtype: int, hidden: torch.Tensor, weight: tor
         **tiles)
 
 
-__all__ = ["linear_softmax_stats_fwd", "linear_softmax_grad", "LOGPROB", "ENTROPY", "EXACT_KL"]
+__all__ = ["vocab_softmax_fused_fwd", "vocab_softmax_fused_grad", "LOGPROB", "ENTROPY", "EXACT_KL"]

@@ -1,0 +1,463 @@
+"""How the vocabulary-softmax ops walk the vocabulary: one design per backend name, one signature for all.
+
+A design turns (mode, policy head, reference head, targets, logit transform) into the forward statistics
+(out, lse, lse_ref) [N] and the gradients of sum(grad_out * out), and computes next-token cross-entropy with its
+gradients formed in the forward pass. ``DESIGNS`` maps each native backend name the registry resolves to one:
+
+  cpu           ``ChunkedWalk('cpu')``: the vocabulary in chunks walked here in Python; each logits tile is the
+                given logits (a strided view) or one GEMM on torch's BLAS; the C++ tile kernels fold it into an
+                online log-sum-exp (forward) or turn it in place into the gradient w.r.t. the logits (backward), which
+                two more GEMMs carry to hidden and weight. The backward recomputes each tile instead of storing [N, V]:
+                peak extra memory is one tile, O(N * chunk).
+  cuda          ``ExtensionLoop``: the same walk inside the extension (csrc/cuda/vocab_softmax_loop.cpp), calling cuBLAS
+                itself (16-bit operands on tensor cores, float32 accumulation), one Python call per op. Logits-given
+                inputs, float16 backward passes (a float16 gradient tile underflows) and a cuBLAS that does not load
+                (one warning) take ``ChunkedWalk('cuda')``.
+  cuda-torch    ``ChunkedWalk('cuda')``: the Python walk over torch's cuBLAS GEMMs and the CUDA tile kernels.
+  triton        ``ChunkedWalk('triton')``: the Python walk with the Triton tile kernels.
+  triton-fused  ``TritonFused``: Triton kernels that do the GEMM themselves over (token tile x vocabulary tile) and
+                keep the log-sum-exp in registers, so no logits tile reaches global memory (kernels/vocab_softmax_fused.py).
+                Logits-given inputs and cross-entropy take ``ChunkedWalk('triton')``.
+
+The logit transform ``Logits(inv_temp, scale, softcap)``: the softmax is over ``f = softcap(scale * z) * inv_temp``
+with ``softcap(x) = cap * tanh(x / cap)`` (Gemma's final-logit soft-capping); without a cap the kernels fold
+``scale`` into ``inv_temp``. Only ``ChunkedWalk`` applies a cap (to each tile, and its derivative to each gradient
+tile); the registry never sends one to the other designs.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ra3 import _native
+from ra3.ops import _kernels
+from ra3.ops._validate import compute_dtype
+
+LOGPROB, ENTROPY, EXACT_KL = 0, 1, 2  # csrc/ra3_native.h SoftmaxMode
+
+# Elements of one logits tile per device type. CPU: 4M float32 = 16 MiB keeps the tile near the last-level cache
+# while the GEMMs stay large enough to run at full rate. GPU: 64M (256 MiB float32) so a step is tens of chunks,
+# not hundreds each paying Python and launch overhead, and each GEMM fills the device.
+TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+MIN_CHUNK = 256
+
+# Cross-entropy walks chunks of whole vocabulary rows; each token chunk reads and rewrites the whole [V, H]
+# grad_weight, so chunks keep at least CE_MIN_ROWS rows (at N=2048, H=512, V=32000 on 2 CPU cores, 131-row chunks
+# ran 1.9x slower than 524-row ones). Past that, smaller tiles stay in cache: on the M-step's shape (N=4096, H=160,
+# V=2048, one thread) 1M-element tiles ran 55 ms a step against 62 ms (4M) and 79 ms (16M) (2026-12-01).
+CE_TILE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
+CE_MIN_ROWS = 256
+
+# GEMM operand dtypes of the extension loop (csrc/ra3_native.h, in_dtype); 2 is bfloat16.
+GEMM_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+BF16 = GEMM_DTYPE[torch.bfloat16]
+
+
+class Head(NamedTuple):
+    """One model's logits: hidden [N, H] with weight [V, H] and bias [V] | None, or logits [N, V] (weight None)."""
+    hidden: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+    @property
+    def vocab(self) -> int:
+        return self.hidden.shape[1] if self.weight is None else self.weight.shape[0]
+
+
+class Logits(NamedTuple):
+    """The transform from z = hidden @ weight.T + bias (or the given logits) to the softmax's input."""
+    inv_temp: float  # 1 / temperature
+    scale: float = 1.0
+    softcap: float = 0.0  # 0: none
+    high_precision: bool = False  # bf16 gradient tiles as hi + lo terms (the cuda extension loop)
+
+    @property
+    def kernel_inv_temp(self) -> float:
+        """The multiplier the tile kernels apply: the scale folds into it unless a cap comes in between."""
+        return self.inv_temp if self.softcap else self.inv_temp * self.scale
+
+
+def chunk_size(n: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary columns per tile for ``n`` rows on ``device``."""
+    budget = TILE_ELEMENTS.get(device.type, TILE_ELEMENTS["cuda"])
+    return min(vocab, max(MIN_CHUNK, budget // max(n, 1)))
+
+
+def ce_rows(vocab: int, device: torch.device) -> int:
+    """Token rows per cross-entropy chunk on ``device``."""
+    return max(CE_MIN_ROWS, CE_TILE_ELEMENTS.get(device.type, CE_TILE_ELEMENTS["cuda"]) // vocab)
+
+
+def _empty(dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A fresh tensor per absent output: custom ops may not return one tensor twice (outputs must not alias).
+    return torch.empty(0, dtype=dtype, device=device)
+
+
+def _ld(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def _zeros_state(n: int, dt: torch.dtype, dev: torch.device, kl: bool):
+    """(m, s, a, mr, sr, tgt): the online log-sum-exp state the kernels fold tiles into."""
+    m = torch.full((n,), -math.inf, dtype=dt, device=dev)
+    mr = torch.full((n,), -math.inf, dtype=dt, device=dev) if kl else None
+    sr = torch.zeros(n, dtype=dt, device=dev) if kl else None
+    return m, torch.zeros(n, dtype=dt, device=dev), torch.zeros(n, dtype=dt, device=dev), mr, sr, \
+        torch.zeros(n, dtype=dt, device=dev)
+
+
+def _forward_state(mode: int, head: Head, ref: Optional[Head]):
+    """(compute dtype, zeroed state (m, s, a, mr, sr, tgt)) of a forward pass; with N = 0, _finish of it is [0]."""
+    dt = compute_dtype(*head, *(ref or ()))
+    return dt, _zeros_state(head.hidden.shape[0], dt, head.hidden.device, mode == EXACT_KL)
+
+
+def _finish(mode: int, targets, m, s, a, mr, sr, tgt):
+    """(out, lse, lse_ref) from the folded state."""
+    lse = m + torch.log(s)
+    if mode == LOGPROB:
+        return torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse)), lse, _empty(lse.dtype, lse.device)
+    if mode == ENTROPY:
+        return lse - a / s, lse, _empty(lse.dtype, lse.device)
+    lse_r = mr + torch.log(sr)
+    return a / s - lse + lse_r, lse, lse_r
+
+
+def _upstream(mode: int, grad_out: Tensor, targets, dt: torch.dtype) -> Tensor:
+    g = grad_out.to(dt).contiguous()
+    return torch.where(targets >= 0, g, torch.zeros_like(g)) if mode == LOGPROB else g
+
+
+class _Tiles:
+    """Logits tiles [N, vc] of one head in the compute dtype, with the logit transform's cap applied.
+
+    A linear head's tile is written into one buffer reused by every call: a fresh GEMM output per chunk would keep
+    two tiles alive (the new one is allocated before the old one is dropped) and fragment the CPU heap, which
+    showed as ~4 extra tiles of peak resident memory."""
+
+    def __init__(self, head: Head, dtype: torch.dtype, logits: Logits):
+        self.head, self.dtype, self.logits = head, dtype, logits
+        self.linear = head.weight is not None
+        self.hidden = head.hidden.to(dtype).contiguous() if self.linear else head.hidden
+        # A float tile of the right dtype can be read in place through its row stride (never when capping it).
+        self.in_place = (not self.linear and head.hidden.dtype == dtype and head.hidden.stride(1) == 1
+                         and not logits.softcap)
+        self._buffer: Optional[Tensor] = None
+        self._slope: Optional[Tensor] = None
+
+    def _scratch(self, name: str, rows: int, width: int) -> Tensor:
+        buf = getattr(self, name)
+        if buf is None:
+            buf = torch.empty(rows * width, dtype=self.dtype, device=self.hidden.device)
+            setattr(self, name, buf)
+        return buf[:rows * width].view(rows, width)
+
+    def tile(self, v0: int, v1: int, r0: int = 0, r1: Optional[int] = None) -> Tensor:
+        """Rows [r0, r1) x vocabulary columns [v0, v1) of the transformed logits (before 1 / T)."""
+        r1 = self.hidden.shape[0] if r1 is None else r1
+        if self.linear:
+            z = self._scratch("_buffer", r1 - r0, v1 - v0)
+            w = self.head.weight[v0:v1]
+            torch.mm(self.hidden[r0:r1], (w if w.dtype == self.dtype else w.to(self.dtype)).T, out=z)
+            if self.head.bias is not None:
+                z += self.head.bias[v0:v1].to(self.dtype)
+        else:
+            z = self.head.hidden[r0:r1, v0:v1]
+            if self.in_place:
+                return z
+            z = z.to(self.dtype, memory_format=torch.contiguous_format, copy=True)  # never the caller's memory
+        cap = self.logits.softcap
+        if cap:
+            z.mul_(self.logits.scale / cap).tanh_()
+            # d f / d z = scale * (1 - tanh^2), kept for the backward before the kernel overwrites the tile
+            self._last_slope = torch.mul(z, z, out=self._scratch("_slope", r1 - r0, v1 - v0)).neg_().add_(1) \
+                .mul_(self.logits.scale)
+            z.mul_(cap)
+        return z
+
+    def chain(self, grad_tile: Tensor) -> Tensor:
+        """d/dz of the loss from d/df of the last tile: multiplies by the cap's slope (identity without one; the
+        scale without a cap is inside the kernels' 1 / T)."""
+        return grad_tile.mul_(self._last_slope) if self.logits.softcap else grad_tile
+
+
+class ChunkedWalk:
+    """The vocabulary walked in Python, each tile folded by the tile kernels of ``kernels`` ('cpu' | 'cuda' |
+    'triton')."""
+
+    def __init__(self, kernels: str):
+        self.kernels = kernels
+
+    def _call(self, name: str, dev, *args):
+        return _kernels.call(self.kernels, name, dev, *args)
+
+    def forward(self, mode: int, head: Head, ref: Optional[Head], targets, logits: Logits):
+        dt, state = _forward_state(mode, head, ref)
+        n, dev, vocab = head.hidden.shape[0], head.hidden.device, head.vocab
+        kl = mode == EXACT_KL
+        src, ref_src = _Tiles(head, dt, logits), _Tiles(ref, dt, logits) if kl else None
+        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
+        step = chunk_size(n, vocab, dev)
+        for v0 in range(0, vocab if n else 0, step):
+            v1 = min(vocab, v0 + step)
+            z, r = src.tile(v0, v1), ref_src.tile(v0, v1) if kl else None
+            self._call("vocab_softmax_fwd", dev, mode, code, z, _ld(z), r, _ld(r), n, v1 - v0, v0, inv, targets,
+                       *state)
+        return _finish(mode, targets, *state)
+
+    def backward(self, mode: int, grad_out, out, lse, lse_r, head: Head, ref: Optional[Head], targets,
+                 logits: Logits, need_weight_grad: bool):
+        dt, dev = lse.dtype, head.hidden.device
+        n, vocab, linear = head.hidden.shape[0], head.vocab, head.weight is not None
+        # grad_hidden accumulates over chunks; every other buffer is written chunk by chunk
+        grads = _zero_grads(head, dt, need_weight_grad, overwrite=n > 0)
+        if n == 0:
+            return grads
+        if linear:
+            grads[0].zero_()
+        g = _upstream(mode, grad_out, targets, dt)
+        aux = out.contiguous() if mode != LOGPROB else None
+        kl = mode == EXACT_KL
+        src, ref_src = _Tiles(head, dt, logits), _Tiles(ref, dt, logits) if kl else None
+        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
+        grad_hidden, grad_weight, grad_bias = grads
+        step = chunk_size(n, vocab, dev)
+        for v0 in range(0, vocab, step):
+            v1 = min(vocab, v0 + step)
+            z, r = src.tile(v0, v1), ref_src.tile(v0, v1) if kl else None
+            dst = z if linear else grad_hidden[:, v0:v1]
+            self._call("vocab_softmax_grad", dev, mode, code, z, _ld(z), r, _ld(r), dst, _ld(dst), n, v1 - v0, v0, inv,
+                       targets, lse, lse_r if kl else None, aux, g)
+            src.chain(dst)
+            if linear:
+                grad_hidden.addmm_(dst, head.weight[v0:v1].to(dt))
+                if need_weight_grad:
+                    torch.mm(dst.T, src.hidden, out=grad_weight[v0:v1])
+                    if head.bias is not None:
+                        torch.sum(dst, 0, out=grad_bias[v0:v1])
+        return grads
+
+    def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
+        """(sum over kept rows of -log p) * scale, and its gradients (empty when not ``need_grad``)."""
+        dt = compute_dtype(*head)
+        n, vocab, dev = head.hidden.shape[0], head.vocab, head.hidden.device
+        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
+        src = _Tiles(head, dt, logits)
+        w = head.weight.to(dt)
+        loss = torch.zeros((), dtype=dt, device=dev)
+        grad_hidden, grad_weight, grad_bias = _zero_grads(head, dt, need_grad, overwrite=False) if need_grad \
+            else (_empty(dt, dev), _empty(dt, dev), _empty(dt, dev))
+        step = ce_rows(vocab, dev)
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            rows, t = i1 - i0, targets[i0:i1]
+            z = src.tile(0, vocab, i0, i1)
+            m, s, _a, _mr, _sr, tgt = _zeros_state(rows, dt, dev, kl=False)
+            self._call("vocab_softmax_fwd", dev, LOGPROB, code, z, vocab, None, 0, rows, vocab, 0, inv, t, m, s,
+                       None, None, None, tgt)
+            lse = m + torch.log(s)
+            loss -= torch.where(t >= 0, tgt - lse, torch.zeros_like(lse)).sum()
+            if need_grad:
+                # d(-scale * logp)/dz: the log-prob gradient with upstream -scale, written over the tile in place.
+                g = torch.where(t >= 0, torch.full_like(lse, -scale), torch.zeros_like(lse))
+                self._call("vocab_softmax_grad", dev, LOGPROB, code, z, vocab, None, 0, z, vocab, rows, vocab, 0, inv, t,
+                           lse, None, None, g)
+                src.chain(z)
+                torch.mm(z, w, out=grad_hidden[i0:i1])
+                grad_weight.addmm_(z.T, src.hidden[i0:i1])
+                if head.bias is not None:
+                    grad_bias += z.sum(0)
+        return loss * scale, grad_hidden, grad_weight, grad_bias
+
+
+def _zero_grads(head: Head, dt, need_weight_grad: bool, overwrite: bool):
+    """(grad_hidden or grad_logits, grad_weight, grad_bias) buffers; absent ones empty. ``overwrite``: the caller
+    writes every element (uninitialised memory), else they start at zero."""
+    dev, linear = head.hidden.device, head.weight is not None
+    alloc = torch.empty if overwrite else torch.zeros
+    if not linear:
+        return alloc(head.hidden.shape, dtype=dt, device=dev), _empty(dt, dev), _empty(dt, dev)
+    gh = alloc(head.hidden.shape, dtype=dt, device=dev)
+    gw = alloc(head.weight.shape, dtype=dt, device=dev) if need_weight_grad else _empty(dt, dev)
+    gb = alloc(head.weight.shape[0], dtype=dt, device=dev) if (need_weight_grad and head.bias is not None) \
+        else _empty(dt, dev)
+    return gh, gw, gb
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_loads() -> bool:
+    """Whether the extension can load cuBLAS; warns once (with the reason) when it cannot."""
+    try:
+        _native.load().cublas_info()
+    except (AttributeError, RuntimeError) as exc:
+        warnings.warn(f"ra3: the cuda backend's linear ops fall back to torch's GEMMs (backend 'cuda-torch'): {exc}",
+                      RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+def bf16_scratch(terms: int, elements: int, device: torch.device) -> Tensor:
+    """The extension loop's bfloat16 gradient terms: ``terms`` tiles of ``elements``, each on a 16-byte boundary."""
+    return torch.empty(terms * (-(-elements // 8) * 8), dtype=torch.bfloat16, device=device)
+
+
+def gemm_operands(hidden: Tensor, weight: Tensor, dt: torch.dtype):
+    """(hidden, weight, in_dtype) as cuBLAS takes them: contiguous and of one dtype; a float64 computation, or
+    two different dtypes, promote both to the compute dtype."""
+    kind = hidden.dtype if hidden.dtype == weight.dtype and dt != torch.float64 else dt
+    return hidden.to(kind).contiguous(), weight.to(kind).contiguous(), GEMM_DTYPE[kind]
+
+
+class ExtensionLoop:
+    """The cuda backend: the vocabulary (or token) loop and its cuBLAS GEMMs inside the extension."""
+
+    fallback = ChunkedWalk("cuda")
+
+    @staticmethod
+    def _runs(head: Head, backward: bool) -> bool:
+        if head.weight is None:
+            return False
+        if backward and head.hidden.dtype == head.weight.dtype == torch.float16:
+            return False  # a float16 gradient tile would underflow: torch's GEMMs on float32 operands instead
+        return _cublas_loads()
+
+    @staticmethod
+    def _sources(dt, n, step, head: Head, ref: Optional[Head]):
+        """The sources' arguments of vocab_softmax_loop_fwd / _grad, plus (ones, tile, ref_tile) scratch."""
+        h, w, code = gemm_operands(head.hidden, head.weight, dt)
+        args = [code, h, w, None if head.bias is None else head.bias.to(dt).contiguous(), h.shape[1]]
+        if ref is not None:
+            rh, rw, rcode = gemm_operands(ref.hidden, ref.weight, dt)
+            args += [rcode, rh, rw, None if ref.bias is None else ref.bias.to(dt).contiguous(), rh.shape[1]]
+        else:
+            args += [0, None, None, None, 0]
+        dev = head.hidden.device
+        with_bias = head.bias is not None or (ref is not None and ref.bias is not None)
+        ones = torch.ones(n, dtype=dt, device=dev) if with_bias else None
+        tile = torch.empty(n * step, dtype=dt, device=dev)
+        ref_tile = torch.empty(n * step, dtype=dt, device=dev) if ref is not None else None
+        return args, (ones, tile, ref_tile)
+
+    @staticmethod
+    def _terms(logits: Logits) -> int:
+        return 2 if logits.high_precision else 1
+
+    def forward(self, mode, head: Head, ref: Optional[Head], targets, logits: Logits):
+        if not self._runs(head, backward=False):
+            return self.fallback.forward(mode, head, ref, targets, logits)
+        assert not logits.softcap, "the registry never sends a softcap to the extension loop"
+        dt, state = _forward_state(mode, head, ref)
+        n, dev, vocab = head.hidden.shape[0], head.hidden.device, head.vocab
+        if n == 0:
+            return _finish(mode, targets, *state)
+        kl = mode == EXACT_KL
+        step = chunk_size(n, vocab, dev)
+        sources, (ones, tile, ref_tile) = self._sources(dt, n, step, head, ref if kl else None)
+        _kernels.call("cuda", "vocab_softmax_loop_fwd", dev, mode, _kernels.dtype_code(dt), n, vocab, step, *sources,
+                      logits.kernel_inv_temp, targets, ones, tile, ref_tile, *state)
+        return _finish(mode, targets, *state)
+
+    def backward(self, mode, grad_out, out, lse, lse_r, head: Head, ref: Optional[Head], targets, logits: Logits,
+                 need_weight_grad: bool):
+        if not self._runs(head, backward=True):
+            return self.fallback.backward(mode, grad_out, out, lse, lse_r, head, ref, targets, logits,
+                                          need_weight_grad)
+        dt, dev = lse.dtype, head.hidden.device
+        n, vocab = head.hidden.shape[0], head.vocab
+        grads = _zero_grads(head, dt, need_weight_grad, overwrite=n > 0)
+        if n == 0:
+            return grads
+        kl = mode == EXACT_KL
+        step = chunk_size(n, vocab, dev)
+        sources, (ones, tile, ref_tile) = self._sources(dt, n, step, head, ref if kl else None)
+        terms = self._terms(logits)
+        tile16 = bf16_scratch(terms, n * step, dev) if sources[0] == BF16 else None
+        gh, gw, gb = grads
+        _kernels.call("cuda", "vocab_softmax_loop_grad", dev, mode, _kernels.dtype_code(dt), n, vocab, step, *sources,
+                      logits.kernel_inv_temp, targets, lse, lse_r if kl else None,
+                      out.contiguous() if mode != LOGPROB else None, _upstream(mode, grad_out, targets, dt), ones,
+                      tile, ref_tile, tile16, terms, gh, gw if gw.numel() else None, gb if gb.numel() else None)
+        return grads
+
+    def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
+        if head.hidden.shape[0] == 0 or not self._runs(head, backward=need_grad):
+            return self.fallback.cross_entropy(head, targets, logits, scale, need_grad)
+        dt = compute_dtype(*head)
+        n, vocab, dev = head.hidden.shape[0], head.vocab, head.hidden.device
+        rows = min(n, ce_rows(vocab, dev))
+        h, w, code = gemm_operands(head.hidden, head.weight, dt)
+        b = None if head.bias is None else head.bias.to(dt).contiguous()
+        m, s, _a, _mr, _sr, tgt = _zeros_state(n, dt, dev, kl=False)
+        lse = torch.zeros(n, dtype=dt, device=dev)
+        g = torch.where(targets >= 0, torch.full_like(lse, -scale), torch.zeros_like(lse))
+        terms = self._terms(logits)
+        tile16 = bf16_scratch(terms, rows * vocab, dev) if (need_grad and code == BF16) else None
+        gh, gw, gb = _zero_grads(head, dt, need_grad, overwrite=True) if need_grad \
+            else (_empty(dt, dev), _empty(dt, dev), _empty(dt, dev))
+        _kernels.call("cuda", "vocab_softmax_loop_cross_entropy", dev, _kernels.dtype_code(dt), n, vocab, rows, code, h, w, b,
+                      h.shape[1], logits.kernel_inv_temp, targets, g if need_grad else None,
+                      torch.ones(rows, dtype=dt, device=dev) if b is not None else None,
+                      torch.empty(rows * vocab, dtype=dt, device=dev), tile16, terms, m, s, tgt, lse,
+                      gh if need_grad else None, gw if need_grad else None, gb if gb.numel() else None)
+        loss = -torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse)).sum()
+        return loss * scale, gh, gw, gb
+
+
+class TritonFused:
+    """The triton-fused backend: the GEMMs inside the Triton kernels, the whole vocabulary in one launch."""
+
+    fallback = ChunkedWalk("triton")
+
+    def forward(self, mode, head: Head, ref: Optional[Head], targets, logits: Logits):
+        if head.weight is None:
+            return self.fallback.forward(mode, head, ref, targets, logits)
+        assert not logits.softcap, "the registry never sends a softcap to the fused Triton kernels"
+        dt, state = _forward_state(mode, head, ref)
+        if head.hidden.shape[0] == 0:
+            return _finish(mode, targets, *state)
+        kl = mode == EXACT_KL
+        dev = head.hidden.device
+        _kernels.call("triton", "vocab_softmax_fused_fwd", dev, mode, _kernels.dtype_code(dt), *_fused_heads(head, ref, kl),
+                      targets, logits.kernel_inv_temp, *state)
+        return _finish(mode, targets, *state)
+
+    def backward(self, mode, grad_out, out, lse, lse_r, head: Head, ref: Optional[Head], targets, logits: Logits,
+                 need_weight_grad: bool):
+        if head.weight is None:
+            return self.fallback.backward(mode, grad_out, out, lse, lse_r, head, ref, targets, logits,
+                                          need_weight_grad)
+        dt, dev = lse.dtype, head.hidden.device
+        grads = _zero_grads(head, dt, need_weight_grad, overwrite=False)
+        if head.hidden.shape[0] == 0:
+            return grads
+        kl = mode == EXACT_KL
+        gh, gw, gb = grads
+        _kernels.call("triton", "vocab_softmax_fused_grad", dev, mode, _kernels.dtype_code(dt), *_fused_heads(head, ref, kl),
+                      targets, logits.kernel_inv_temp, lse, lse_r if kl else None,
+                      out.contiguous() if mode != LOGPROB else None, _upstream(mode, grad_out, targets, dt), gh,
+                      gw if gw.numel() else None, gb if gb.numel() else None)
+        return grads
+
+    def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
+        return self.fallback.cross_entropy(head, targets, logits, scale, need_grad)
+
+
+def _fused_heads(head: Head, ref: Optional[Head], kl: bool):
+    return (head.hidden.contiguous(), head.weight.contiguous(), head.bias,
+            ref.hidden.contiguous() if kl else None, ref.weight.contiguous() if kl else None,
+            ref.bias if kl else None)
+
+
+# Backend name (as ra3.ops.registry resolves it) -> the design that runs the vocabulary-softmax ops there.
+DESIGNS = {
+    "cpu": ChunkedWalk("cpu"),
+    "cuda": ExtensionLoop(),
+    "cuda-torch": ChunkedWalk("cuda"),
+    "triton": ChunkedWalk("triton"),
+    "triton-fused": TritonFused(),
+}
