@@ -12,13 +12,15 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ra3.ops import registry as ops_registry
+
 OBJECTIVES = ("ra3", "ntp", "both")
 KL_FORMS = ("fixed", "exact")
 ADVANTAGES = ("return", "returns-to-go")
 NORMALIZE = ("std", "mean", "rloo", "none")
 MSTEP_TOKENS = ("all", "code")
 ENGINES = ("hf", "vllm")
-BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+BACKENDS = ("auto", *ops_registry.BACKENDS)
 DISTRIBUTED = ("none", "ddp", "fsdp")  # ra3.distributed strategies
 
 
