@@ -95,3 +95,31 @@ def test_cli_rejects_bad_flags(tmp_path):
         main(["--benchmark", "nope", "--completions", "x", "--out", str(tmp_path)])
     assert main(["--benchmark", "mbpp", "--completions", "x.jsonl", "--data", str(tmp_path / "missing.jsonl"),
                  "--out", str(tmp_path / "o")]) == 2
+
+
+def test_dropped_k_are_named_with_the_reason(tmp_path, capsys):
+    tasks = load_tasks("humaneval", limit=2)
+    samples = _write(tmp_path / "samples.jsonl", [{"task_id": t.task_id, "completion": t.reference} for t in tasks])
+    out = tmp_path / "out"
+    assert main(["--benchmark", "humaneval", "--completions", str(samples), "--out", str(out), "--limit", "2",
+                 "--k", "1,5", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ("ra3 eval: pass@5 dropped: pass@k needs at least k samples per task and there "
+                                       "are 1; give more completions per task\n")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["pass@k"]) == {"1"} and summary["k_dropped"] == [5]
+    # without --k, pass@5 and pass@10 are left out silently (the default asks only for those the samples allow)
+    assert main(["--benchmark", "humaneval", "--completions", str(samples), "--out", str(out), "--limit", "2",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads((out / "summary.json").read_text())["k_dropped"] == []
+
+
+def test_dropped_k_are_said_before_sampling(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["--model", "ra3-tiny", "--benchmark", "humaneval", "--limit", "1", "--n-samples", "2",
+                 "--temperature", "0.8", "--max-new-tokens", "2", "--k", "5,10", "--out", str(out),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("ra3 eval: pass@5, pass@10 dropped: pass@k needs at least k samples per task and there are 2; "
+                      "pass --n-samples 10 to get them")
+    assert set(json.loads((out / "summary.json").read_text())["pass@k"]) == {"1"}

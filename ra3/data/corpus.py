@@ -275,7 +275,7 @@ def load_code_corpus(source: str | os.PathLike | None = None, *, text_column: st
     builder (loaded lazily with ``split``).
     text_column: the field holding the code (files and datasets). limit: keep the first ``limit`` documents.
     Raises ValueError naming the argument on a missing file, a missing column, a bad limit, a directory without
-    .py files or without usable documents.
+    .py files or without usable documents; warns when most documents of a file or dataset do not parse as Python.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
@@ -319,4 +319,22 @@ def load_code_corpus(source: str | os.PathLike | None = None, *, text_column: st
     texts = _column(records, text_column, src)
     if not texts:
         raise ValueError(f"source {src!r} holds no documents")
-    return texts[:limit] if limit is not None else texts
+    texts = texts[:limit] if limit is not None else texts
+    _warn_unless_python(texts, src, text_column)
+    return texts
+
+
+def _warn_unless_python(texts: list[str], src: str, text_column: str, sample: int = 500) -> None:
+    """One warning when most documents (of the first ``sample``) do not parse as Python: prose, or the wrong
+    column, would otherwise train without a word."""
+    checked = texts[:sample]
+    failing = 0
+    for text in checked:
+        try:
+            ast.parse(text)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            failing += 1
+    if failing * 2 > len(checked):
+        warnings.warn(f"source {src!r}: {failing} of the first {len(checked)} documents (column {text_column!r}) "
+                      f"do not parse as Python; RA3 mid-trains on code: is this the right corpus and text_column?",
+                      stacklevel=3)

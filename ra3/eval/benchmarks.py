@@ -11,6 +11,7 @@ Every task knows its prompt, stop sequences, how a completion becomes a program,
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import io
 import json
@@ -154,17 +155,53 @@ def humaneval_plus_tasks(data) -> list[Task]:
 
 
 # ---- MBPP / MBPP+ -------------------------------------------------------------------------------------------
+MBPP_HUB = "google-research-datasets/mbpp"
+MBPP_URL = "https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl"
+
+
 def _mbpp_rows_from_hub(split: str) -> list[dict]:
+    """MBPP's rows from the hub via `datasets`; offline (hub unreachable) only from the local cache, so a
+    machine without network gets a one-line error in seconds instead of the hub client's retries."""
+    hint = f"pass --data mbpp.jsonl, the original MBPP file ({MBPP_URL})"
     try:
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise ValueError("MBPP without --data needs the `datasets` package and the Hugging Face hub "
-                         "(pip install datasets), or pass --data PATH to the original mbpp.jsonl") from exc
+        import datasets
+    except ImportError:
+        raise ValueError(f"mbpp: without --data MBPP is read from the Hugging Face hub ({MBPP_HUB}) with the "
+                         f"`datasets` package, which is not installed; {hint}") from None
+    from ra3.models.loading import _hub_reachable
+
+    online = _hub_reachable()
     splits = ("train", "test", "validation", "prompt") if split == "all" else (split,)
     rows = []
-    for name in splits:
-        rows += [dict(r) for r in load_dataset("google-research-datasets/mbpp", "full", split=name)]
+    try:
+        with _hub_offline(not online):
+            for name in splits:
+                rows += [dict(r) for r in datasets.load_dataset(MBPP_HUB, "full", split=name)]
+    except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, its own DatasetNotFoundError
+        tried = ("loading it from the Hugging Face hub failed" if online else
+                 "the hub is not reachable and the local `datasets` cache does not hold it")
+        raise ValueError(f"mbpp: no --data given, and {MBPP_HUB}: {tried} ({type(exc).__name__}); {hint}") from None
     return rows
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """While active (``offline`` true), `datasets` and huggingface_hub read only their local caches."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    modules = (datasets.config, huggingface_hub.constants)
+    saved = [module.HF_HUB_OFFLINE for module in modules]
+    for module in modules:
+        module.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, saved):
+            module.HF_HUB_OFFLINE = value
 
 
 def mbpp_tasks(data=None, split: str = "test", shots: int = 0) -> list[Task]:
@@ -177,7 +214,7 @@ def mbpp_tasks(data=None, split: str = "test", shots: int = 0) -> list[Task]:
         raise ValueError(f"split must be one of {(*MBPP_SPLITS, 'all')}, got {split!r}")
     if shots not in (0, 3):
         raise ValueError(f"shots must be 0 or 3 for MBPP, got {shots!r}")
-    where = str(data) if data else "the hub's google-research-datasets/mbpp"
+    where = str(data) if data else f"the hub's {MBPP_HUB}"
     rows = read_jsonl(data) if data else _mbpp_rows_from_hub("all" if shots else split)
     for r in rows:
         _require(r, ("task_id", "text", "code", "test_list"), where)

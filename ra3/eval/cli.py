@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ra3.eval.benchmarks import BENCHMARKS, MBPP_SPLITS, load_tasks
 
+DEFAULT_KS = (1, 5, 10)  # pass@k reported without --k, where every task has k samples or more
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template and take "
                                                        "the fenced code of the answer")
     e = p.add_argument_group("execution")
-    e.add_argument("--k", type=_ks, default=[1, 5, 10], help="comma-separated k for pass@k (k <= n-samples)")
+    e.add_argument("--k", type=_ks, default=argparse.SUPPRESS,
+                   help="comma-separated k for pass@k; each needs k <= samples per task (default: those of 1,5,10 "
+                        "the samples allow)")
     e.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds per program")
     e.add_argument("--time-factor", type=float, default=1.0,
                    help="stdio problems with their own time limit: limit x this factor")
@@ -86,9 +90,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.time_factor <= 0:
         raise ValueError(f"--time-factor must be > 0, got {args.time_factor}")
     progress = not args.no_progress
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ks = getattr(args, "k", None)  # None: not given
+    out = Path(args.out)  # made by the first write_jsonl: a run that fails before that leaves nothing
     tasks = load_tasks(args.benchmark, args.data, split=args.split, shots=args.shots, limit=args.limit)
+    if ks and args.model and args.n_samples < max(ks):  # said before generation, which may take long
+        print(f"ra3 eval: {_dropped(ks, args.n_samples, f'pass --n-samples {max(ks)} to get them')}",
+              file=sys.stderr)
     sandbox = Sandbox(SandboxConfig(timeout=args.timeout, memory_mb=args.memory_mb))
     start = time.perf_counter()
     config = {"benchmark": args.benchmark, "data": args.data, "timeout": args.timeout}
@@ -115,7 +122,12 @@ def run(args: argparse.Namespace) -> dict:
     records = score_samples(tasks, samples, sandbox, workers=args.workers, time_factor=args.time_factor,
                             progress=progress, desc=f"executing {args.benchmark}")
     write_jsonl(out / "results.jsonl", records)
-    summary = summarize(args.benchmark, records, args.k)
+    summary = summarize(args.benchmark, records, ks or DEFAULT_KS)
+    per_task = summary["samples_per_task"]
+    fewest = per_task["min"] if isinstance(per_task, dict) else per_task
+    summary["k_dropped"] = sorted(k for k in set(ks or ()) if k > fewest)
+    if summary["k_dropped"] and not args.model:  # with --model it was said before generating
+        print(f"ra3 eval: {_dropped(ks, fewest, 'give more completions per task')}", file=sys.stderr)
     summary.update(config=config, sandbox={"network_namespace": sandbox.uses_network_namespace,
                                            "sandbox_uid": sandbox.uses_sandbox_uid},
                    seconds={"generation": round(gen_seconds, 3),
@@ -124,9 +136,19 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _dropped(ks: list[int], samples_per_task: int, remedy: str) -> str:
+    """The line that says which k of --k pass@k leaves out, why, and ``remedy``."""
+    dropped = sorted(k for k in set(ks) if k > samples_per_task)
+    return (f"pass@{', pass@'.join(map(str, dropped))} dropped: pass@k needs at least k samples per task and "
+            f"there are {samples_per_task}; {remedy}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ra3.cli import quiet_libraries
+
+    quiet_libraries("ra3 eval")
     try:
         summary = run(args)
     except ValueError as exc:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from pathlib import Path
 
 _RUNNER_PATH = Path(__file__).with_name("_runner.py")
 STATUSES = ("passed", "failed", "timeout", "crashed")
+# compiling a sampled program here (Sandbox._syntax_error) must not print the compiler's warnings about it
+# ("'int' object is not callable", invalid escapes) into the run's output: they are the program's, judged by its tests
+warnings.filterwarnings("ignore", module="<program>")
 
 
 @dataclass(frozen=True)

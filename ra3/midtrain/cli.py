@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 
 def _parser():
@@ -47,14 +48,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from ra3.cli import RunDirGuard, quiet_libraries, stopped
     from ra3.midtrain.loop import run_midtrain
 
+    quiet_libraries("ra3 midtrain")
+    guard = RunDirGuard(cfg.out, "config.yaml")
     try:
         result = run_midtrain(cfg)
     except ValueError as exc:  # bad data / model / resume mismatch: a clear message, not a traceback
+        guard.failed()
         print(f"ra3 midtrain: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        rerun = "rerun the same command" if cfg.resume else "rerun the same command without --resume false"
+        return stopped("ra3 midtrain", latest_checkpoint(cfg.out), rerun)
     return 0 if result["status"] in ("completed", "stopped") else 1
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The newest checkpoint of any objective under ``out/checkpoints`` (a latest.pt file or a sharded
+    directory), or None."""
+    from ra3.midtrain.records import CHECKPOINT_FILE, sharded_checkpoint
+
+    found = [p for d in sorted(Path(out, "checkpoints").glob("*")) if d.is_dir()
+             for p in (d / CHECKPOINT_FILE, sharded_checkpoint(d)) if p is not None and p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 if __name__ == "__main__":

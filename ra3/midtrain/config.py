@@ -235,14 +235,9 @@ def parse_value(name: str, tp, text: str):
 
 def field_help() -> dict[str, str]:
     """field name -> its comment in this file (for --help)."""
-    import inspect
-    import re
+    from ra3.cli import dataclass_help
 
-    src = inspect.getsource(MidtrainConfig)
-    out = {}
-    for m in re.finditer(r"^\s+(\w+): [^=]+= [^#\n]+(?:#\s*(.*))?$", src, re.M):
-        out[m.group(1)] = (m.group(2) or "").strip()
-    return out
+    return dataclass_help(MidtrainConfig)
 
 
 __all__ = ["MidtrainConfig", "parse_value", "field_help", "OBJECTIVES", "KL_FORMS"]

@@ -124,7 +124,7 @@ def _run_midtrain(cfg: MidtrainConfig) -> dict:
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    dist.log(f"ra3 midtrain: config ({out / 'config.yaml'})\n{cfg.to_yaml()}")
+    dist.log(f"ra3 midtrain: config written to {out / 'config.yaml'}")
     writer = MetricsWriter(out, keep_lines=keep)
     budget = {"steps": 0}
     status = "completed"

@@ -33,6 +33,13 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def _looks_like_path(name: str) -> bool:
+    """True for what can only be a filesystem path, never a hub id (ORG/NAME or NAME): absolute, ~, ./ or ../
+    prefixed, more than one '/', a trailing '/', or a backslash."""
+    return (name.startswith(("/", "~", "./", "../", ".\\")) or name in (".", "..") or name.count("/") > 1
+            or name.endswith("/") or "\\" in name)
+
+
 def load_model(name_or_path: str | os.PathLike, *, dtype="float32", device="cpu", seed: int = 0):
     """(model, tokenizer) for a Hugging Face causal LM name or local directory, or ``"ra3-tiny"``.
 
@@ -58,6 +65,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", device="cpu"
     else:
         path = name
         local = Path(name).expanduser()
+        if not local.exists() and _looks_like_path(name):
+            raise ValueError(f"name_or_path {name!r}: no such directory (a local model is a save_pretrained "
+                             f"directory; a hub model is named ORG/NAME)")
         if local.exists():
             if not (local / "config.json").exists():
                 raise ValueError(f"name_or_path {name!r} is a local path without a config.json: not a model "
