@@ -5,7 +5,8 @@ Environment variables:
     RA3_CUDA=auto|on|off   CUDA kernels: auto (default) builds them iff CMake finds a toolkit (CUDACXX, nvcc on
                            PATH, /usr/local/cuda/bin/nvcc); on fails without one; off builds CPU kernels only.
     RA3_CUDA_ARCHS         CUDA architectures, CMAKE_CUDA_ARCHITECTURES syntax (default "80;90").
-    RA3_NATIVE_ARCH=1      add -march=native to the CPU kernels (only for builds that stay on this machine).
+    RA3_CPU_ARCH           CPU kernels for one ISA, a -march value (native, x86-64-v3, ...), instead of the portable
+                           build with per-ISA clones picked at load time (native: only for builds that stay here).
     RA3_BUILD_JOBS         parallel compile jobs (default: from the CPU count and free memory, ~2 GiB per job).
 
 Metadata and dependencies live in pyproject.toml; this file adds the packages (with the top-level ``kernels/``
@@ -100,6 +101,11 @@ class CMakeBuild(build_ext):
         if cuda not in ("auto", "on", "off"):
             raise ValueError(f"RA3_CUDA must be auto, on or off, got {os.environ['RA3_CUDA']!r}")
         archs = _env("RA3_CUDA_ARCHS", "80;90").replace(",", ";")
+        if _env("RA3_NATIVE_ARCH"):
+            raise ValueError("RA3_NATIVE_ARCH was replaced by RA3_CPU_ARCH: set RA3_CPU_ARCH=native")
+        cpu_arch = _env("RA3_CPU_ARCH")
+        if cpu_arch and not all(c.isalnum() or c in "-_." for c in cpu_arch):
+            raise ValueError(f"RA3_CPU_ARCH must be a -march value such as native or x86-64-v3, got {cpu_arch!r}")
         # Built into the folder setuptools expects: build/lib* for wheels; an editable install copies it into ra3/.
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_type = "Debug" if self.debug else "Release"
@@ -115,7 +121,7 @@ class CMakeBuild(build_ext):
             f"-DRA3_OUTPUT_DIR={out_dir}",
             f"-DRA3_CUDA={cuda}",
             f"-DRA3_CUDA_ARCHS={archs}",
-            f"-DRA3_NATIVE_ARCH={'ON' if _env_flag('RA3_NATIVE_ARCH') else 'OFF'}",
+            f"-DRA3_CPU_ARCH={cpu_arch}",
         ]
         cache = build_dir / "CMakeCache.txt"
         if shutil.which("ninja") and not cache.exists():

@@ -74,11 +74,7 @@ py::dict build_info() {
 #else
   info["cpu_isa_variants"] = std::vector<std::string>{};
 #endif
-#ifdef RA3_NATIVE_ARCH
-  info["native_arch"] = true;
-#else
-  info["native_arch"] = false;
-#endif
+  info["cpu_arch"] = std::string(RA3_CPU_ARCH);  // "" = the portable build
   return info;
 }
 
@@ -159,7 +155,7 @@ PYBIND11_MODULE(_C, m) {
   }, "True when the cuda_* kernels are built and the installed driver is new enough for their CUDA runtime.");
   m.def("build_info", &build_info,
         "dict: compiler, build_type, cuda_version (str or None), cuda_archs (list), openmp, openmp_max_threads, "
-        "cpu_isa_variants (list), native_arch.");
+        "cpu_isa_variants (list), cpu_arch (the -march of the CPU kernels, \"\" for the portable build).");
 
 #define RA3_DEF_ALL(DEF)                                                                                       \
   DEF(vocab_softmax_fwd, RA3_PY_ARGS_VOCAB_SOFTMAX_FWD,                                                        \

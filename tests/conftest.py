@@ -13,7 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import ra3  # noqa: E402
 from ra3.ops import registry  # noqa: E402
+
+# test_cpu_isa_builds.py runs suites against a copy of the package with a module built for one ISA: make sure the
+# copy is what they import.
+if os.environ.get("RA3_EXPECT_PACKAGE"):
+    assert os.path.realpath(ra3.__file__).startswith(os.path.realpath(os.environ["RA3_EXPECT_PACKAGE"])), ra3.__file__
 
 # Every backend runs every case where it can; one that cannot run here is skipped with the reason.
 ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")

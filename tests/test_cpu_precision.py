@@ -17,8 +17,8 @@
    lse and value the backward is handed carry ~1e-4 that no kernel can take back. It needs the op to keep
    (m, log s) apart (ra3/ops/vocab_softmax_walk.py).
 
-Run against kernels built for AVX-512 (this machine's ISA clone), AVX2 only (-march=x86-64-v3, no clones) and
-baseline x86-64: each sums in a different order, and each passes.
+The suite runs against the build installed (on this machine its AVX-512 clone); test_cpu_isa_builds.py runs it again
+against kernels built for AVX2 only (x86-64-v3) and for baseline x86-64, which sum in other orders.
 """
 from __future__ import annotations
 

@@ -9,6 +9,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// x = z * inv_temp, rounded before anything is subtracted from it. nvcc contracts a product and a following add
+// into one fma by default (--fmad=true); then `z * inv_temp - m` is the exact product minus m, whose rounding error
+// does not cancel at the row max (the CPU kernels' -ffp-contract=off case: a log-prob of inf at z / T ~ 1e36, a
+// V = 1 gradient of -0.1 at T = 1e-3). __fmul_rn / __dmul_rn are never merged into an fma.
+__device__ __forceinline__ float scaled(float z, float inv_temp) { return __fmul_rn(z, inv_temp); }
+__device__ __forceinline__ double scaled(double z, double inv_temp) { return __dmul_rn(z, inv_temp); }
+
 // Online softmax state: max m, sum s of exp(x - m), accumulator a of exp(x - m) * f.
 template <typename T>
 struct Lse {
@@ -93,13 +100,13 @@ __global__ void __launch_bounds__(kThreads)
   const T* ri = MODE == kExactKl ? r + i * ldr : nullptr;
   Lse<T> st = lse_empty<T>(), st_r = lse_empty<T>();
   for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
-    const T x = zi[j] * inv_temp;
+    const T x = scaled(zi[j], inv_temp);
     if (MODE == kLogprob) {
       lse_push(st, x, T(0));
     } else if (MODE == kEntropy) {
       lse_push(st, x, x);
     } else {
-      const T y = ri[j] * inv_temp;
+      const T y = scaled(ri[j], inv_temp);
       lse_push(st, x, x - y);
       lse_push(st_r, y, T(0));
     }
@@ -111,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
   if (MODE == kExactKl) fold_into(st_r, mr + i, sr + i, static_cast<T*>(nullptr));
   if (MODE == kLogprob && targets != nullptr && tgt != nullptr) {
     const int64_t t = targets[i] - v_offset;
-    if (targets[i] >= 0 && t >= 0 && t < vc) tgt[i] = zi[t] * inv_temp;
+    if (targets[i] >= 0 && t >= 0 && t < vc) tgt[i] = scaled(zi[t], inv_temp);
   }
 }
 
@@ -132,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
   const T lr = MODE == kExactKl ? lse_r[i] : T(0);
   const T* ri = MODE == kExactKl ? r + i * ldr : nullptr;
   for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
-    const T lp = zi[j] * inv_temp - l;
+    const T lp = scaled(zi[j], inv_temp) - l;
     const T p = exp_t(lp);
     T v;
     if (MODE == kLogprob) {
@@ -140,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
     } else if (MODE == kEntropy) {
       v = p > T(0) ? -c * p * (lp + h) : T(0);
     } else {
-      v = p > T(0) ? c * p * (lp - (ri[j] * inv_temp - lr) - h) : T(0);
+      v = p > T(0) ? c * p * (lp - (scaled(ri[j], inv_temp) - lr) - h) : T(0);
     }
     oi[j] = v;
   }
