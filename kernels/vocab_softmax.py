@@ -131,6 +131,10 @@ def _grad_kernel(z_ptr, ldz, r_ptr, ldr, out_ptr, ldo, vc, v_offset, inv_temp: t
         tl.store(out_row + j, val, mask=valid)
 
 
+# Both tile kernels are launched with enable_fp_fusion=False: Triton lets the backend contract a product and a following
+# add into one fma, and then `z * inv_temp - m` is the exact product minus m, whose rounding error does not cancel at
+# the row max (csrc/cpu: -ffp-contract=off; csrc/cuda: __fmul_rn). These kernels are memory-bound: nothing is lost.
+# scripts/check_triton_compile.py fails if their PTX holds an fma.
 def _check_mode(mode: int) -> None:
     if mode not in (LOGPROB, ENTROPY, EXACT_KL):
         raise ValueError(f"mode must be 0 (logprob), 1 (entropy) or 2 (exact KL), got {mode}")
@@ -153,7 +157,7 @@ def vocab_softmax_fwd(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch
         z, ldz, r if mode == EXACT_KL else None, ldr, vc, v_offset, inv_temp,
         targets if mode == LOGPROB else None, m, s, a if mode != LOGPROB else None,
         mr if mode == EXACT_KL else None, sr if mode == EXACT_KL else None, tgt if mode == LOGPROB else None,
-        MODE=mode, HAS_TARGETS=targets is not None and tgt is not None, BLOCK_V=block(vc, MAX_BLOCK_V[dt]))
+        MODE=mode, HAS_TARGETS=targets is not None and tgt is not None, BLOCK_V=block(vc, MAX_BLOCK_V[dt]), enable_fp_fusion=False)
 
 
 def vocab_softmax_grad(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int,
@@ -173,4 +177,4 @@ def vocab_softmax_grad(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torc
         z, ldz, r if mode == EXACT_KL else None, ldr, out, ldo, vc, v_offset, inv_temp,
         targets if mode == LOGPROB else None, lse, lse_r if mode == EXACT_KL else None,
         aux if mode != LOGPROB else None, g, MODE=mode, HAS_TARGETS=targets is not None,
-        BLOCK_V=block(vc, MAX_BLOCK_V[dt]))
+        BLOCK_V=block(vc, MAX_BLOCK_V[dt]), enable_fp_fusion=False)

@@ -8,7 +8,7 @@ arguments give a signature (pointer dtypes, integer widths, constexpr values), a
     python scripts/check_triton_compile.py              # all cases, sm_90
     python scripts/check_triton_compile.py --arch 80 --quick
 
-Exit status 1 if any kernel fails to compile. TRITON_INTERPRET must be unset (the interpreter replaces the
+Exit status 1 if any kernel fails to compile, or if a vocab_softmax tile kernel's PTX holds an fma. TRITON_INTERPRET must be unset (the interpreter replaces the
 kernels by Python functions); this script clears it for itself.
 """
 from __future__ import annotations
@@ -155,16 +155,24 @@ def main(argv=None) -> int:
     seen, failures, cubin_bytes, max_shared = set(), [], 0, 0
     start = time.monotonic()
     for fn, a, kw in launches:
+        # Keywords that are not the kernel's parameters are compile options (enable_fp_fusion, num_warps, ...).
+        params = set(inspect.signature(fn.fn).parameters)
+        options = {k: kw.pop(k) for k in list(kw) if k not in params}
         sig, constexprs = _signature(fn, a, kw)
-        key = (fn.fn.__qualname__, tuple(sig.items()), tuple((k, repr(v)) for k, v in constexprs.items()))
+        key = (fn.fn.__qualname__, tuple(sig.items()), tuple((k, repr(v)) for k, v in constexprs.items()),
+               tuple(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target)
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                                      options=options)
             cubin_bytes += len(compiled.asm["cubin"])
             shared = compiled.metadata.shared
             max_shared = max(max_shared, shared)
+            if fn.fn.__module__.endswith(".vocab_softmax") and "fma.rn.f" in compiled.asm["ptx"]:
+                failures.append(f"{fn.fn.__name__} {constexprs}: an fma in the PTX (kernels/vocab_softmax.py launches "
+                                f"its tile kernels with enable_fp_fusion=False so z * inv_temp is rounded alone)")
             if shared > SHARED_LIMIT.get(args.arch, SHARED_LIMIT[80]):
                 failures.append(f"{fn.fn.__name__} {constexprs}: {shared} bytes of shared memory, over the "
                                 f"sm_{args.arch} limit")
