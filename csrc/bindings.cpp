@@ -188,16 +188,20 @@ PYBIND11_MODULE(_C, m) {
   RA3_DEF_CUDA(vocab_softmax_loop_cross_entropy, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY,
                "Token chunks of cross-entropy: log-sum-exp into lse and, while each tile is in memory, the gradient "
                "for upstream g into grad_hidden, grad_weight, grad_bias.");
-  m.def("_host_vocab_softmax_loop_cross_entropy", &ra3::cuda::host_vocab_softmax_loop_cross_entropy,
-        "Tests only: cuda_vocab_softmax_loop_cross_entropy's loop on host buffers, CPU tile kernels, "
-        "RA3_CUBLAS_LIBRARY's GEMM.",
-        RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, py::call_guard<py::gil_scoped_release>());
-  m.def("_host_vocab_softmax_loop_fwd", &ra3::cuda::host_vocab_softmax_loop_fwd,
-        "Tests only: cuda_vocab_softmax_loop_fwd's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
-        RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD, py::call_guard<py::gil_scoped_release>());
-  m.def("_host_vocab_softmax_loop_grad", &ra3::cuda::host_vocab_softmax_loop_grad,
-        "Tests only: cuda_vocab_softmax_loop_grad's loop on host buffers, CPU tile kernels, RA3_CUBLAS_LIBRARY's GEMM.",
-        RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, py::call_guard<py::gil_scoped_release>());
+  // Tests only, apart from the module's surface: the extension loop on host buffers with the CPU tile kernels and
+  // RA3_CUBLAS_LIBRARY's GEMM (tests/host_cuda_plugin.py runs the cuda backend's linear ops through it, no GPU).
+  py::module_ testing = m.def_submodule(
+      "testing", "Tests only: the cuda extension loop run on host buffers (CPU tile kernels, RA3_CUBLAS_LIBRARY's "
+                 "GEMM), for machines with no GPU. Not part of ra3's API.");
+  testing.def("vocab_softmax_loop_fwd", &ra3::cuda::host_vocab_softmax_loop_fwd,
+              "cuda_vocab_softmax_loop_fwd's loop on host buffers.", RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD,
+              py::call_guard<py::gil_scoped_release>());
+  testing.def("vocab_softmax_loop_grad", &ra3::cuda::host_vocab_softmax_loop_grad,
+              "cuda_vocab_softmax_loop_grad's loop on host buffers.", RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD,
+              py::call_guard<py::gil_scoped_release>());
+  testing.def("vocab_softmax_loop_cross_entropy", &ra3::cuda::host_vocab_softmax_loop_cross_entropy,
+              "cuda_vocab_softmax_loop_cross_entropy's loop on host buffers.",
+              RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, py::call_guard<py::gil_scoped_release>());
   m.def("cublas_info", []() {
     const ra3::cuda::CublasInfo info = ra3::cuda::cublas_info();
     py::dict d;

@@ -1,7 +1,7 @@
 """pytest plugin for the child run of test_vocab_softmax_loop.py: backend='cuda' on CPU tensors.
 
 The cuda backend's fused linear ops then run the extension's real vocabulary loop (csrc/cuda/vocab_softmax_loop.cpp)
-on host buffers (``ra3._C._host_vocab_softmax_loop_*``), with the CPU tile kernels and, for cuBLAS, the stand-in named
+on host buffers (``ra3._C.testing.vocab_softmax_loop_*``), with the CPU tile kernels and, for cuBLAS, the stand-in named
 by RA3_CUBLAS_LIBRARY (tests/fake_cublas.c). Every other cuda kernel call (logits-input ops, the float16
 backward's torch-GEMM loop) runs its CPU twin. Loaded with ``-p host_cuda_plugin`` and tests/ on sys.path.
 """
@@ -35,7 +35,7 @@ def host_cuda(monkeypatch, request):
             if isinstance(args[i], torch.Tensor):
                 args[i].fill_(float("nan"))
         raw = [_kernels.ptr(a) if a is None or isinstance(a, torch.Tensor) else a for a in args]
-        return getattr(mod, ("_host_" if name in EXTENSION_LOOP else "cpu_") + name)(*raw)
+        return (getattr(mod.testing, name) if name in EXTENSION_LOOP else getattr(mod, "cpu_" + name))(*raw)
 
     monkeypatch.setattr(conftest, "backend_device", lambda backend: "cpu")
     monkeypatch.setattr(registry, "_usable", lambda backend, dev: backend == "cuda" or usable(backend, dev))

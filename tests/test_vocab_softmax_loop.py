@@ -4,7 +4,7 @@ a GPU.
 The loop's GEMM calls (column-major views, transposes, leading dimensions, the bias as a rank-1 update, the first
 chunk overwriting grad_hidden, grad_bias as d^T @ ones, bfloat16 rounding of the gradient tile) and the Python glue
 in ra3/ops/vocab_softmax_walk.py are checked against the float64 reference by running the real loop on host buffers:
-``ra3._C._host_vocab_softmax_loop_*`` swaps only the tile kernels (CPU twins) and cuBLAS (tests/fake_cublas.c, a
+``ra3._C.testing.vocab_softmax_loop_*`` swaps only the tile kernels (CPU twins) and cuBLAS (tests/fake_cublas.c, a
 stand-in built here that multiplies host memory and refuses what cuBLAS refuses). The cases are test_vocab_softmax.py's
 own cuda cases plus the ones below, in a child process (the loader keeps the first cuBLAS it finds). On a GPU the
 same test_vocab_softmax.py cases also run for real, on cuBLAS.
@@ -277,4 +277,4 @@ def test_the_loop_refuses_bad_arguments_before_any_gemm(change, message):
     args.update({k: buf if v == "buffer" else v for k, v in change.items()})
     raw = {k: (v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v) for k, v in args.items()}
     with pytest.raises(ValueError, match=re.escape(message)):
-        _native.load()._host_vocab_softmax_loop_grad(**raw)
+        _native.load().testing.vocab_softmax_loop_grad(**raw)
