@@ -6,6 +6,7 @@ inputs are float64), whatever the input dtype.
 """
 from ra3.ops.group_advantages import group_advantages
 from ra3.ops.kl import kl
+from ra3.ops.linear_policy_loss import LinearPolicyLoss, linear_policy_loss
 from ra3.ops.policy_loss import PolicyLoss, policy_loss
 from ra3.ops.registry import available_backends
 from ra3.ops.segment_sum import segment_sum
@@ -15,5 +16,6 @@ from ra3.ops.vocab_softmax import (SegmentLogProbs, entropy, exact_kl, linear_cr
 __all__ = [
     "linear_logprobs", "logprobs", "linear_cross_entropy", "SegmentLogProbs", "linear_entropy", "entropy",
     "linear_exact_kl", "exact_kl",
-    "kl", "segment_sum", "group_advantages", "policy_loss", "PolicyLoss", "available_backends",
+    "kl", "segment_sum", "group_advantages", "policy_loss", "PolicyLoss", "linear_policy_loss", "LinearPolicyLoss",
+    "available_backends",
 ]

@@ -101,37 +101,13 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
     gives loss 0 and zero statistics; a sequence without weight has ratio 1.
     """
     check.tensor("logprobs", logprobs, ndim=2, floating=True)
-    bt = tuple(logprobs.shape)
-    check.tensor("old_logprobs", old_logprobs, ndim=2, floating=True)
-    check.shape("old_logprobs", old_logprobs, bt, "the shape of logprobs")
-    check.tensor("advantages", advantages, ndim=(1, 2), floating=True)
-    if tuple(advantages.shape) not in (bt[:1], bt):
-        raise ValueError(f"advantages must be [B]={bt[:1]} or [B, T]={bt}, got {tuple(advantages.shape)}")
-    check.finite("advantages", advantages)
-    check.tensor("mask", mask)
-    if not (mask.dtype == torch.bool or mask.dtype in check.FLOAT_DTYPES or mask.dtype in check.INDEX_DTYPES):
-        raise TypeError(f"mask must be bool, integer or floating (weights), got {mask.dtype}")
-    check.shape("mask", mask, bt, "the shape of logprobs")
-    if mask.is_floating_point():
-        check.finite("mask", mask)  # an inf weight has no meaning (and no agreed 0 * inf in the statistics)
-    if ref_logprobs is not None:
-        check.tensor("ref_logprobs", ref_logprobs, ndim=2, floating=True)
-        check.shape("ref_logprobs", ref_logprobs, bt, "the shape of logprobs")
-    dt = check.compute_dtype(logprobs, old_logprobs, advantages, ref_logprobs)
-    surrogate = check.choice("surrogate", surrogate, reference.SURROGATES)
-    clip_low = check.nonnegative_float("clip_low", clip_low)
-    if clip_low > 1 or (clip_low == 1 and surrogate != "cispo"):
-        raise ValueError(f"clip_low must be in [0, 1) ([0, 1] with surrogate='cispo'), got {clip_low}")
-    clip_high = check.nonnegative_float("clip_high", clip_high, dt)
-    kl_coef = check.nonnegative_float("kl_coef", kl_coef, dt)
-    if kl_coef > 0 and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs")
-    kl_estimator = check.choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
-    importance_sampling_level = check.choice("importance_sampling_level", importance_sampling_level,
-                                             reference.IMPORTANCE_SAMPLING_LEVELS)
-    aggregation = check.choice("aggregation", aggregation, reference.AGGREGATIONS)
-    max_completion_length, num_items_in_batch, agg_norm = _normaliser(aggregation, bt, max_completion_length,
-                                                                      num_items_in_batch, dt)
+    args = check_policy_args(tuple(logprobs.shape), "logprobs", old_logprobs, advantages, mask, ref_logprobs,
+                             clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                             aggregation=aggregation, importance_sampling_level=importance_sampling_level,
+                             surrogate=surrogate, max_completion_length=max_completion_length,
+                             num_items_in_batch=num_items_in_batch, dtypes=(logprobs,))
+    (clip_low, clip_high, kl_coef, kl_estimator, aggregation, importance_sampling_level, surrogate,
+     max_completion_length, num_items_in_batch, agg_norm, dt) = args
     device = check.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                                ref_logprobs=ref_logprobs)
     name = registry.resolve("policy_loss", backend, device)
@@ -153,6 +129,61 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
                                          _AGGREGATION_CODE[aggregation], agg_norm)
     stats = stats.detach()  # statistics to log: no gradient flows through them
     return PolicyLoss(loss, stats[0], stats[1], stats[2])
+
+
+class PolicyArgs(NamedTuple):
+    """policy_loss's keyword arguments, checked (shared with ``linear_policy_loss``)."""
+    clip_low: float
+    clip_high: float
+    kl_coef: float
+    kl_estimator: str
+    aggregation: str
+    importance_sampling_level: str
+    surrogate: str
+    max_completion_length: int | None
+    num_items_in_batch: float | None
+    agg_norm: float  # the kernels' fixed divisor of the masked token sum ('dr-grpo', 'dapo'; 0.0 otherwise)
+    dtype: torch.dtype  # the compute dtype of the policy arithmetic
+
+
+def check_policy_args(bt: tuple[int, int], shape_of: str, old_logprobs, advantages, mask, ref_logprobs, *,
+                      clip_low, clip_high, kl_coef, kl_estimator, aggregation, importance_sampling_level, surrogate,
+                      max_completion_length, num_items_in_batch, dtypes=()) -> PolicyArgs:
+    """Checks the per-token tensors ([B, T] = ``bt``, the shape of ``shape_of``) and the scalar arguments of a
+    policy loss; ``dtypes``: the other tensors whose dtype sets the compute dtype."""
+    what = f"the shape of {shape_of}"
+    check.tensor("old_logprobs", old_logprobs, ndim=2, floating=True)
+    check.shape("old_logprobs", old_logprobs, bt, what)
+    check.tensor("advantages", advantages, ndim=(1, 2), floating=True)
+    if tuple(advantages.shape) not in (bt[:1], bt):
+        raise ValueError(f"advantages must be [B]={bt[:1]} or [B, T]={bt}, got {tuple(advantages.shape)}")
+    check.finite("advantages", advantages)
+    check.tensor("mask", mask)
+    if not (mask.dtype == torch.bool or mask.dtype in check.FLOAT_DTYPES or mask.dtype in check.INDEX_DTYPES):
+        raise TypeError(f"mask must be bool, integer or floating (weights), got {mask.dtype}")
+    check.shape("mask", mask, bt, what)
+    if mask.is_floating_point():
+        check.finite("mask", mask)  # an inf weight has no meaning (and no agreed 0 * inf in the statistics)
+    if ref_logprobs is not None:
+        check.tensor("ref_logprobs", ref_logprobs, ndim=2, floating=True)
+        check.shape("ref_logprobs", ref_logprobs, bt, what)
+    dt = check.compute_dtype(*dtypes, old_logprobs, advantages, ref_logprobs)
+    surrogate = check.choice("surrogate", surrogate, reference.SURROGATES)
+    clip_low = check.nonnegative_float("clip_low", clip_low)
+    if clip_low > 1 or (clip_low == 1 and surrogate != "cispo"):
+        raise ValueError(f"clip_low must be in [0, 1) ([0, 1] with surrogate='cispo'), got {clip_low}")
+    clip_high = check.nonnegative_float("clip_high", clip_high, dt)
+    kl_coef = check.nonnegative_float("kl_coef", kl_coef, dt)
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    kl_estimator = check.choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
+    importance_sampling_level = check.choice("importance_sampling_level", importance_sampling_level,
+                                             reference.IMPORTANCE_SAMPLING_LEVELS)
+    aggregation = check.choice("aggregation", aggregation, reference.AGGREGATIONS)
+    max_completion_length, num_items_in_batch, agg_norm = _normaliser(aggregation, bt, max_completion_length,
+                                                                      num_items_in_batch, dt)
+    return PolicyArgs(clip_low, clip_high, kl_coef, kl_estimator, aggregation, importance_sampling_level,
+                      surrogate, max_completion_length, num_items_in_batch, agg_norm, dt)
 
 
 def _normaliser(aggregation: str, bt: tuple[int, int], max_completion_length, num_items_in_batch,

@@ -156,6 +156,22 @@ def _unbiased_std(sq, count):
     return torch.where(var > 0, var.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(var))
 
 
+def aggregate(values, mask, aggregation: str = "token-mean", max_completion_length: int | None = None,
+              num_items_in_batch: float | None = None) -> torch.Tensor:
+    """[B, T] per-token values (0 where the mask weight is 0), [B, T] mask weights -> the scalar ``policy_loss``
+    aggregates them to (see its docstring for the aggregations)."""
+    B, T = values.shape
+    m = mask.to(values.dtype)
+    weighted = values * m
+    norm = {"token-mean": m.sum(), "seq-mean-token-sum": max(B, 1),  # B = 0: the empty sum, 0
+            "dr-grpo": B * (T if max_completion_length is None else max_completion_length),
+            "dapo": num_items_in_batch}.get(aggregation)
+    if norm is not None:
+        return weighted.sum() / norm if norm > 0 else weighted.sum() * 0
+    per_seq = m.sum(1)
+    return (weighted.sum(1) / per_seq.clamp_min(torch.finfo(values.dtype).tiny)).sum() / max(B, 1)
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.2,
                 ref_logprobs=None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                 aggregation: str = "token-mean", importance_sampling_level: str = "token", surrogate: str = "ppo",
@@ -209,20 +225,39 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
         per_token = per_token + kl_coef * per_token_kl
     else:
         per_token_kl = torch.zeros_like(per_token)
-    B, T = lp.shape
     total = m.sum()
-    weighted = per_token * m
-    norm = {"token-mean": total, "seq-mean-token-sum": max(B, 1),  # B = 0: the empty sum, 0
-            "dr-grpo": B * (T if max_completion_length is None else max_completion_length),
-            "dapo": num_items_in_batch}.get(aggregation)
-    if norm is not None:
-        loss = weighted.sum() / norm if norm > 0 else weighted.sum() * 0
-    else:
-        per_seq = m.sum(1)
-        loss = (weighted.sum(1) / per_seq.clamp_min(torch.finfo(dt).tiny)).sum() / max(B, 1)
+    loss = aggregate(per_token, m, aggregation, max_completion_length, num_items_in_batch)
     with torch.no_grad():
         denom = total if total > 0 else total.new_ones(())
         stats = ((is_clipped.to(dt) * m).sum() / denom, (per_token_kl * m).sum() / denom, (ratio * m).sum() / denom)
         if not total > 0:
             stats = tuple(torch.zeros_like(s) for s in stats)
     return (loss, *stats)
+
+
+def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None,
+                       temperature: float = 1.0, ignore_index: int = -100, scale: float = 1.0,
+                       softcap: float | None = None, entropy_coef: float = 0.0, **policy_kw):
+    """The policy loss of the lm_head's log-probs with an entropy bonus, from materialised [B * T, V] logits:
+    ``policy_loss(linear_logprobs(...), ...)[0] - entropy_coef * aggregate(entropy, mask, aggregation)``, the
+    entropy aggregated as the policy term is (``policy_kw``: policy_loss's keywords).
+
+    hidden: [B, T, H] or [B * T, H]; targets, old_logprobs, mask: [B, T]. Returns (loss, clip_fraction, kl_mean,
+    ratio_mean, entropy_mean), the last four detached statistics over the masked tokens (entropy_mean: the mask-
+    weighted mean of the per-token entropy, 0 without a masked token).
+    """
+    B, T = targets.shape
+    h = hidden.reshape(B * T, hidden.shape[-1])
+    logits = linear_logits(h, weight, bias, scale=scale, softcap=softcap)
+    lp = logprobs(logits, targets.reshape(-1), temperature=temperature, ignore_index=ignore_index).reshape(B, T)
+    loss, *stats = policy_loss(lp, old_logprobs, advantages, mask, **policy_kw)
+    ent = entropy(logits, temperature=temperature).reshape(B, T)
+    m = mask.detach().to(ent.dtype)
+    ent = torch.where(m != 0, ent, torch.zeros_like(ent))  # padding rows never count, whatever they hold
+    if entropy_coef != 0.0:
+        agg = {k: policy_kw.get(k) for k in ("aggregation", "max_completion_length", "num_items_in_batch")}
+        loss = loss - entropy_coef * aggregate(ent, m, **{k: v for k, v in agg.items() if v is not None})
+    with torch.no_grad():
+        total = m.sum()
+        entropy_mean = (ent * m).sum() / total if total > 0 else ent.new_zeros(())
+    return (loss, *stats, entropy_mean)

@@ -4,7 +4,7 @@ Backends:
   torch         the pure-PyTorch reference (``ra3.ops.reference``), any device, autograd does the backward.
   cpu           C++ kernels of ``ra3._C`` on CPU tensors (GEMMs of the fused linear ops go to torch's BLAS).
   cuda          CUDA kernels of ``ra3._C`` on CUDA tensors; the fused linear ops loop over the vocabulary inside the
-                extension, calling cuBLAS there.
+                extension, calling cuBLAS there (linear_policy_loss: the cuda-torch walk, no extension loop yet).
   cuda-torch    the cuda backend's tile kernels with the vocabulary walked in Python over torch's GEMMs.
   triton        Triton kernels in ``ra3.kernels`` on CUDA tensors (or anywhere under TRITON_INTERPRET=1); the fused
                 linear ops walk the vocabulary in Python over torch's GEMMs.
@@ -31,7 +31,7 @@ BACKENDS = ("torch", "cpu", "cuda", "cuda-torch", "triton", "triton-fused")
 BASE = {"cuda-torch": "cuda", "triton-fused": "triton"}
 
 # Which ops each backend implements (an op name naming a backend that lacks it raises).
-VOCAB_OPS = ("logprobs", "entropy", "exact_kl", "cross_entropy")
+VOCAB_OPS = ("logprobs", "entropy", "exact_kl", "cross_entropy", "linear_policy_loss")
 OPS = VOCAB_OPS + ("kl", "segment_sum", "group_advantages", "policy_loss")
 IMPLEMENTED = {name: set(OPS) for name in BACKENDS}
 

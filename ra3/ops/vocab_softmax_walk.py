@@ -1,8 +1,8 @@
 """How the vocabulary-softmax ops walk the vocabulary: one design per backend name, one signature for all.
 
 A design turns (mode, policy head, reference head, targets, logit transform) into the forward statistics
-(out, lse, lse_ref) [N] and the gradients of sum(grad_out * out), and computes next-token cross-entropy with its
-gradients formed in the forward pass. ``DESIGNS`` maps each native backend name the registry resolves to one:
+(out, lse, lse_ref) [N] and the gradients of sum(grad_out * out), and computes next-token cross-entropy and the
+policy loss (``linear_policy_loss``) with their gradients formed in the forward pass. ``DESIGNS`` maps each native backend name the registry resolves to one:
 
   cpu           ``ChunkedWalk('cpu')``: the vocabulary in chunks walked here in Python; each logits tile is the
                 given logits (a strided view) or one GEMM on torch's BLAS; the C++ tile kernels fold it into an
@@ -18,6 +18,10 @@ gradients formed in the forward pass. ``DESIGNS`` maps each native backend name 
   triton-fused  ``TritonFused``: Triton kernels that do the GEMM themselves over (token tile x vocabulary tile) and
                 keep the log-sum-exp in registers, so no logits tile reaches global memory (kernels/vocab_softmax_fused.py).
                 Logits-given inputs and cross-entropy take ``ChunkedWalk('triton')``.
+
+The policy loss (``policy_loss``, 3 GEMMs per step, 4 with sequence-level ratios) is ``ChunkedWalk``'s on every design:
+``cuda`` runs ``ChunkedWalk('cuda')``, the Python walk over torch's cuBLAS GEMMs and the CUDA tile kernels (the
+extension has no loop for this op yet), ``triton-fused`` runs ``ChunkedWalk('triton')``.
 
 The logit transform ``Logits(inv_temp, scale, softcap)``: the softmax is over ``f = softcap(scale * z) * inv_temp``
 with ``softcap(x) = cap * tanh(x / cap)`` (Gemma's final-logit soft-capping); without a cap the kernels fold
@@ -275,6 +279,76 @@ class ChunkedWalk:
         return loss * scale, grad_hidden, grad_weight, grad_bias
 
 
+    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool):
+        """A scalar loss L(log p of the targets, entropy) over the rows, its gradients formed in the forward pass.
+
+        Walks chunks of whole vocabulary rows (as ``cross_entropy``). Per chunk: one GEMM for the logits tile; the
+        ENTROPY-mode forward kernel gives each row's log-sum-exp and entropy, the target's logit is gathered from
+        the tile; ``terms.coefficients(i0, i1, logprobs, entropy)`` gives (weight [rows], d_lp [rows], d_ent: a
+        number) with dL/dlogp = weight * d_lp (taken as 0 at ignored targets) and dL/dentropy = weight * d_ent;
+        one gradient kernel writes dL/dlogits over the tile in place (the LOGPROB mode, or the ENTROPY mode
+        carrying both terms when d_ent != 0), and two GEMMs carry it to grad_hidden and grad_weight: 3 GEMMs.
+        When ``terms.two_pass`` (sequence-level ratios: every coefficient needs its sequence's whole log-ratio), a
+        forward-only pass first computes every row's statistics and hands the log-probs to ``terms.prepare``; the
+        gradient pass then recomputes each tile: 4 GEMMs. Without ``need_grad``: the forward pass only, 1 GEMM. Returns (logprobs [N], entropy [N], grad_hidden, grad_weight, grad_bias)
+        in the compute dtype, the gradients empty when not ``need_grad``.
+        """
+        dt = compute_dtype(*head)
+        n, vocab, dev = head.hidden.shape[0], head.vocab, head.hidden.device
+        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
+        if head.weight.dtype != dt:  # once, not per tile (``_Tiles`` converts each tile's rows otherwise)
+            head = Head(head.hidden, head.weight.to(dt), head.bias)
+        src = _Tiles(head, dt, logits)
+        lp, ent, lse = (torch.zeros(n, dtype=dt, device=dev) for _ in range(3))
+        grad_hidden, grad_weight, grad_bias = _zero_grads(head, dt, True, overwrite=False) if need_grad \
+            else (_empty(dt, dev), _empty(dt, dev), _empty(dt, dev))
+        step = ce_rows(vocab, dev)
+        chunks = [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
+
+        def statistics(i0: int, i1: int) -> Tensor:
+            rows, t = i1 - i0, targets[i0:i1]
+            z = src.tile(0, vocab, i0, i1)
+            m, s, a, _mr, _sr, _tgt = _zeros_state(rows, dt, dev, kl=False)
+            self._call("vocab_softmax_fwd", dev, ENTROPY, code, z, vocab, None, 0, rows, vocab, 0, inv, t, m, s, a,
+                       None, None, None)
+            torch.add(m, torch.log(s), out=lse[i0:i1])
+            torch.sub(lse[i0:i1], a / s, out=ent[i0:i1])
+            x = z.gather(1, t.clamp_min(0)[:, None])[:, 0] * inv  # the target's logit, as the LOGPROB mode reads it
+            lp[i0:i1] = torch.where(t >= 0, x - lse[i0:i1], torch.zeros_like(x))
+            return z
+
+        if terms.two_pass or not need_grad:
+            for i0, i1 in chunks:
+                statistics(i0, i1)
+            terms.prepare(lp)
+        if not need_grad:
+            return lp, ent, grad_hidden, grad_weight, grad_bias
+        for i0, i1 in chunks:
+            rows, t = i1 - i0, targets[i0:i1]
+            z = src.tile(0, vocab, i0, i1) if terms.two_pass else statistics(i0, i1)
+            weight, d_lp, d_ent = terms.coefficients(i0, i1, lp[i0:i1], ent[i0:i1])
+            # an ignored target's log-prob is the constant 0 (the kernel's -c p part would reach its row otherwise)
+            d_lp = torch.where(t >= 0, d_lp.to(dt), torch.zeros((), dtype=dt, device=dev))
+            if not d_ent:
+                self._call("vocab_softmax_grad", dev, LOGPROB, code, z, vocab, None, 0, z, vocab, rows, vocab, 0,
+                           inv, t, lse[i0:i1], None, None, (weight.to(dt) * d_lp).contiguous())
+            else:
+                # Both terms in one pass over the tile: the entropy mode writes -c p (log p + aux), so upstream
+                # c = weight * d_ent with aux = H + d_lp / d_ent adds the log-prob's -weight * d_lp * p; its
+                # +weight * d_lp at the target is added after. The rounding of aux costs the log-prob part about
+                # one ulp of itself, whatever d_ent is.
+                self._call("vocab_softmax_grad", dev, ENTROPY, code, z, vocab, None, 0, z, vocab, rows, vocab, 0,
+                           inv, t, lse[i0:i1], None, (ent[i0:i1] + d_lp / d_ent).contiguous(),
+                           (weight.to(dt) * d_ent).contiguous())
+                at = torch.arange(rows, device=dev) * vocab + t.clamp_min(0)
+                z.view(-1).index_add_(0, at, weight.to(dt) * d_lp * inv)
+            src.chain(z)
+            torch.mm(z, head.weight, out=grad_hidden[i0:i1])
+            grad_weight.addmm_(z.T, src.hidden[i0:i1])
+            if head.bias is not None:
+                grad_bias += z.sum(0)
+        return lp, ent, grad_hidden, grad_weight, grad_bias
+
 def _zero_grads(head: Head, dt, need_weight_grad: bool, overwrite: bool):
     """(grad_hidden or grad_logits, grad_weight, grad_bias) buffers; absent ones empty. ``overwrite``: the caller
     writes every element (uninitialised memory), else they start at zero."""
@@ -384,6 +458,10 @@ class ExtensionLoop:
                       tile, ref_tile, tile16, terms, gh, gw if gw.numel() else None, gb if gb.numel() else None)
         return grads
 
+    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool):
+        # No extension loop for this op yet: the Python walk over cuBLAS GEMMs and the CUDA tile kernels.
+        return self.fallback.policy_loss(head, targets, logits, terms, need_grad)
+
     def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
         if head.hidden.shape[0] == 0 or not self._runs(head, backward=need_grad):
             return self.fallback.cross_entropy(head, targets, logits, scale, need_grad)
@@ -445,6 +523,9 @@ class TritonFused:
 
     def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
         return self.fallback.cross_entropy(head, targets, logits, scale, need_grad)
+
+    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool):
+        return self.fallback.policy_loss(head, targets, logits, terms, need_grad)
 
 
 def _fused_heads(head: Head, ref: Optional[Head], kl: bool):
