@@ -3,7 +3,7 @@
     python -m benchmarks.midtrain_e2e                       # the embedded default, one EM round, CPU
     python -m benchmarks.midtrain_e2e --device cuda --backends torch,auto --e-steps 8 --m-steps 40
 
-Each backend runs the same seeded round of the embedded default (``ra3 midtrain`` with ``ops_backend`` set) in
+Each backend runs the same seeded round of the embedded default (``ra3 midtrain`` with ``backend`` set) in
 a fresh temporary run directory; the tokens/s come from the run's own metrics.jsonl (E-step: rollout tokens
 per second of rollout + scoring + update; M-step: training tokens per second; annotate: rollout + ELBO pass).
 Writes ``benchmarks/results/midtrain_e2e-<device>-<date>.json`` and ``.md`` with the command, device, versions.
@@ -26,7 +26,7 @@ def run_backend(backend: str, args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="ra3-e2e-") as tmp:
         cfg = MidtrainConfig(out=tmp, objective="ra3", em_iterations=1, e_steps=args.e_steps, m_steps=args.m_steps,
-                             annotate_docs=args.annotate_docs, device=args.device, ops_backend=backend,
+                             annotate_docs=args.annotate_docs, device=args.device, backend=backend,
                              model=args.model, progress=False, num_samples=0, cpu_threads=args.cpu_threads)
         t0 = time.perf_counter()
         result = run_midtrain(cfg)

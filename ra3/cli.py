@@ -39,15 +39,6 @@ def _add_checkout_to_path() -> None:
         sys.path.insert(0, str(root))
 
 
-def dataclass_help(cls) -> dict[str, str]:
-    """field name -> the comment after it in the dataclass ``cls``'s source (for --help)."""
-    import inspect
-    import re
-
-    return {m.group(1): (m.group(2) or "").strip() for m in
-            re.finditer(r"^\s+(\w+): [^=]+= [^#\n]+(?:#\s*(.*))?$", inspect.getsource(cls), re.M)}
-
-
 def quiet_libraries(command: str) -> None:
     """For a CLI run: no transformers / hub progress bars (loading and shard-writing), and warnings raised from
     ra3's own code printed as one line ``ra3 COMMAND: warning: ...`` instead of a file:line report."""

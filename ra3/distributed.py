@@ -1,15 +1,15 @@
 """Multi-process training under ``torchrun``: process group, DDP / FSDP2 wrapping, rank-0 output, sharded checkpoints.
 
-    from ra3 import distributed as dist
-    info = dist.setup()                                   # reads torchrun's env; single process without it
-    model = dist.wrap_model(model, "fsdp")                # or "ddp" | "none"; patch (apply_ra3) before this
+    from ra3 import distributed as ranks                  # (not `dist`: that reads as torch.distributed)
+    info = ranks.setup()                                  # reads torchrun's env; single process without it
+    model = ranks.wrap_model(model, "fsdp")               # or "ddp" | "none"; patch (apply_ra3) before this
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    start = dist.load_checkpoint({"model": model, "optimizer": optimizer}, ckpt_dir).get("step", 0)  # if it exists
-    for step in dist.progress(range(start, steps), desc="train"):   # a tqdm bar on rank 0 only
+    start = ranks.load_checkpoint(ckpt_dir, {"model": model, "optimizer": optimizer}).get("step", 0)  # if it exists
+    for step in ranks.progress(range(start, steps), desc="train"):  # a tqdm bar on rank 0 only
         loss = model(**batch).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()
-        dist.log(f"step {step} loss {dist.mean_over_ranks(loss):.4f}")   # printed by rank 0 only
-        dist.save_checkpoint({"model": model, "optimizer": optimizer, "step": step + 1}, ckpt_dir)
-    dist.teardown()
+        ranks.log(f"step {step} loss {ranks.mean_over_ranks(loss):.4f}")  # printed by rank 0 only
+        ranks.save_checkpoint(ckpt_dir, {"model": model, "optimizer": optimizer, "step": step + 1})
+    ranks.teardown()
 
 Training code that computes a loss outside ``model.forward`` (from the final hidden states and the lm_head weight,
 as ra3's loops do) runs it through ``forward(model, fn)``, so DDP synchronises and FSDP2 gathers for it;
@@ -27,8 +27,9 @@ or strategy, single process included.
 from __future__ import annotations
 
 import contextlib
-import gc
 import copy
+import gc
+import math
 import os
 import weakref
 import zlib
@@ -62,6 +63,15 @@ class DistInfo:
 
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+_session_strategies: list[str] = []  # the strategies of the sessions this process is in, innermost last
+
+
+def sharded() -> bool:
+    """Whether this run is data-parallel: inside ``session('ddp' | 'fsdp')`` (even of one process) or a process
+    group. Its checkpoints are then sharded directories, which load under any strategy and world size."""
+    return _initialized() or bool(_session_strategies and _session_strategies[-1] != "none")
 
 
 def get_info() -> DistInfo:
@@ -137,11 +147,13 @@ def session(strategy: str, backend: Optional[str] = None):
                          f"pass --distributed ddp or fsdp, or run without torchrun")
     created = strategy != "none" and not _initialized()
     info = setup(backend) if strategy != "none" else get_info()
+    _session_strategies.append(strategy)
     ok = False
     try:
         yield info
         ok = True
     finally:
+        _session_strategies.pop()
         if created:
             teardown(sync=ok)
 
@@ -242,17 +254,36 @@ def scale_for_global_mean(loss: torch.Tensor, count) -> torch.Tensor:
     return loss * (torch.distributed.get_world_size() * float(count) / max(total, 1.0))
 
 
-def reduce_metrics(metrics: dict, *, weights: Optional[dict] = None, sums=(), maxes=()) -> dict:
+def reduce_metrics(metrics: dict, *, weights: Optional[dict] = None, sums=(), maxes=(),
+                   stds: Optional[dict] = None) -> dict:
     """This rank's metrics of a step -> the metrics of the whole global batch, the same on every rank.
 
     Per numeric key: in ``sums``, summed over ranks (counts); in ``maxes``, the largest (wall-clock seconds:
     the slowest rank); in ``weights`` (key -> this rank's weight, e.g. its token count for a per-token mean),
-    the mean weighted by it (a rank of weight 0 adds nothing, even a NaN); otherwise the plain mean over ranks.
-    Other values (None, strings, bools) are this rank's. Every rank must call it with the same keys, in the same
-    order (two all_reduces in all). In a single process ``metrics`` is returned as it is.
+    the mean weighted by it (a rank of weight 0 adds nothing, even a NaN); in ``stds`` (key -> this rank's
+    values, a list of floats or a 1-D tensor), the sample standard deviation of every rank's values together;
+    otherwise the plain mean over ranks. Other values (None, strings, bools) are this rank's. Every rank must
+    call it with the same keys, in the same order (two all_reduces in all). In a single process ``metrics`` is
+    returned as it is.
     """
     if not _initialized():
         return metrics
+    stds = dict(stds or {})
+    if stds:  # pooled std from each rank's count, sum and sum of squares (float64), summed over ranks
+        moments = {}
+        for k, values in stds.items():
+            v = torch.as_tensor(values, dtype=torch.float64).flatten()
+            moments.update({f"{k}.n": len(v), f"{k}.s": float(v.sum()), f"{k}.ss": float((v * v).sum())})
+        pooled = reduce_metrics({**{k: v for k, v in metrics.items() if k not in stds}, **moments},
+                                weights=weights, sums=(*sums, *moments), maxes=maxes)
+        out = {}
+        for k, v in metrics.items():
+            if k not in stds:
+                out[k] = pooled[k]
+                continue
+            n, s, ss = pooled[f"{k}.n"], pooled[f"{k}.s"], pooled[f"{k}.ss"]
+            out[k] = math.sqrt(max((ss - s * s / n) / (n - 1), 0.0)) if n > 1 else 0.0
+        return out
     weights = dict(weights or {})
     numeric = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     unknown = sorted((set(weights) | set(sums) | set(maxes)) - set(numeric))
@@ -291,6 +322,22 @@ def reduce_metrics(metrics: dict, *, weights: Optional[dict] = None, sums=(), ma
         else:
             out[k] = reduced[k]
     return out
+
+
+def check_shares(counts: dict, *, divisible: bool = False, world_size: Optional[int] = None) -> None:
+    """Under ddp / fsdp every rank needs its share of each step: raise ValueError naming the config field of
+    ``counts`` (field -> how many items a step shares out) that gives some rank none (or, with ``divisible``,
+    that the ranks cannot split evenly). ``world_size``: the number of ranks (default: this run's); nothing to
+    check with one."""
+    world = get_info().world_size if world_size is None else world_size
+    if world == 1:
+        return
+    for name, n in counts.items():
+        if divisible and n % world:
+            raise ValueError(f"config field {name!r}: {n} must be a multiple of the number of ranks ({world})")
+        if n < world:
+            raise ValueError(f"config field {name!r}: {n} cannot be shared by {world} ranks (each needs at "
+                             f"least one); use at least {world}")
 
 
 def _layer_classes(model: torch.nn.Module, layer_classes) -> tuple[type, ...]:
@@ -411,16 +458,28 @@ def forward(model: torch.nn.Module, fn):
 
         return tree_map(lambda t: t.clone() if torch.is_tensor(t) and t._base is not None else t, out)
 
-    missing = object()
-    saved = inner.__dict__.get("forward", missing)
-    inner.forward = run  # shadows the class's forward for this one call
+    slot = inner.__dict__.get("forward")
+    if not isinstance(slot, _ForwardSlot):
+        slot = inner.forward = _ForwardSlot(inner)  # installed once per model, not patched per call
+    slot.fn = run
     try:
         return model()
     finally:
-        if saved is missing:
-            del inner.forward
-        else:
-            inner.forward = saved
+        slot.fn = None
+
+
+class _ForwardSlot:
+    """A wrapped model's ``forward`` while ``forward(model, fn)`` is in use: runs the function ``forward()`` hands
+    it for the current call, else the model's own forward (so every other use of the model is unchanged). A deep
+    copy (``frozen_copy``) gets a slot of its own that points at the copy."""
+
+    def __init__(self, owner: torch.nn.Module):
+        self.owner, self.fn = owner, None
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is not None:
+            return self.fn()
+        return type(self.owner).forward(self.owner, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -601,7 +660,7 @@ def read_checkpoint_extras(directory) -> dict:
     return {k: v.value if isinstance(v, _Opaque) else v for k, v in state["train"]["extra"].items()}
 
 
-def save_checkpoint(state: dict, directory) -> Path:
+def save_checkpoint(directory, state: dict) -> Path:
     """Save {'model', 'optimizer'?, other nn.Module entries?, extra picklable entries} as a sharded checkpoint in
     ``directory``.
 
@@ -623,7 +682,7 @@ def save_checkpoint(state: dict, directory) -> Path:
     return directory
 
 
-def load_checkpoint(state: dict, directory) -> dict:
+def load_checkpoint(directory, state: dict) -> dict:
     """Load a ``save_checkpoint`` directory into state['model'] (and state['optimizer'], and the other nn.Module
     entries of ``state``) in place.
 
@@ -651,6 +710,6 @@ def load_checkpoint(state: dict, directory) -> dict:
 
 __all__ = ["DistInfo", "setup", "teardown", "session", "get_info", "is_main", "barrier", "log", "progress",
            "mean_over_ranks", "shard", "gather_shards", "gather_objects", "rank_seed", "scale_for_global_mean",
-           "reduce_metrics", "wrap_model", "unwrap", "forward", "full_params", "frozen_copy", "clip_grad_norm_",
+           "reduce_metrics", "check_shares", "wrap_model", "unwrap", "forward", "full_params", "frozen_copy", "clip_grad_norm_",
            "save_pretrained", "save_checkpoint", "load_checkpoint", "checkpoint_contents", "read_checkpoint_extras",
-           "STRATEGIES"]
+           "sharded", "STRATEGIES"]

@@ -4,9 +4,9 @@
     ra3 plot runs/rlvr-ra3 runs/rlvr-ntp --labels RA3,NTP --metrics reward_mean,pass_rate --out rl.png
 
 A run is a directory holding ``metrics.jsonl`` (or the file itself), as ``ra3 midtrain`` and ``ra3 rlvr``
-write. The plot reads which kind of run it is: a mid-training run's records name their ``objective`` (ra3 /
-ntp) and their ``kind`` (one per optimizer ``step``, one per EM ``iteration``); an RLVR run has one record per
-step. Each panel draws one kind of record, with the x axis in that record's unit, and one line per (run,
+write (``ra3.train.run``: every record has its ``kind`` and ``objective``). The plot reads which kind of run it
+is: a mid-training run's objectives are ra3 / ntp, with one record per optimizer ``step`` and one per EM
+``iteration``; an RLVR run (objective grpo) has one record per step. Each panel draws one kind of record, with the x axis in that record's unit, and one line per (run,
 objective), so RA3 and NTP of one run are two lines in distinct colours. A panel is ``metric`` or
 ``metric@records`` with records one of ``iteration`` (x = EM iteration), ``step`` (x = step), ``e_step`` /
 ``m_step`` (x = E-steps / M-steps done by that objective, so RA3 and NTP line up on their matched M-step budget).
@@ -67,9 +67,12 @@ def read_metrics(run) -> list[dict]:
     return rows
 
 
+MIDTRAIN_OBJECTIVES = ("ra3", "ntp")
+
+
 def run_kind(rows: list[dict]) -> str:
-    """'midtrain' when the records name their objective (``ra3 midtrain``), else 'rlvr'."""
-    return "midtrain" if any("objective" in row for row in rows) else "rlvr"
+    """'midtrain' when the records' objectives are ``ra3 midtrain``'s, else 'rlvr'."""
+    return "midtrain" if any(row.get("objective") in MIDTRAIN_OBJECTIVES for row in rows) else "rlvr"
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -148,7 +151,10 @@ def build_panels(runs: list, *, metrics=None, labels=None) -> list[Panel]:
         metrics = DEFAULT_METRICS[kinds[0]]
     # one series per (run, objective), in the order the objectives ran
     series: list[tuple[str, list[dict]]] = []
-    for label, rows in zip(labels, data):
+    for label, rows, kind in zip(labels, data, kinds):
+        if kind != "midtrain":  # one objective: a line per run, named by its label
+            series.append((label, rows))
+            continue
         objectives = list(dict.fromkeys(row.get("objective") for row in rows))
         for objective in objectives:
             name = label if objective is None else objective.upper() if len(runs) == 1 else \

@@ -17,7 +17,7 @@ from ra3.eval.benchmarks import MBPP_URL
 
 
 # the runs use the ops' PyTorch backend: these tests are about what the command says, not about the kernels
-TORCH_OPS = {"midtrain": ["--ops-backend", "torch"], "rlvr": ["--backend", "torch"]}
+TORCH_OPS = {"midtrain": ["--backend", "torch"], "rlvr": ["--backend", "torch"]}
 
 
 def _env(**extra) -> dict:
@@ -55,7 +55,7 @@ def test_mbpp_without_data_offline_fails_fast_naming_data(tmp_path):
 @pytest.mark.parametrize("command", ["midtrain", "rlvr", "eval"])
 def test_a_model_path_that_does_not_exist_is_no_such_directory(command, tmp_path):
     out = tmp_path / "run"
-    args = {"midtrain": ["--progress", "false"], "rlvr": ["--no-progress"],
+    args = {"midtrain": ["--progress", "false"], "rlvr": ["--progress", "false"],
             "eval": ["--benchmark", "humaneval", "--limit", "1", "--no-progress"]}[command]
     result = ra3(command, "--model", "/nonexistent/model", "--out", out, *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -114,7 +114,7 @@ def test_ctrl_c_in_rlvr_says_how_to_resume_and_no_library_bars_show(tmp_path):
     assert rc == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     last = _lines(err)[-1]
-    assert last.startswith("ra3 rlvr: stopped; rerun the same command with --resume to resume from "
+    assert last.startswith("ra3 rlvr: stopped; rerun the same command to resume from "
                            f"{out / 'checkpoints'}/step-"), last
     assert Path(last.rsplit(" ", 1)[1]).is_dir()
     # transformers' bars (loading the model, writing each checkpoint) stay out of a normal run

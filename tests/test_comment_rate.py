@@ -75,7 +75,7 @@ def test_first_e_step_starts_at_the_corpus_comment_rate(trained):
     assert len(q) == sum(d.num_decisions for d in docs)
     assert SHARE - 0.08 < float(q.mean()) < SHARE + 0.08, float(q.mean())
 
-    cfg = MidtrainConfig(group_size=4, kl_coef=0.0, progress=False, ops_backend="torch", max_rationale_tokens=6)
+    cfg = MidtrainConfig(group_size=4, kl_coef=0.0, progress=False, backend="torch", max_rationale_tokens=6)
     gen = HFGenerator(model, vocab, max_rationale_tokens=6)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     m = e_step(model, None, opt, docs[:8], gen, head, vocab, cfg, seed=0)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ra3 import distributed as dist
+from ra3 import distributed as ranks
 
 STEPS, SAVE_AFTER, BATCH, SEQ, VOCAB = 4, 2, 4, 12, 128
 
@@ -34,27 +34,27 @@ def _batch(step: int) -> torch.Tensor:
 
 
 def _train_step(model, optimizer, step: int) -> float:
-    info = dist.get_info()
+    info = ranks.get_info()
     rows = _batch(step)[info.rank::info.world_size]  # this rank's share; equal token counts on every rank
     loss = model(input_ids=rows, labels=rows).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dist.mean_over_ranks(loss)
+    return ranks.mean_over_ranks(loss)
 
 
 def _run(strategy: str, ckpt_dir: str) -> dict:
-    model = dist.wrap_model(_build_model(0), strategy)
+    model = ranks.wrap_model(_build_model(0), strategy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for step in dist.progress(range(STEPS), desc=strategy):
+    for step in ranks.progress(range(STEPS), desc=strategy):
         losses.append(_train_step(model, optimizer, step))
         if step + 1 == SAVE_AFTER:
-            dist.save_checkpoint({"model": model, "optimizer": optimizer, "step": step + 1}, ckpt_dir)
+            ranks.save_checkpoint(ckpt_dir, {"model": model, "optimizer": optimizer, "step": step + 1})
     # Resume into a fresh model with other weights: everything that matters must come from the checkpoint.
-    model = dist.wrap_model(_build_model(1), strategy)
+    model = ranks.wrap_model(_build_model(1), strategy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    extra = dist.load_checkpoint({"model": model, "optimizer": optimizer}, ckpt_dir)
+    extra = ranks.load_checkpoint(ckpt_dir, {"model": model, "optimizer": optimizer})
     resumed = [_train_step(model, optimizer, step) for step in range(extra["step"], STEPS)]
     return {"losses": losses, "resumed": resumed, "step": extra["step"]}
 
@@ -63,19 +63,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    info = dist.setup()
+    info = ranks.setup()
     ok = False
     try:
         assert (info.rank, info.world_size, info.backend, info.device.type) == (rank, 2, "gloo", "cpu")
         with open(os.path.join(out_dir, f"log{rank}.txt"), "w") as f:
-            dist.log(f"hello from rank {rank}", file=f)
+            ranks.log(f"hello from rank {rank}", file=f)
         results = {s: _run(s, os.path.join(out_dir, s)) for s in ("ddp", "fsdp")}
-        if dist.is_main():
+        if ranks.is_main():
             with open(os.path.join(out_dir, "results.json"), "w") as f:
                 json.dump(results, f)
         ok = True
     finally:
-        dist.teardown(sync=ok)
+        ranks.teardown(sync=ok)
     # Everything is written and the group is gone: skip interpreter finalisation, where torch's gloo threads
     # can still abort the process (SIGABRT, seen in CI once in many runs) after the work has succeeded.
     sys.stdout.flush()
@@ -104,7 +104,7 @@ def two_ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    assert not dist.get_info().distributed
+    assert not ranks.get_info().distributed
     return _run("fsdp", str(tmp_path_factory.mktemp("single") / "ckpt"))  # any strategy: unwrapped in 1 process
 
 
@@ -132,7 +132,7 @@ def test_fsdp_checkpoint_loads_in_one_process(two_ranks, single):
     out, results = two_ranks
     model = _build_model(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    extra = dist.load_checkpoint({"model": model, "optimizer": optimizer}, out / "fsdp")
+    extra = ranks.load_checkpoint(out / "fsdp", {"model": model, "optimizer": optimizer})
     assert extra == {"step": SAVE_AFTER}
     assert _train_step(model, optimizer, SAVE_AFTER) == pytest.approx(single["losses"][SAVE_AFTER], rel=1e-5)
 
@@ -145,18 +145,18 @@ def test_only_rank_zero_logs(two_ranks):
 
 def test_single_process_setup_and_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    info = dist.setup()
+    info = ranks.setup()
     assert (info.rank, info.world_size, info.is_main, info.distributed, info.backend) == (0, 1, True, False, None)
-    assert dist.mean_over_ranks(torch.tensor(2.5)) == 2.5
+    assert ranks.mean_over_ranks(torch.tensor(2.5)) == 2.5
     with pytest.raises(ValueError, match="strategy"):
-        dist.wrap_model(torch.nn.Linear(2, 2), "zero3")
+        ranks.wrap_model(torch.nn.Linear(2, 2), "zero3")
     with pytest.raises(ValueError, match="backend"):
-        dist.setup("mpi")
+        ranks.setup("mpi")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR"):
-        dist.setup()
+        ranks.setup()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        dist.load_checkpoint({"model": torch.nn.Linear(2, 2)}, tmp_path)
+        ranks.load_checkpoint(tmp_path, {"model": torch.nn.Linear(2, 2)})
     with pytest.raises(ValueError, match="state"):
-        dist.save_checkpoint({"optimizer": None}, tmp_path)
+        ranks.save_checkpoint(tmp_path, {"optimizer": None})

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ra3 import distributed as dist
+from ra3 import distributed as ranks
 
 TIMING = ("time_s", "rollout_s", "tokens_per_s", "seconds_generation", "seconds_reward", "seconds_step")
 # a 2-round RA3 run of the embedded default, shrunk to seconds: 3 E-steps of 4 documents (2 per rank) and 3
@@ -43,11 +43,11 @@ def _worker(rank: int, scenario, port: int, out: str) -> None:
     torch.set_num_threads(1)
     with open(os.path.join(out, f"stdout{rank}.txt"), "w") as log:
         sys.stdout = log  # what each rank prints
-        dist.setup()
+        ranks.setup()
         try:
             result = scenario(rank, Path(out))
         finally:
-            dist.teardown()
+            ranks.teardown()
             sys.stdout = sys.__stdout__
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -68,7 +68,7 @@ def _two_ranks(scenario, out: Path) -> list[dict]:
 def _digest(model) -> str:
     """A hash of every weight of this rank's model (DDP: the whole model)."""
     h = hashlib.sha256()
-    for p in dist.unwrap(model).parameters():
+    for p in ranks.unwrap(model).parameters():
         h.update(p.detach().cpu().to_local().numpy().tobytes() if hasattr(p, "to_local")
                  else p.detach().cpu().numpy().tobytes())
     return h.hexdigest()
@@ -110,8 +110,8 @@ def _midtrain_scenario(strategy: str):
         # optimizer of the E-step in flight; then resumed to the end
         codes["stopped"] = main(_midtrain_argv(out / "resumed", strategy, stop_after_steps=3))
         ckpt = out / "resumed" / "checkpoints" / "ra3" / "sharded"
-        held = dist.checkpoint_contents(ckpt)
-        at = dist.read_checkpoint_extras(ckpt)["progress"]
+        held = ranks.checkpoint_contents(ckpt)
+        at = ranks.read_checkpoint_extras(ckpt)["progress"]
         codes["resumed"] = main(_midtrain_argv(out / "resumed", strategy))
         return {"codes": codes, "digests": digests[:steps_full], "held": held,
                 "at": [at["phase"], at["phase_step"], at["step"]]}
@@ -149,14 +149,14 @@ def ntp_single(tmp_path_factory):
     from ra3.midtrain import MidtrainConfig, run_midtrain
 
     out = tmp_path_factory.mktemp("ntp-single")
-    assert not dist.get_info().distributed
+    assert not ranks.get_info().distributed
     return run_midtrain(MidtrainConfig(**{**MIDTRAIN, **NTP, "out": str(out)}))["records"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_midtrain_ntp_matches_one_process_on_the_global_batch(midtrain_runs, ntp_single, strategy):
-    out, ranks = midtrain_runs[strategy]
-    assert [r["codes"]["ntp"] for r in ranks] == [0, 0]
+    out, per_rank = midtrain_runs[strategy]
+    assert [r["codes"]["ntp"] for r in per_rank] == [0, 0]
     got, want = _rows(out / "ntp" / "metrics.jsonl"), ntp_single
     assert [(r["kind"], r.get("step")) for r in got] == [(r["kind"], r.get("step")) for r in want]
     steps = [(g, w) for g, w in zip(got, want) if g["kind"] == "step"]
@@ -171,8 +171,8 @@ def test_midtrain_ntp_matches_one_process_on_the_global_batch(midtrain_runs, ntp
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_midtrain_ra3_finishes_with_one_writer(midtrain_runs, strategy):
-    out, ranks = midtrain_runs[strategy]
-    assert [r["codes"]["full"] for r in ranks] == [0, 0]
+    out, per_rank = midtrain_runs[strategy]
+    assert [r["codes"]["full"] for r in per_rank] == [0, 0]
     rows = _rows(out / "full" / "metrics.jsonl")
     # written once: 2 rounds x (3 E-steps + 3 M-steps) step records and one record per round
     assert [r["kind"] for r in rows].count("step") == 12 and [r["kind"] for r in rows].count("iteration") == 2
@@ -230,9 +230,9 @@ def test_midtrain_fsdp_computes_what_ddp_computes(midtrain_ddp, midtrain_fsdp):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_midtrain_resumes_from_the_sharded_checkpoint(midtrain_runs, strategy):
-    out, ranks = midtrain_runs[strategy]
-    assert [(r["codes"]["stopped"], r["codes"]["resumed"]) for r in ranks] == [(0, 0), (0, 0)]
-    held, at = ranks[0]["held"], ranks[0]["at"]
+    out, per_rank = midtrain_runs[strategy]
+    assert [(r["codes"]["stopped"], r["codes"]["resumed"]) for r in per_rank] == [(0, 0), (0, 0)]
+    held, at = per_rank[0]["held"], per_rank[0]["at"]
     assert at == ["e_step", 2, 2]  # the resumed run restarted at step 2, mid E-step ...
     assert held["optimizer"] and held["modules"] == ["ref"]  # ... with its optimizer and reference policy
     full, resumed = _rows(out / "full" / "metrics.jsonl"), _rows(out / "resumed" / "metrics.jsonl")
@@ -251,15 +251,16 @@ def _rlvr_argv(out: Path, strategy: str, *extra: str) -> list[str]:
 def _helpers(rank: int) -> dict:
     """The loop helpers of ra3.distributed, over 2 ranks."""
     full = list(range(5))
-    mine = dist.shard(full)
-    reduced = dist.reduce_metrics({"loss": [2.0, 5.0][rank], "plain": [1.0, 2.0][rank], "tokens": [3, 4][rank],
+    mine = ranks.shard(full)
+    reduced = ranks.reduce_metrics({"loss": [2.0, 5.0][rank], "plain": [1.0, 2.0][rank], "tokens": [3, 4][rank],
                                    "time_s": [0.5, 1.5][rank], "nan_ok": [1.0, float("nan")][rank], "name": "x"},
                                   weights={"loss": [1, 3][rank], "nan_ok": [2, 0][rank]}, sums=("tokens",),
                                   maxes=("time_s",))
-    return {"mine": mine, "gathered": dist.gather_shards(mine),
-            "gathered_tensor": dist.gather_shards(torch.tensor(mine, dtype=torch.float32) * 10).tolist(),
-            "reduced": reduced, "scale": float(dist.scale_for_global_mean(torch.tensor(1.0), [1, 3][rank])),
-            "seed": dist.rank_seed(7), "objects": dist.gather_objects(f"rank{rank}")}
+    return {"mine": mine, "gathered": ranks.gather_shards(mine),
+            "gathered_tensor": ranks.gather_shards(torch.tensor(mine, dtype=torch.float32) * 10).tolist(),
+            "reduced": reduced, "scale": float(ranks.scale_for_global_mean(torch.tensor(1.0), [1, 3][rank])),
+            "seed": ranks.rank_seed(7), "objects": ranks.gather_objects(f"rank{rank}"),
+            "std": ranks.reduce_metrics({"n": 1, "s": -1.0}, stds={"s": [[1.0, 2.0], [4.0]][rank]}, sums=("n",))}
 
 
 def _rlvr_scenario(rank: int, out: Path) -> dict:
@@ -269,13 +270,13 @@ def _rlvr_scenario(rank: int, out: Path) -> dict:
     helpers = _helpers(rank)
 
     digests: dict[str, list[str]] = {}
-    save = trainer.save_checkpoint
+    save = trainer.save_step
 
     def recording(run_out, step, model, *args, **kwargs):
         digests.setdefault(Path(run_out).name, []).append(_digest(model))
         return save(run_out, step, model, *args, **kwargs)
 
-    trainer.save_checkpoint = recording
+    trainer.save_step = recording
     codes = {"ddp": main(_rlvr_argv(out / "ddp", "ddp")),
              "stopped": main(_rlvr_argv(out / "resumed", "ddp", "--steps", "2")),
              "resumed": main(_rlvr_argv(out / "resumed", "ddp", "--resume")),
@@ -290,8 +291,8 @@ def rlvr_runs(tmp_path_factory):
 
 
 def test_loop_helpers_over_two_ranks(rlvr_runs):
-    _, ranks = rlvr_runs
-    h0, h1 = (r["helpers"] for r in ranks)
+    _, per_rank = rlvr_runs
+    h0, h1 = (r["helpers"] for r in per_rank)
     assert (h0["mine"], h1["mine"]) == ([0, 2, 4], [1, 3])  # each rank its share ...
     assert h0["gathered"] == h1["gathered"] == [0, 1, 2, 3, 4]  # ... and back in order, everywhere
     assert h0["gathered_tensor"] == h1["gathered_tensor"] == [0.0, 10.0, 20.0, 30.0, 40.0]
@@ -300,6 +301,8 @@ def test_loop_helpers_over_two_ranks(rlvr_runs):
     # rank r's mean over its count n_r, rescaled by world * n_r / sum n: DDP's average is the global mean
     assert (h0["scale"], h1["scale"]) == (0.5, 1.5)
     assert h0["seed"] != h1["seed"] and h0["objects"] == h1["objects"] == ["rank0", "rank1"]
+    # the sample std of every rank's values together ([1, 2] and [4]), the other keys reduced as they say
+    assert h0["std"] == h1["std"] == {"n": 2, "s": pytest.approx(1.5275252316519468)}
 
 
 def test_rlvr_ddp_finishes_resumes_and_keeps_ranks_identical(rlvr_runs):
@@ -313,7 +316,7 @@ def test_rlvr_ddp_finishes_resumes_and_keeps_ranks_identical(rlvr_runs):
     for step in (2, 4):
         ckpt = out / "ddp" / "checkpoints" / f"step-{step}"
         assert (ckpt / "model.safetensors").exists() and (ckpt / "sharded" / ".metadata").exists()
-        assert dist.read_checkpoint_extras(ckpt / "sharded")["step"] == step
+        assert ranks.read_checkpoint_extras(ckpt / "sharded")["step"] == step
     # DDP: the ranks sampled different prompts, yet hold the same weights at every checkpoint
     assert rank0["digests"] == rank1["digests"] and len(set(rank0["digests"])) == 2
     # stopped at step 2 and resumed from its sharded checkpoint: the same steps as the uninterrupted run
@@ -380,29 +383,28 @@ def test_ddp_in_one_process_is_the_plain_run_with_a_sharded_checkpoint(tmp_path)
 
 def test_single_process_helpers_leave_things_as_they_are():
     metrics = {"loss": 1.5, "tokens": 3, "name": "x"}
-    assert dist.reduce_metrics(metrics, weights={"loss": 2}, sums=("tokens",)) is metrics
+    assert ranks.reduce_metrics(metrics, weights={"loss": 2}, sums=("tokens",)) is metrics
     items = [1, 2, 3]
-    assert dist.shard(items) is items and dist.gather_shards(items) is items
+    assert ranks.shard(items) is items and ranks.gather_shards(items) is items
     loss = torch.tensor(2.0)
-    assert dist.scale_for_global_mean(loss, 7) is loss and dist.rank_seed(12345) == 12345
-    assert dist.gather_objects({"a": 1}) == [{"a": 1}]
+    assert ranks.scale_for_global_mean(loss, 7) is loss and ranks.rank_seed(12345) == 12345
+    assert ranks.gather_objects({"a": 1}) == [{"a": 1}]
     model = torch.nn.Linear(2, 2)
-    assert dist.forward(model, lambda m: m) is model
-    with dist.full_params(model) as m, dist.full_params(None) as none:
+    assert ranks.forward(model, lambda m: m) is model
+    with ranks.full_params(model) as m, ranks.full_params(None) as none:
         assert m is model and none is None and not torch.is_grad_enabled()
-    copy_ = dist.frozen_copy(model)
+    copy_ = ranks.frozen_copy(model)
     assert copy_ is not model and not any(p.requires_grad for p in copy_.parameters())
-    assert dist.wrap_model(model, "ddp") is model
+    assert ranks.wrap_model(model, "ddp") is model
 
 
 def test_bad_distributed_settings_fail_naming_the_field(tmp_path, monkeypatch, capsys):
     from ra3.cli import main
     from ra3.midtrain import MidtrainConfig
-    from ra3.midtrain.loop import _check_rank_shares
-    from ra3.midtrain.records import load_run_state
+    from ra3.midtrain.loop import _rank_shares
     from ra3.rlvr import RLVRConfig
-    from ra3.rlvr.trainer import _check_rank_shares as rlvr_shares
     from ra3.rlvr.trainer import latest_checkpoint
+    from ra3.train.run import read_checkpoint
 
     with pytest.raises(ValueError, match="'distributed'"):
         MidtrainConfig(distributed="zero3").validate()
@@ -414,27 +416,25 @@ def test_bad_distributed_settings_fail_naming_the_field(tmp_path, monkeypatch, c
     assert "distributed" in capsys.readouterr().err
     # every rank needs a share of each step
     with pytest.raises(ValueError, match="'m_batch_size'"):
-        _check_rank_shares(MidtrainConfig(m_batch_size=2), True, 100, 4)
+        ranks.check_shares(_rank_shares(MidtrainConfig(m_batch_size=2), True, 100, 4), world_size=4)
     with pytest.raises(ValueError, match="'e_docs_per_step'"):
-        _check_rank_shares(MidtrainConfig(e_docs_per_step=3), True, 100, 4)
-    _check_rank_shares(MidtrainConfig(e_docs_per_step=3), True, 100, 3)
-    with pytest.raises(ValueError, match="prompts_per_step"):
-        rlvr_shares(RLVRConfig.toy(prompts_per_step=3, distributed="ddp"), 2)
-    with pytest.raises(ValueError, match="minibatch_size"):
-        rlvr_shares(RLVRConfig.toy(minibatch_size=3, distributed="ddp"), 2)
+        ranks.check_shares(_rank_shares(MidtrainConfig(e_docs_per_step=3), True, 100, 4), world_size=4)
+    ranks.check_shares(_rank_shares(MidtrainConfig(e_docs_per_step=3), True, 100, 3), world_size=3)
+    # rlvr splits each step's prompts and minibatches evenly
+    with pytest.raises(ValueError, match="'prompts_per_step'"):
+        ranks.check_shares({"prompts_per_step": RLVRConfig.toy(prompts_per_step=3).prompts_per_step}, divisible=True,
+                           world_size=2)
+    with pytest.raises(ValueError, match="'minibatch_size'"):
+        ranks.check_shares({"minibatch_size": 3}, divisible=True, world_size=2)
     # 'none' under torchrun would have every process train alone into the same directory
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="distributed='none'"):
-        with dist.session("none"):
+        with ranks.session("none"):
             pass
     monkeypatch.delenv("WORLD_SIZE")
     # a checkpoint of the other format is refused, not silently restarted
-    (tmp_path / "ck").mkdir()
-    torch.save({}, tmp_path / "ck" / "latest.pt")
-    with pytest.raises(ValueError, match="distributed"):
-        load_run_state(tmp_path / "ck", sharded=True)
-    (tmp_path / "rl" / "checkpoints" / "step-2").mkdir(parents=True)
-    torch.save({}, tmp_path / "rl" / "checkpoints" / "step-2" / "trainer_state.pt")
-    with pytest.raises(ValueError, match="distributed"):
-        latest_checkpoint(tmp_path / "rl", "fsdp")
-    assert latest_checkpoint(tmp_path / "rl", "none") == tmp_path / "rl" / "checkpoints" / "step-2"
+    ckpt = tmp_path / "rl" / "checkpoints" / "step-2"
+    ranks.save_checkpoint(ckpt / "sharded", {"model": torch.nn.Linear(2, 2), "step": 2})  # a ddp / fsdp run's
+    assert latest_checkpoint(tmp_path / "rl") == ckpt
+    with pytest.raises(ValueError, match="'distributed'.*--distributed ddp or fsdp"):
+        read_checkpoint(ckpt)  # in a single process

@@ -117,7 +117,7 @@ def test_policy_gradient_reaches_decisions_and_sampled_comment_tokens_only(setti
 
 
 def _config(**kw) -> MidtrainConfig:
-    base = dict(group_size=2, kl_coef=0.0, ppo_epochs=1, progress=False, ops_backend="torch", think_cost=0.05,
+    base = dict(group_size=2, kl_coef=0.0, ppo_epochs=1, progress=False, backend="torch", think_cost=0.05,
                 advantage="returns-to-go", advantage_normalize="mean", e_lr=1e-3)
     base.update(kw)
     return MidtrainConfig(**base)

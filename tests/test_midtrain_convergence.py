@@ -13,7 +13,7 @@ FUSED = [b for b in available_backends("cpu") if b != "torch" and b not in regis
 
 def _steps(tmp_path, backend, **overrides):
     cfg = dict(out=str(tmp_path / backend), em_iterations=1, corpus_limit=40, max_actions=8, progress=False,
-               ops_backend=backend)
+               backend=backend)
     cfg.update(overrides)
     return [r for r in run_midtrain(MidtrainConfig(**cfg))["records"] if r.get("kind") == "step"]
 

@@ -5,27 +5,19 @@ The defaults are the embedded default run (``ra3-tiny`` on the embedded corpus, 
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import typing
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
-from ra3.ops import registry as ops_registry
+from ra3.train.config import ADVANTAGE_NORMALIZE, BACKENDS, DISTRIBUTED, DTYPES, KL_ESTIMATORS, TrainConfig
 
 OBJECTIVES = ("ra3", "ntp", "both")
 KL_FORMS = ("fixed", "exact")
 ADVANTAGES = ("return", "returns-to-go")
-NORMALIZE = ("std", "mean", "rloo", "none")
 MSTEP_TOKENS = ("all", "code")
 ENGINES = ("hf", "vllm")
-BACKENDS = ("auto", *ops_registry.BACKENDS)
-DISTRIBUTED = ("none", "ddp", "fsdp")  # ra3.distributed strategies
 
 
 @dataclass
-class MidtrainConfig:
+class MidtrainConfig(TrainConfig):
     """Every knob of ``ra3 midtrain``; see the field comments. Validate with ``validate()``."""
     # --- data
     corpus: str | None = None  # None: the embedded default; else .jsonl/.json/.parquet path or datasets name
@@ -40,7 +32,7 @@ class MidtrainConfig:
     model: str = "ra3-tiny"  # Hugging Face name or local path, or the embedded 'ra3-tiny'
     dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
     device: str = "cpu"  # cpu | cuda | cuda:N
-    ops_backend: str = "auto"  # backend of every ra3.ops call: auto | torch | cpu | cuda | triton
+    backend: str = "auto"  # backend of every ra3.ops call: auto | torch | cpu | cuda | triton | ...
     cpu_threads: int = 1  # torch CPU threads during the run (tiny models run fastest on 1); 0: leave torch's
     distributed: str = "none"  # none | ddp | fsdp: data-parallel over torchrun's processes (device: each rank's)
     # --- the loop
@@ -56,7 +48,7 @@ class MidtrainConfig:
     rollout_temperature: float = 1.0  # temperature of q (decisions and comments)
     discount: float = 1.0  # gamma over lines
     advantage: str = "returns-to-go"  # 'returns-to-go' (a decision's return from its line on) or 'return' (rollout)
-    advantage_normalize: str = "mean"  # centring in nats against the document's group: mean | rloo | std | none
+    advantage_normalize: str = "mean"  # centring in nats against the document's group: mean | rloo | std | none | ...
     format_penalty: float = 0.0  # subtracted per think whose comment is empty or was cut at max_rationale_tokens
     e_steps: int = 4  # policy-gradient updates per EM round
     e_docs_per_step: int = 8  # documents per update (x group_size rollouts)
@@ -85,159 +77,43 @@ class MidtrainConfig:
     engine: str = "hf"  # rollout engine: "hf" (Hugging Face, any device) | "vllm" (needs vllm and a CUDA GPU)
     progress: bool = True  # tqdm progress bars
 
-    # --------------------------------------------------------------------------------------------- checks
-    def validate(self) -> "MidtrainConfig":
-        """Raise ValueError naming the first bad field; return self."""
-        def bad(name, why):
-            raise ValueError(f"config field {name!r}: {why}, got {getattr(self, name)!r}")
+    CHOICES = {"objective": OBJECTIVES, "kl_form": KL_FORMS, "advantage": ADVANTAGES,
+               "advantage_normalize": ADVANTAGE_NORMALIZE, "mstep_tokens": MSTEP_TOKENS, "engine": ENGINES,
+               "backend": BACKENDS, "action_unit": ("line", "block"), "kl_estimator": KL_ESTIMATORS,
+               "distributed": DISTRIBUTED, "dtype": DTYPES}
+    AT_LEAST = {**dict.fromkeys(("think_cost", "kl_coef", "weight_decay", "format_penalty", "clip_low", "clip_high",
+                                 "e_steps", "m_steps", "max_rationale_tokens", "num_samples", "seed", "cpu_threads"),
+                                0),
+                **dict.fromkeys(("em_iterations", "max_actions", "max_action_tokens", "e_docs_per_step", "ppo_epochs",
+                                 "rollout_batch_size", "m_batch_size", "eval_batch_size", "checkpoint_every",
+                                 "corpus_limit", "annotate_docs", "stop_after_steps"), 1),
+                "group_size": 2}
+    WHY = {"group_size": "group-relative advantages need at least two rollouts per document"}
+    BELOW = {"clip_low": 1}
+    POSITIVE = ("e_lr", "m_lr", "rollout_temperature", "grad_clip")
+    RESUME_FREE = ("out", "resume", "stop_after_steps", "progress", "checkpoint_every", "num_samples", "distributed")
 
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = _base_type(f.type)
-            if value is None:
-                if not _optional(f.type):
-                    bad(f.name, "must not be None")
-                continue
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, f.name, value)
-            if kind is bool and not isinstance(value, bool):
-                bad(f.name, "must be true or false")
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                bad(f.name, "must be an integer")
-            if kind is float and (not isinstance(value, float) or not math.isfinite(value)):
-                bad(f.name, "must be a finite number")
-            if kind is str and not isinstance(value, str):
-                bad(f.name, "must be a string")
-        for name, choices in (("objective", OBJECTIVES), ("kl_form", KL_FORMS), ("advantage", ADVANTAGES),
-                              ("advantage_normalize", NORMALIZE), ("mstep_tokens", MSTEP_TOKENS),
-                              ("engine", ENGINES), ("ops_backend", BACKENDS), ("action_unit", ("line", "block")),
-                              ("kl_estimator", ("k1", "k2", "k3")), ("distributed", DISTRIBUTED),
-                              ("dtype", ("float32", "bfloat16", "float16", "float64"))):
-            if getattr(self, name) not in choices:
-                bad(name, f"must be one of {choices}")
-        for name in ("think_cost", "kl_coef", "weight_decay", "format_penalty", "clip_low", "clip_high"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        if self.clip_low >= 1:
-            bad("clip_low", "must be < 1")
-        for name in ("em_iterations", "max_actions", "max_action_tokens", "e_docs_per_step", "ppo_epochs",
-                     "rollout_batch_size", "m_batch_size", "eval_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        for name in ("e_steps", "m_steps", "max_rationale_tokens", "num_samples", "seed", "cpu_threads"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        if self.group_size < 2:
-            bad("group_size", "must be >= 2 (group-relative advantages need at least two rollouts per document)")
-        for name in ("corpus_limit", "annotate_docs", "stop_after_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                bad(name, "must be >= 1 or null")
+    @classmethod
+    def renamed(cls) -> dict:
+        return {"ops_backend": "backend"}  # the field's name before the trainers shared their flags
+
+    def check(self) -> None:
         if not 0 < self.alpha < 1:
-            bad("alpha", "must be in (0, 1)")
+            self.bad("alpha", "must be in (0, 1)")
         if not 0 < self.discount <= 1:
-            bad("discount", "must be in (0, 1]")
+            self.bad("discount", "must be in (0, 1]")
         if not 0 <= self.heldout_fraction < 1:
-            bad("heldout_fraction", "must be in [0, 1)")
-        for name in ("e_lr", "m_lr", "rollout_temperature", "grad_clip"):
-            if getattr(self, name) <= 0:
-                bad(name, "must be > 0")
+            self.bad("heldout_fraction", "must be in [0, 1)")
         if not self.text_column:
-            bad("text_column", "must be a non-empty string")
-        if not self.model:
-            bad("model", "must name a model")
-        if not self.out:
-            bad("out", "must be a directory path")
+            self.bad("text_column", "must be a non-empty string")
         if self.distributed != "none" and self.engine != "hf":
-            bad("engine", f"must be 'hf' with distributed={self.distributed!r} (each rank samples with its own "
-                          f"Hugging Face model)")
-        return self
-
-    # --------------------------------------------------------------------------------------------- I/O
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_dict(cls, data: dict, *, source: str = "config") -> "MidtrainConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping of field names to values, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown config field(s) {unknown}; known fields: {sorted(names)}")
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "MidtrainConfig":
-        """Read a YAML (.yaml/.yml) or JSON (.json) config; fields not in the file keep their defaults."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        return cls.from_dict(data, source=str(path))
-
-    def with_overrides(self, overrides: dict) -> "MidtrainConfig":
-        """A copy with ``overrides`` (field -> value, values already typed or strings to parse) applied."""
-        data = self.to_dict()
-        types = {f.name: f.type for f in fields(self)}
-        for key, value in overrides.items():
-            name = key.replace("-", "_")
-            if name not in types:
-                raise ValueError(f"unknown config field {key!r}; known fields: {sorted(types)}")
-            data[name] = parse_value(name, types[name], value) if isinstance(value, str) else value
-        return type(self).from_dict(data)
-
-
-def _optional(tp) -> bool:
-    return type(None) in typing.get_args(tp) if not isinstance(tp, str) else "None" in tp
-
-
-def _base_type(tp):
-    if isinstance(tp, str):  # postponed annotations: "int | None"
-        head = tp.split("|")[0].strip()
-        return {"int": int, "float": float, "str": str, "bool": bool}.get(head, str)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def parse_value(name: str, tp, text: str):
-    """Parse a command-line string for field ``name`` of type ``tp`` ('null'/'none' -> None when optional)."""
-    kind = _base_type(tp)
-    if _optional(tp) and text.strip().lower() in ("none", "null", ""):
-        return None
-    try:
-        if kind is bool:
-            low = text.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-    except ValueError:
-        raise ValueError(f"config field {name!r}: cannot parse {text!r} as {kind.__name__}") from None
-    return text
+            self.bad("engine", f"must be 'hf' with distributed={self.distributed!r} (each rank samples with its "
+                               f"own Hugging Face model)")
 
 
 def field_help() -> dict[str, str]:
     """field name -> its comment in this file (for --help)."""
-    from ra3.cli import dataclass_help
-
-    return dataclass_help(MidtrainConfig)
+    return MidtrainConfig.field_help()
 
 
-__all__ = ["MidtrainConfig", "parse_value", "field_help", "OBJECTIVES", "KL_FORMS"]
+__all__ = ["MidtrainConfig", "field_help", "OBJECTIVES", "KL_FORMS"]

@@ -8,18 +8,18 @@ averaged over ranks as for one token-mean over all of them; the metrics returned
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
-from ra3 import distributed as dist
+from ra3 import distributed as ranks
 from ra3 import ops
 from ra3.data.sequences import Comment, CommentVocab, Document, build_sequences
 from ra3.midtrain.batch import pack
 from ra3.midtrain.config import MidtrainConfig
 from ra3.midtrain.elbo import elbo, line_rewards, returns
 from ra3.midtrain.scoring import PolicyHead, hidden_states, output_head, policy_logprobs, score_rollouts
+from ra3.train.update import PolicyTokens, UpdateConfig, policy_gradient_update
 
 
 def advantages(rewards: torch.Tensor, valid: torch.Tensor, boundary: torch.Tensor, mask: torch.Tensor, *,
@@ -55,19 +55,26 @@ def informative_rollouts(comments: list[dict[int, Comment]], group_size: int) ->
     return torch.tensor(out, dtype=torch.bool)
 
 
+def update_config(cfg: MidtrainConfig) -> UpdateConfig:
+    """The E-step's policy-gradient coefficients: the whole batch per optimizer step, a token-mean loss."""
+    return UpdateConfig(epochs=cfg.ppo_epochs, clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
+                        kl_estimator=cfg.kl_estimator, aggregation="token-mean", grad_clip=cfg.grad_clip,
+                        backend=cfg.backend)
+
+
 def e_step(policy, ref, optimizer, docs: list[Document], generator, head: PolicyHead, vocab: CommentVocab,
            cfg: MidtrainConfig, *, seed: int) -> dict:
     """One E-step update on ``docs`` (G rollouts each; under ddp / fsdp this rank's share of the step's documents).
     Returns the step's metrics (floats), over all ranks' rollouts."""
     t0 = time.perf_counter()
     expanded = [d for d in docs for _ in range(cfg.group_size)]
-    kw = {"temperature": cfg.rollout_temperature, "backend": cfg.ops_backend}
+    kw = {"temperature": cfg.rollout_temperature, "backend": cfg.backend}
     policy.eval()
     # sampling and scoring need the whole weights at once (gathered under fsdp), and no gradients
-    with dist.full_params(policy) as q, dist.full_params(ref) as q_ref:
+    with ranks.full_params(policy) as q, ranks.full_params(ref) as q_ref:
         device = output_head(q)[0].device
         generator.sync_weights(q)
-        comments = generator.rollout(expanded, seed=dist.rank_seed(seed))
+        comments = generator.rollout(expanded, seed=ranks.rank_seed(seed))
         t_rollout = time.perf_counter() - t0
         batch = pack(build_sequences(expanded, vocab, comments), vocab.pad_id, device)
         weight, bias = output_head(q)
@@ -82,35 +89,22 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: Policy
                            comment_vocab_size=head.comment_vocab_size, format_penalty=cfg.format_penalty)
     adv, ret = advantages(rewards, scores.valid, boundary, mask, group_size=cfg.group_size,
                           advantage=cfg.advantage, normalize=cfg.advantage_normalize, discount=cfg.discount,
-                          backend=cfg.ops_backend)
+                          backend=cfg.backend)
     keep = informative_rollouts(comments, cfg.group_size).to(mask.device)
     weights = mask.float() * keep[:, None]
 
-    def clipped_loss(model):
+    def logprobs(model, index):  # the current policy's log-probs of the rollouts ``index``' policy tokens
         w, b = output_head(model)
-        lp, _, _ = policy_logprobs(hidden_states(model, batch), w, b, batch, head, **kw)
-        return ops.policy_loss(lp, old_lp, adv, weights, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                               ref_logprobs=ref_lp, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-                               aggregation="token-mean", backend=cfg.ops_backend)
+        return policy_logprobs(hidden_states(model, batch), w, b, batch, head, **kw)[0][index]
 
-    policy.train()
+    stats = policy_gradient_update(policy, optimizer, PolicyTokens(logprobs, old_lp, adv, weights, ref_lp),
+                                   update_config(cfg))
     n_policy_tokens = float(weights.sum())
-    stats = []
-    for _ in range(cfg.ppo_epochs):
-        out = dist.forward(policy, clipped_loss)
-        optimizer.zero_grad(set_to_none=True)
-        dist.scale_for_global_mean(out.loss, n_policy_tokens).backward()
-        grad_norm = dist.clip_grad_norm_(policy, cfg.grad_clip)
-        optimizer.step()
-        stats.append(tuple(float(x.detach()) for x in (out.loss, out.clip_fraction, out.kl_mean, out.ratio_mean,
-                                                           grad_norm)))
-    policy.eval()
     elapsed = time.perf_counter() - t0
     parts = elbo(scores, think_cost=cfg.think_cost, alpha=cfg.alpha, comment_vocab_size=head.comment_vocab_size)
     n_lines = float(scores.valid.sum())
     n_thinks = float(parts["thinks"].sum())
     n_adv = float(mask.sum())
-    loss, clip, kl, ratio, gnorm = (sum(s[i] for s in stats) / len(stats) for i in range(5))
     metrics = {
         "return_mean": float(ret.mean()), "return_std": float(ret.std()) if len(ret) > 1 else 0.0,
         "advantage_abs_mean": float(adv.abs().sum() / mask.sum().clamp(min=1)),
@@ -121,7 +115,8 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: Policy
         "expert_loglik": float(parts["expert_loglik"].mean()), "elbo": float(parts[f"elbo_{cfg.kl_form}"].mean()),
         "thinks_per_100_lines": 100.0 * n_thinks / max(n_lines, 1.0),
         "rationale_len_mean": float(scores.comment_len.sum()) / max(n_thinks, 1.0),
-        "policy_loss": loss, "clip_fraction": clip, "ref_kl": kl, "ratio_mean": ratio, "grad_norm": gnorm,
+        "policy_loss": stats["loss"], "clip_fraction": stats["clip_fraction"], "ref_kl": stats["kl"],
+        "ratio_mean": stats["ratio_mean"], "grad_norm": stats["grad_norm"],
         "tokens": batch.num_tokens, "tokens_per_s": batch.num_tokens / max(elapsed, 1e-9),
         "rollout_s": t_rollout, "time_s": elapsed,
     }
@@ -131,18 +126,15 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: Policy
 def _over_ranks(m: dict, ret: torch.Tensor, *, n_lines, n_thinks, n_adv, n_tokens) -> dict:
     """The E-step metrics of every rank's rollouts, each mean weighted by what it averages over (``m`` as it is
     in a single process)."""
-    if not dist.get_info().distributed:
+    if not ranks.get_info().distributed:
         return m
     n = len(ret)
     per_token = ("policy_loss", "clip_fraction", "ref_kl", "ratio_mean")
-    weights = {"return_mean": n, "return_sq": n, "expert_loglik": n, "elbo": n, "advantage_abs_mean": n_adv,
-               "think_rate": n, "think_q_mean": n, "informative_groups": n,
-               "thinks_per_100_lines": n_lines, "rationale_len_mean": n_thinks, **{k: n_tokens for k in per_token}}
-    g = dist.reduce_metrics({**m, "return_sq": float((ret.double() ** 2).mean()), "rollouts": n}, weights=weights,
-                            sums=("tokens", "rollouts"), maxes=("rollout_s", "time_s"))
-    n_all = g.pop("rollouts")
-    var = (g.pop("return_sq") - g["return_mean"] ** 2) * n_all / max(n_all - 1, 1)
-    g["return_std"] = math.sqrt(max(var, 0.0)) if n_all > 1 else 0.0
+    weights = {"return_mean": n, "expert_loglik": n, "elbo": n, "advantage_abs_mean": n_adv, "think_rate": n,
+               "think_q_mean": n, "informative_groups": n, "thinks_per_100_lines": n_lines,
+               "rationale_len_mean": n_thinks, **{k: n_tokens for k in per_token}}
+    g = ranks.reduce_metrics(m, weights=weights, sums=("tokens",), maxes=("rollout_s", "time_s"),
+                             stds={"return_std": ret})
     g["tokens_per_s"] = g["tokens"] / max(g["time_s"], 1e-9)
     return g
 
@@ -153,20 +145,20 @@ def annotate(model, generator, docs: list[Document], head: PolicyHead, vocab: Co
     """One rollout per document with the current q: (comments per document, ELBO parts per document [N],
     tokens/s of the pass). Under ddp / fsdp each rank annotates its share of ``docs`` and every rank gets all."""
     t0 = time.perf_counter()
-    mine = dist.shard(docs)
+    mine = ranks.shard(docs)
     parts: dict[str, list[torch.Tensor]] = {}
     n_tokens = 0
-    with dist.full_params(model) as q:
+    with ranks.full_params(model) as q:
         device = output_head(q)[0].device
         q.eval()
         generator.sync_weights(q)
-        comments = generator.rollout(mine, seed=dist.rank_seed(seed))
+        comments = generator.rollout(mine, seed=ranks.rank_seed(seed))
         for start in range(0, len(mine), cfg.eval_batch_size):
             chunk = range(start, min(start + cfg.eval_batch_size, len(mine)))
             batch = pack(build_sequences([mine[i] for i in chunk], vocab, [comments[i] for i in chunk]),
                          vocab.pad_id, device)
             n_tokens += batch.num_tokens
-            scores = score_rollouts(q, batch, head, temperature=cfg.rollout_temperature, backend=cfg.ops_backend)
+            scores = score_rollouts(q, batch, head, temperature=cfg.rollout_temperature, backend=cfg.backend)
             for k, v in elbo(scores, think_cost=cfg.think_cost, alpha=cfg.alpha,
                              comment_vocab_size=head.comment_vocab_size).items():
                 parts.setdefault(k, []).append(v)
@@ -176,7 +168,7 @@ def annotate(model, generator, docs: list[Document], head: PolicyHead, vocab: Co
                 torch.bincount(batch.code_rows // (batch.input_ids.shape[1] - 1), minlength=batch.size).float())
             parts.setdefault("decision_points", []).append(batch.decision_valid.sum(1).float())
             parts.setdefault("tokens", []).append(batch.attention_mask.sum(1).float())
-    parts = {k: dist.gather_shards(torch.cat(v)) for k, v in parts.items()}
-    speed = dist.reduce_metrics({"tokens": n_tokens, "s": max(time.perf_counter() - t0, 1e-9)}, sums=("tokens",),
+    parts = {k: ranks.gather_shards(torch.cat(v)) for k, v in parts.items()}
+    speed = ranks.reduce_metrics({"tokens": n_tokens, "s": max(time.perf_counter() - t0, 1e-9)}, sums=("tokens",),
                                 maxes=("s",))
-    return dist.gather_shards(comments), parts, speed["tokens"] / speed["s"]
+    return ranks.gather_shards(comments), parts, speed["tokens"] / speed["s"]

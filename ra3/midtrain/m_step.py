@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ra3 import distributed as dist
+from ra3 import distributed as ranks
 from ra3 import ops
 from ra3.data.sequences import Sequence
 from ra3.midtrain.batch import PackedBatch, pack
@@ -45,17 +45,17 @@ def m_step(model, optimizer, seqs: list[Sequence], *, pad_id: int, tokens: str =
     """One NTP update on ``seqs`` (mean negative log-likelihood per covered token; under ddp / fsdp ``seqs`` is
     this rank's share of the batch). Returns the step's metrics, over all ranks."""
     t0 = time.perf_counter()
-    device = output_head(dist.unwrap(model))[0].device
+    device = output_head(ranks.unwrap(model))[0].device
     batch = pack(seqs, pad_id, device)
     model.train()
-    loss, count = dist.forward(model, lambda m: ntp_loss(m, batch, tokens=tokens, backend=backend))
+    loss, count = ranks.forward(model, lambda m: ntp_loss(m, batch, tokens=tokens, backend=backend))
     optimizer.zero_grad(set_to_none=True)
-    dist.scale_for_global_mean(loss, count).backward()
-    grad_norm = dist.clip_grad_norm_(model, grad_clip)
+    ranks.scale_for_global_mean(loss, count).backward()
+    grad_norm = ranks.clip_grad_norm_(model, grad_clip)
     optimizer.step()
     model.eval()
     elapsed = time.perf_counter() - t0
-    m = dist.reduce_metrics({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "tokens": batch.num_tokens,
+    m = ranks.reduce_metrics({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "tokens": batch.num_tokens,
                              "code_tokens": len(batch.code_rows), "time_s": elapsed},
                             weights={"loss": count}, sums=("tokens", "code_tokens"),
                             maxes=("time_s",))
@@ -71,9 +71,9 @@ def heldout_loss(model, seqs: list[Sequence], *, pad_id: int, tokens: str = "cod
     scores its share of ``seqs``; the mean is over all of them."""
     if not seqs:
         return float("nan")
-    mine = dist.shard(seqs)
+    mine = ranks.shard(seqs)
     total, count = 0.0, 0
-    with dist.full_params(model) as q:
+    with ranks.full_params(model) as q:
         device = output_head(q)[0].device
         q.eval()
         for start in range(0, len(mine), batch_size):
@@ -81,4 +81,4 @@ def heldout_loss(model, seqs: list[Sequence], *, pad_id: int, tokens: str = "cod
             nll, n = ntp_loss(q, batch, tokens=tokens, reduction="sum", backend=backend)
             total += float(nll)
             count += n
-    return dist.reduce_metrics({"nll": total / max(count, 1)}, weights={"nll": count})["nll"]
+    return ranks.reduce_metrics({"nll": total / max(count, 1)}, weights={"nll": count})["nll"]

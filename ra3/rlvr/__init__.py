@@ -1,13 +1,13 @@
 """RLVR: GRPO post-training of causal LMs with unit-test rewards, on the fused ``ra3.ops`` losses.
 
-``RLVRConfig`` and ``toy_tasks`` load without torch; ``train`` (``ra3.rlvr.trainer``) imports it.
+``train`` (``ra3.rlvr.trainer``) loads the trainer's dependencies when called.
 """
 from ra3.rlvr.config import RLVRConfig
 from ra3.rlvr.rewards import UnitTestReward
 from ra3.rlvr.toy import toy_tasks
 
 
-def train(cfg, *, resume: bool = False, progress: bool = True):
+def train(cfg, *, resume: bool | None = None, progress: bool | None = None):
     """Run GRPO; see ``ra3.rlvr.trainer.train``."""
     from ra3.rlvr.trainer import train as _train
 

@@ -3,10 +3,12 @@
 Per step: sample ``prompts_per_step`` tasks -> ``rollout`` G completions each (Hugging Face generate on the
 policy) -> ``UnitTestReward`` in the sandbox -> ``ops.group_advantages`` within each group -> per-token
 log-probs of the sampled tokens from the final hidden states and the lm_head with ``ops.linear_logprobs`` (the
-[tokens x vocab] logits are never built) -> ``ops.policy_loss`` (PPO clip + KL to the frozen initial model) ->
-AdamW. Metrics go to ``OUT/metrics.jsonl`` (and TensorBoard when installed); checkpoints to
-``OUT/checkpoints/step-N`` (a ``save_pretrained`` directory ``ra3 eval --model`` can load, plus the optimizer
-state), from which ``resume`` continues.
+[tokens x vocab] logits are never built) -> ``policy_gradient_update`` (``ra3.train.update``, the update RA3's
+E-step takes too: ``ops.policy_loss``, PPO clip + KL to the frozen initial model, minibatches) -> AdamW. The run
+directory is ``ra3.train.run``'s: ``OUT/config.yaml``, ``OUT/metrics.jsonl`` (one record per step, and
+TensorBoard when installed), checkpoints in ``OUT/checkpoints/step-N`` (a ``save_pretrained`` directory
+``ra3 eval --model`` can load, plus ``save_checkpoint``'s optimizer, RNG and position), from which rerunning the
+same command continues.
 
 Distributed (``distributed: ddp | fsdp`` under torchrun): each rank samples, scores and trains on its share of
 the step's prompt groups; gradients are averaged over ranks (DDP / FSDP2) as for one loss over the whole batch,
@@ -17,8 +19,6 @@ the metrics describe the whole batch, rank 0 alone writes files. Checkpoints the
 from __future__ import annotations
 
 import copy
-import json
-import math
 import random
 import re
 import shutil
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ra3 import distributed as dist
+from ra3 import distributed as ranks
 from ra3 import ops
 from ra3.eval.benchmarks import Task, load_tasks
 from ra3.eval.evaluate import generate_samples
@@ -36,6 +36,9 @@ from ra3.eval.sandbox import Sandbox, SandboxConfig
 from ra3.rlvr.config import RLVRConfig
 from ra3.rlvr.rewards import UnitTestReward
 from ra3.rlvr.toy import toy_tasks
+from ra3.train.run import (MetricsWriter, check_resumable, checkpoint_path, load_checkpoint, read_checkpoint,
+                           save_checkpoint, write_config)
+from ra3.train.update import PolicyTokens, UpdateConfig, policy_gradient_update
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -120,130 +123,77 @@ def response_logprobs(model, batch: Batch, *, temperature: float, backend: str =
     return logprobs, entropy.mean().item() if entropy.numel() else 0.0
 
 
-# ---- logging and checkpoints --------------------------------------------------------------------------------
-class MetricsLogger:
-    """One JSON object per step in ``OUT/metrics.jsonl``; TensorBoard scalars too when it is installed."""
-
-    def __init__(self, out: Path, start_step: int):
-        self.path = out / "metrics.jsonl"
-        self.writer = None
-        self.enabled = dist.is_main()  # under ddp / fsdp rank 0 writes, the others pass
-        if not self.enabled:
-            return
-        if self.path.exists():  # resuming after `start_step` completed steps: drop rows of steps redone
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            pass
-
-    def log(self, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, metrics["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-TRAINER_STATE, SHARDED = "trainer_state.pt", "sharded"  # the optimizer etc.: a file (none) or a sharded dir
-
-
-def _complete_checkpoints(out: Path, marker: str) -> list[tuple[int, Path]]:
-    return sorted((int(m.group(1)), p) for p in (out / "checkpoints").glob("step-*")
-                  if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / marker).exists())
-
-
-def latest_checkpoint(out: Path, distributed: str = "none") -> Path | None:
-    """The newest complete ``OUT/checkpoints/step-N`` of the format ``distributed`` writes (sharded for ddp /
-    fsdp); a ValueError naming ``distributed`` when only checkpoints of the other format are there."""
-    formats = {"none": TRAINER_STATE, "sharded": f"{SHARDED}/.metadata"}
-    mine = "none" if distributed == "none" else "sharded"
-    steps = _complete_checkpoints(out, formats[mine])
-    if not steps and _complete_checkpoints(out, formats["sharded" if mine == "none" else "none"]):
-        written = "a ddp / fsdp run (sharded)" if mine == "none" else "a distributed='none' run"
-        hint = "--distributed ddp or fsdp" if mine == "none" else "--distributed none"
-        raise ValueError(f"distributed={distributed!r} cannot resume the checkpoints in {out / 'checkpoints'}: they "
-                         f"were written by {written}; resume with {hint}, or start a new --out")
+# ---- checkpoints ------------------------------------------------------------------------------------------
+def latest_checkpoint(out) -> Path | None:
+    """The newest complete ``OUT/checkpoints/step-N`` (one that holds a checkpoint), or None."""
+    steps = sorted((int(m.group(1)), p) for p in (Path(out) / "checkpoints").glob("step-*")
+                   if (m := re.fullmatch(r"step-(\d+)", p.name)) and checkpoint_path(p) is not None)
     return steps[-1][1] if steps else None
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, cfg: RLVRConfig) -> Path:
-    """``OUT/checkpoints/step-{step}``: the model (save_pretrained) + optimizer; keeps the newest few.
-
-    Under ddp / fsdp every rank calls it: rank 0 writes the (gathered) model, every rank its shards of
-    ``step-{step}/sharded`` (weights, optimizer, step, each rank's RNG state)."""
+def save_step(out: Path, step: int, model, tokenizer, optimizer, cfg: RLVRConfig, metrics_lines: int) -> Path:
+    """``OUT/checkpoints/step-{step}``: the model as a ``save_pretrained`` directory (``ra3 eval --model`` loads
+    it) and ``save_checkpoint``'s state (optimizer, step, config, RNG; under ddp / fsdp the sharded weights
+    too); complete or absent. Keeps the newest ``keep_checkpoints``."""
     root = out / "checkpoints"
-    path = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
-    if dist.is_main():
+    path, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    if ranks.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    dist.save_pretrained(model, tmp, tokenizer)
-    if cfg.distributed == "none":
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / TRAINER_STATE)
-    else:
-        dist.save_checkpoint({"model": model, "optimizer": optimizer, "step": step, "config": cfg.to_dict(),
-                              "torch_rng": dist.gather_objects(torch.get_rng_state())}, tmp / SHARDED)
-    if dist.is_main():
+    ranks.barrier()
+    ranks.save_pretrained(model, tmp, tokenizer)
+    save_checkpoint(tmp, {"model": model if ranks.sharded() else None, "optimizer": optimizer, "step": step,
+                          "config": cfg.to_dict(), "metrics_lines": metrics_lines,
+                          "torch_rng": ranks.gather_objects(torch.get_rng_state())})
+    if ranks.is_main():
         shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)  # a checkpoint is either complete or absent
-        done = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*")
-                      if p.name.split("-")[1].isdigit())
+        tmp.rename(path)
+        done = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
         for _, old in done[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    ranks.barrier()
     return path
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer, cfg: RLVRConfig, device) -> int:
-    """Resume from ``checkpoint`` (``latest_checkpoint``): the optimizer state (and under ddp / fsdp the
-    weights, which the ``none`` format loads with the model) and the RNG state. Returns the steps done."""
-    if cfg.distributed == "none":
-        state = torch.load(checkpoint / TRAINER_STATE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        return state["step"]
-    state = dist.load_checkpoint({"model": model, "optimizer": optimizer}, checkpoint / SHARDED)
-    info, rng = dist.get_info(), state["torch_rng"]
+def resume_state(checkpoint: Path, model, optimizer) -> dict:
+    """Load ``checkpoint`` (``latest_checkpoint``) into the optimizer (and under ddp / fsdp the weights, which a
+    single process loads with the model) and restore this rank's RNG state; returns its picklable entries."""
+    saved = load_checkpoint(checkpoint, {"model": model if ranks.sharded() else None, "optimizer": optimizer})
+    info, rng = ranks.get_info(), saved["torch_rng"]
     torch.set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])  # another world size: rank 0's
-    return state["step"]
+    return saved
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------
 def rollout(generator, tasks: list[Task], cfg: RLVRConfig, step: int) -> list[dict]:
     """G samples per task (task-major), with their token ids and post-processed completions."""
     return generate_samples(tasks, generator, n=cfg.group_size, temperature=cfg.temperature, top_p=1.0,
-                            max_new_tokens=cfg.max_new_tokens, seed=dist.rank_seed(cfg.seed * 1_000_003 + step),
+                            max_new_tokens=cfg.max_new_tokens, seed=ranks.rank_seed(cfg.seed * 1_000_003 + step),
                             chat=cfg.chat, progress=False, keep_token_ids=True)
 
 
-def train(cfg: RLVRConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run GRPO for ``cfg.steps`` steps (continuing from the latest checkpoint when ``resume``).
+def update_config(cfg: RLVRConfig, world_size: int) -> UpdateConfig:
+    """GRPO's policy-gradient coefficients (``minibatch_size`` counts the sequences of all ranks)."""
+    return UpdateConfig(epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size // world_size,
+                        clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
+                        kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation,
+                        max_completion_length=cfg.max_new_tokens, grad_clip=cfg.max_grad_norm, backend=cfg.backend)
+
+
+def train(cfg: RLVRConfig, *, resume: bool | None = None, progress: bool | None = None) -> dict:
+    """Run GRPO for ``cfg.steps`` steps, continuing from the latest checkpoint in ``cfg.out`` unless
+    ``cfg.resume`` is false (``resume`` / ``progress``, when given, override the config's).
 
     Returns the metrics of the last step run ({} when resuming a finished run). With ``distributed`` ddp / fsdp,
     every process torchrun started calls it (it joins their process group).
     """
-    cfg.validate()
+    cfg = cfg.replace(**{k: v for k, v in (("resume", resume), ("progress", progress)) if v is not None})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with dist.session(cfg.distributed, backend="gloo" if device == "cpu" else None):
-        return _train(cfg, resume=resume, progress=progress)
+    with ranks.session(cfg.distributed, backend="gloo" if device == "cpu" else None):
+        return _train(cfg)
 
 
-def _train(cfg: RLVRConfig, *, resume: bool, progress: bool) -> dict:
+def _train(cfg: RLVRConfig) -> dict:
     from tqdm.auto import tqdm
 
     from ra3.eval.evaluate import task_prompt
@@ -251,43 +201,50 @@ def _train(cfg: RLVRConfig, *, resume: bool, progress: bool) -> dict:
     from ra3.models import load_model
 
     out = Path(cfg.out)
-    info = dist.get_info()
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    info = ranks.get_info()
     device = str(info.device) if info.distributed else cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     tasks = load_rl_tasks(cfg)
-    _check_rank_shares(cfg, info.world_size)
+    ranks.check_shares({"prompts_per_step": cfg.prompts_per_step,
+                        **({"minibatch_size": cfg.minibatch_size} if cfg.minibatch_size else {})}, divisible=True)
 
-    sharded = cfg.distributed != "none"
-    checkpoint = latest_checkpoint(out, cfg.distributed) if resume else None
-    # a 'none' checkpoint is a save_pretrained model; a sharded one loads into the base model once it is wrapped
-    model, tokenizer = load_model(str(checkpoint) if checkpoint and not sharded else cfg.model, dtype=cfg.dtype,
-                                  device=device, seed=cfg.seed)
+    if not cfg.resume and info.is_main:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    ranks.barrier()
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    saved = read_checkpoint(checkpoint) if checkpoint else None
+    if saved is not None:
+        check_resumable(cfg, saved["config"])
+    # a single process's checkpoint is a save_pretrained model; a sharded one loads into the base model once wrapped
+    model, tokenizer = load_model(str(checkpoint) if checkpoint and not ranks.sharded() else cfg.model,
+                                  dtype=cfg.dtype, device=device, seed=cfg.seed)
     reference = None
     if cfg.kl_coef > 0:  # the frozen initial policy (sharded like the policy under fsdp)
         reference = (load_model(cfg.model, dtype=cfg.dtype, device=device, seed=cfg.seed)[0] if checkpoint
                      else copy.deepcopy(model))
-        reference = dist.wrap_model(reference.eval().requires_grad_(False), cfg.distributed)
-    model = dist.wrap_model(model, cfg.distributed)  # DDP / FSDP2 under torchrun; the model itself otherwise
+        reference = ranks.wrap_model(reference.eval().requires_grad_(False), cfg.distributed)
+    model = ranks.wrap_model(model, cfg.distributed)  # DDP / FSDP2 under torchrun; the model itself otherwise
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_step = load_checkpoint(checkpoint, model, optimizer, cfg, device) if checkpoint else 0
-    if info.is_main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    start_step, keep = 0, 0
+    if checkpoint:
+        saved = resume_state(checkpoint, model, optimizer)
+        start_step, keep = saved["step"], saved.get("metrics_lines", saved["step"])
+        ranks.log(f"ra3 rlvr: resuming from {checkpoint} (step {start_step})")
+    write_config(out, cfg)
 
-    generator = HFGenerator(dist.unwrap(model), tokenizer, batch_size=cfg.generation_batch_size)
+    generator = HFGenerator(ranks.unwrap(model), tokenizer, batch_size=cfg.generation_batch_size)
     reward_fn = UnitTestReward(Sandbox(SandboxConfig(timeout=cfg.timeout)), partial_credit=cfg.partial_credit,
                                workers=cfg.workers)
-    logger = MetricsLogger(out, start_step)
+    writer = MetricsWriter(out, keep_lines=keep)
     G = cfg.group_size
     metrics: dict = {}
     try:
         for step in tqdm(range(start_step, cfg.steps), desc="rlvr", initial=start_step, total=cfg.steps,
-                         disable=not (progress and info.is_main), dynamic_ncols=True):
+                         disable=not (cfg.progress and info.is_main), dynamic_ncols=True):
             t0 = time.perf_counter()
             # 1. rollout: G completions per prompt from the current policy (this rank's share of the prompts)
-            step_tasks = dist.shard(tasks_for_step(tasks, cfg, step))
-            with dist.full_params(model):  # generation needs every weight at once (gathered under fsdp)
+            step_tasks = ranks.shard(tasks_for_step(tasks, cfg, step))
+            with ranks.full_params(model):  # generation needs every weight at once (gathered under fsdp)
                 samples = rollout(generator, step_tasks, cfg, step)
             t_gen = time.perf_counter() - t0
             # 2. verifiable reward: the unit tests, in the sandbox
@@ -302,53 +259,35 @@ def _train(cfg: RLVRConfig, *, resume: bool, progress: bool) -> dict:
             prompt_ids = [tokenizer(task_prompt(t, generator, cfg.chat))["input_ids"] for t in sample_tasks]
             batch = build_batch(prompt_ids, [s["token_ids"] for s in samples], tokenizer.pad_token_id, device)
             model.eval()
-            with dist.full_params(model) as policy, dist.full_params(reference) as ref:
+            with ranks.full_params(model) as policy, ranks.full_params(reference) as ref:
                 old_logprobs, entropy = response_logprobs(policy, batch, temperature=cfg.temperature,
                                                           backend=cfg.backend, with_entropy=True)
                 ref_logprobs = (response_logprobs(ref, batch, temperature=cfg.temperature,
                                                   backend=cfg.backend) if ref is not None else None)
-            # 5. PPO-clipped policy loss + KL, AdamW (minibatch_size counts the sequences of all ranks)
-            model.train()
-            B = len(samples)
-            mb = (cfg.minibatch_size // info.world_size) or B
-            stats = {"loss": [], "clip_fraction": [], "kl": [], "ratio": [], "grad_norm": []}
-            for _ in range(cfg.ppo_epochs):
-                # one minibatch: keep the order, so a resumed run repeats an uninterrupted one exactly
-                order = torch.randperm(B, device=device) if mb < B else torch.arange(B, device=device)
-                for start in range(0, B, mb):
-                    idx = order[start:start + mb]
-                    logprobs = dist.forward(model, lambda m: response_logprobs(
-                        m, batch.select(idx), temperature=cfg.temperature, backend=cfg.backend))
-                    result = ops.policy_loss(logprobs, old_logprobs[idx], advantages[idx], batch.mask[idx],
-                                             clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                             ref_logprobs=None if ref_logprobs is None else ref_logprobs[idx],
-                                             kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-                                             aggregation=cfg.aggregation, backend=cfg.backend)
-                    optimizer.zero_grad(set_to_none=True)
-                    count = int(batch.mask[idx].sum()) if cfg.aggregation == "token-mean" else len(idx)
-                    dist.scale_for_global_mean(result.loss, count).backward()
-                    grad_norm = dist.clip_grad_norm_(model, cfg.max_grad_norm)
-                    optimizer.step()
-                    for key, value in (("loss", result.loss), ("clip_fraction", result.clip_fraction),
-                                       ("kl", result.kl_mean), ("ratio", result.ratio_mean),
-                                       ("grad_norm", grad_norm)):
-                        stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-            model.eval()
+
+            # 5. PPO-clipped policy loss + KL, AdamW, over minibatches (the update the E-step of RA3 takes too)
+            def logprobs(m, index):
+                return response_logprobs(m, batch.select(index), temperature=cfg.temperature, backend=cfg.backend)
+
+            stats = policy_gradient_update(model, optimizer, PolicyTokens(logprobs, old_logprobs, advantages,
+                                                                          batch.mask, ref_logprobs),
+                                           update_config(cfg, info.world_size))
             # 6. metrics (of every rank's samples), checkpoint
             seconds = time.perf_counter() - t0
             n_gen_tokens = sum(len(s["token_ids"]) for s in samples)
             metrics = {
+                "kind": "step", "objective": "grpo",
                 "step": step + 1,
                 "reward_mean": sum(rewards) / len(rewards),
                 "reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
                 "pass_rate": sum(r.passed for r in results) / len(results),
-                "kl": _mean(stats["kl"]),
+                "kl": stats["kl"],
                 "entropy": entropy,
                 "response_length": n_gen_tokens / len(samples),
-                "clip_fraction": _mean(stats["clip_fraction"]),
-                "ratio_mean": _mean(stats["ratio"]),
-                "loss": _mean(stats["loss"]),
-                "grad_norm": _mean(stats["grad_norm"]),
+                "clip_fraction": stats["clip_fraction"],
+                "ratio_mean": stats["ratio_mean"],
+                "loss": stats["loss"],
+                "grad_norm": stats["grad_norm"],
                 "tokens_per_s": n_gen_tokens / max(seconds, 1e-9),  # sampled tokens per second of the step
                 "generation_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
                 "seconds_generation": t_gen,
@@ -357,40 +296,26 @@ def _train(cfg: RLVRConfig, *, resume: bool, progress: bool) -> dict:
                 "lr": cfg.lr,
             }
             metrics = _over_ranks(metrics, rewards, n_tokens=int(batch.mask.sum()), n_gen_tokens=n_gen_tokens)
-            logger.log(metrics)
+            writer.write(metrics)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(out, step + 1, model, tokenizer, optimizer, cfg)
+                save_step(out, step + 1, model, tokenizer, optimizer, cfg, writer.lines)
     finally:
-        logger.close()
+        writer.close()
     return metrics
-
-
-def _check_rank_shares(cfg: RLVRConfig, world_size: int) -> None:
-    """Under ddp / fsdp every rank takes the same number of prompt groups and of optimizer steps per step."""
-    for name in ("prompts_per_step", "minibatch_size"):
-        if getattr(cfg, name) % world_size:
-            raise ValueError(f"{name} must be a multiple of the number of ranks ({world_size}) under "
-                             f"distributed={cfg.distributed!r}, got {getattr(cfg, name)}")
 
 
 def _over_ranks(m: dict, rewards: list[float], *, n_tokens: int, n_gen_tokens: int) -> dict:
     """A step's metrics of every rank's samples: per-sample means weighted by samples, per-token ones by
     response tokens, the slowest rank's seconds (``m`` as it is in a single process)."""
-    if not dist.get_info().distributed:
+    if not ranks.get_info().distributed:
         return m
     n = len(rewards)
-    weights = {"reward_mean": n, "reward_sq": n, "pass_rate": n, "response_length": n,
+    weights = {"reward_mean": n, "pass_rate": n, "response_length": n,
                **{k: n_tokens for k in ("kl", "entropy", "clip_fraction", "ratio_mean", "loss")}}
-    g = dist.reduce_metrics({**m, "reward_sq": sum(r * r for r in rewards) / n, "samples": n,
-                             "gen_tokens": n_gen_tokens}, weights=weights, sums=("samples", "gen_tokens"),
-                            maxes=("step", "seconds_generation", "seconds_reward", "seconds_step"))
-    n_all, tokens = g.pop("samples"), g.pop("gen_tokens")
-    var = (g.pop("reward_sq") - g["reward_mean"] ** 2) * n_all / max(n_all - 1, 1)
-    g["reward_std"] = math.sqrt(max(var, 0.0)) if n_all > 1 else 0.0
+    g = ranks.reduce_metrics({**m, "gen_tokens": n_gen_tokens}, weights=weights, sums=("gen_tokens",),
+                             maxes=("step", "seconds_generation", "seconds_reward", "seconds_step"),
+                             stds={"reward_std": rewards})
+    tokens = g.pop("gen_tokens")
     g["tokens_per_s"] = tokens / max(g["seconds_step"], 1e-9)
     g["generation_tokens_per_s"] = tokens / max(g["seconds_generation"], 1e-9)
     return g
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
