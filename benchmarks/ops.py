@@ -91,6 +91,10 @@ def _liger_grpo(h, w, t, mask, adv, old, ref):
 # linear_cross_entropy) and Liger's fused linear GRPO loss; with the module each needs.
 PEERS = {"linear_cross_entropy": {"liger": _liger, "cce": _cce}, "linear_grpo": {"liger": _liger_grpo}}
 _PEER_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+# Ops whose peers run on CPU too (Liger's chunked losses are plain torch; its other kernels are Triton, CUDA only).
+CPU_PEERS = ("linear_grpo",)
+# Ops with an unfused ra3 row beside the fused op: 'ra3-unfused:<backend>' (linear_logprobs, then policy_loss).
+UNFUSED = ("linear_grpo",)
 
 
 def _make_case(op: str, shape: dict, device: str, dtype):
@@ -150,12 +154,15 @@ def _make_case(op: str, shape: dict, device: str, dtype):
             logp = torch.log_softmax((h.reshape(B * T, H) @ w.T).float(), -1)
             return loss_of(logp.gather(1, t.reshape(-1, 1))[:, 0].reshape(B, T), mask, adv, old, ref)
 
-        def fused(h, w, t, mask, adv, old, ref, backend):
+        def fused(h, w, t, mask, adv, old, ref, backend, unfused=False):
             if backend in PEERS[op]:
                 return PEERS[op][backend](h, w, t, mask, adv, old, ref)
-            lp = ops.linear_logprobs(h.reshape(B * T, H), w, t.reshape(-1), precision=PRECISION,
-                                     backend=backend).reshape(B, T)
-            return loss_of(lp, mask, adv, old, ref, backend)
+            if unfused:  # the per-token op (its backward recomputes every logits tile: 4 GEMMs), then the loss
+                lp = ops.linear_logprobs(h.reshape(B * T, H), w, t.reshape(-1), precision=PRECISION,
+                                         backend=backend).reshape(B, T)
+                return loss_of(lp, mask, adv, old, ref, backend)
+            return ops.linear_policy_loss(h, w, t, old, adv, mask, ref_logprobs=ref, kl_coef=GRPO_BETA,
+                                          aggregation="seq-mean-token-mean", backend=backend).loss
         return make, eager, fused
     if op == "kl":
         N = shape["N"]
@@ -284,7 +291,9 @@ def _measure(op: str, shape: dict, impl: str, device: str, dtype_name: str, repe
             return make, eager
         if impl == "torch-compile":
             return make, torch.compile(eager, dynamic=False)
-        backend = impl.split(":", 1)[1]
+        kind, backend = impl.split(":", 1)
+        if kind == "ra3-unfused":
+            return make, lambda *a: fused(*a, backend, unfused=True)
         return make, lambda *a: fused(*a, backend)
 
     def step_of(make, fn):
@@ -339,7 +348,9 @@ def _implementations(op: str, device: str, with_compile: bool) -> list[str]:
 
     impls = ["torch-eager"] + (["torch-compile"] if with_compile else [])
     impls += [f"ra3:{b}" for b in ops.available_backends(device) if b != "torch"] + ["ra3:torch"]
-    if op in PEERS and device == "cuda":  # the peers' kernels are CUDA-only
+    if op in UNFUSED:
+        impls += [f"ra3-unfused:{b}" for b in ops.available_backends(device) if b != "torch"]
+    if op in PEERS and (device == "cuda" or op in CPU_PEERS):
         import importlib.util
 
         impls += [f"peer:{name}" for name in PEERS[op] if importlib.util.find_spec(_PEER_MODULES[name])]

@@ -26,6 +26,16 @@ def test_a_case_computes_eager_s_function(op, backend):
     assert abs(got - want) <= 1e-4 * max(abs(want), 1.0), (op, backend, got, want)
 
 
+@pytest.mark.parametrize("backend", ("torch", "cpu"))
+def test_the_unfused_grpo_row_computes_eager_s_function(backend):
+    require_backend(backend, "logprobs")
+    make, eager, fused = _make_case("linear_grpo", PRESETS["quick"]["linear_grpo"][0], "cpu", torch.float32)
+    inputs = make()
+    want = _value(eager, *inputs)
+    got = float(fused(*inputs, backend, unfused=True))
+    assert abs(got - want) <= 1e-4 * max(abs(want), 1.0), (backend, got, want)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
 def test_liger_s_grpo_loss_is_the_case_s_loss():
     """Liger's loss_type='grpo' and ra3's seq-mean-token-mean aggregation are one loss (Liger's chunked losses are

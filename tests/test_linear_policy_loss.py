@@ -273,8 +273,25 @@ def test_custom_op_passes_opcheck():
     c = _case("cpu", seed=8)
     args = ("cpu", c["hidden"].detach().reshape(-1, H).requires_grad_(), c["weight"], c["bias"], c["targets"],
             c["old"], c["adv"], c["mask"].float(), c["ref"], 1.0, 1.0, 0.0, 0.2, 0.2, 0.1, 3, 0.01, 2, 0.0, 0, 0,
-            True)
+            True, True)
     torch.library.opcheck(linear_policy_loss_op, args)
+    frozen_head = args[:2] + (c["weight"].detach(), None) + args[4:-1] + (False,)
+    torch.library.opcheck(linear_policy_loss_op, frozen_head)
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_frozen_head_gets_no_gradient(backend, small_rows):
+    """A head that needs no gradient (LoRA, a frozen lm_head) skips the grad_weight GEMM; hidden's gradient is
+    unchanged."""
+    device = require_backend(backend, "linear_policy_loss")
+    c = _case(device, seed=10)
+    kw = _kw("seq-mean-token-mean", entropy_coef=0.1)
+    _out, grads = _run(c, backend, **kw)
+    frozen = dict(c, weight=c["weight"].detach(), bias=c["bias"].detach())
+    out = ops.linear_policy_loss(frozen["hidden"], frozen["weight"], c["targets"], c["old"], c["adv"], c["mask"],
+                                 bias=frozen["bias"], ref_logprobs=c["ref"], backend=backend, **kw)
+    (gh,) = torch.autograd.grad(out.loss, [c["hidden"]])
+    assert_close(gh, grads[0], torch.float32, "grad hidden")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")

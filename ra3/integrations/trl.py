@@ -15,6 +15,26 @@ TRL's constructor, so every loss type, KL term, entropy mask and entropy bonus o
 the log-prob kernel differs. Text-only models among ``ra3.integrations.transformers.SUPPORTED_ARCHITECTURES``.
 
 Install: ``pip install "ra3[trl]"`` (trl >= 1.16, which pulls accelerate, datasets, pandas, pyarrow).
+
+The trainer keeps TRL's own loss. A trainer that computes GRPO's loss itself with ``ra3.ops.policy_loss`` (or
+``ra3.ops.linear_policy_loss``, fused with the lm_head) gets TRL's ``GRPOConfig`` variants (the same names as
+Liger-Kernel's ``LigerFusedLinearGRPOLoss``) from these arguments:
+
+    TRL / Liger                          ra3
+    loss_type="grpo"                     aggregation="seq-mean-token-mean"
+    loss_type="bnpo"                     aggregation="token-mean"
+    loss_type="dr_grpo"                  aggregation="dr-grpo", max_completion_length=<max_completion_length>
+    loss_type="dapo"                     aggregation="dapo", num_items_in_batch=<TRL's num_items_in_batch / processes>
+    loss_type="cispo"                    surrogate="cispo", aggregation="dapo", clip_low=1,
+                                         clip_high=epsilon_high - 1 (TRL's bound is epsilon_high itself)
+    importance_sampling_level            importance_sampling_level ("token" | "sequence": GSPO)
+    epsilon, epsilon_high                clip_low, clip_high
+    beta                                 kl_coef, kl_estimator="k3" (with the reference model's ref_logprobs)
+    scale_rewards="group"|"batch"|"none" ops.group_advantages(normalize="std"|"batch-std"|"mean")
+    loss_type "sapo" / "luspo" / "vespo", delta (two-sided clip), vllm_is_ratio: no ra3 argument.
+
+(``tests/test_linear_policy_loss.py`` checks the grpo, bnpo, dr_grpo, dapo, cispo and sequence-level rows against
+Liger's implementation: loss, gradients, KL statistic.)
 """
 from __future__ import annotations
 

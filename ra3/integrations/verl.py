@@ -23,6 +23,32 @@ The signature this module plugs into (verl 0.9.1, ``verl/utils/experimental/torc
 ``patch_verl()`` replaces that class (looked up at call time, so patching the module attribute suffices) by
 ``RA3FusedLinearForPPO``, whose forward computes the same two tensors with ``ra3.ops.linear_logprobs`` and
 ``ra3.ops.linear_entropy``. ``fused_linear_for_ppo`` is the same computation as a plain function.
+
+The adapter replaces the log-prob / entropy kernel only; verl's actor keeps its own policy loss. A verl-style
+trainer that computes the loss with ``ra3.ops.policy_loss`` (or ``ra3.ops.linear_policy_loss``, fused with the
+lm_head, entropy bonus included) maps verl's actor config as follows:
+
+    verl (actor_rollout_ref.actor.*)            ra3
+    loss_agg_mode="token-mean"                  aggregation="token-mean"
+    loss_agg_mode="seq-mean-token-sum"          aggregation="seq-mean-token-sum"
+    loss_agg_mode="seq-mean-token-mean"         aggregation="seq-mean-token-mean"
+    loss_agg_mode="seq-mean-token-sum-norm"     aggregation="dapo", num_items_in_batch=<verl's divisor: the
+                                                response length T, or loss_scale_factor where verl has it>
+                                                (verl divides the token sum by T alone, not by B x T as
+                                                aggregation="dr-grpo" and TRL's dr_grpo do)
+    policy_loss.loss_mode="vanilla"             surrogate="ppo", importance_sampling_level="token"
+    policy_loss.loss_mode="gspo"                importance_sampling_level="sequence" (aggregated by
+                                                loss_agg_mode: the GSPO paper's is "seq-mean-token-mean")
+    clip_ratio_low, clip_ratio_high             clip_low, clip_high
+    use_kl_loss, kl_loss_coef, kl_loss_type     kl_coef (0 without use_kl_loss), kl_estimator: "kl"/"k1" -> "k1",
+                                                "mse"/"k2" -> "k2", "low_var_kl"/"k3" -> "k3" (verl clamps
+                                                low_var_kl to [-10, 10]; ra3 does not); "abs", "full": none
+    entropy_coeff                               entropy_coef (linear_policy_loss): verl subtracts
+                                                entropy_coeff * agg_loss(entropy, mask, loss_agg_mode), the
+                                                entropy aggregated as the policy term, as ra3 does
+    clip_ratio_c (dual-clip of negative advantages), other loss_modes (gpg, clip_cov, kl_cov, geo_mean):
+                                                no ra3 argument; with verl's default clip_ratio_c=3 the losses
+                                                differ only at tokens with A < 0 and ratio > 3.
 """
 from __future__ import annotations
 

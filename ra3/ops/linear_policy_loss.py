@@ -150,13 +150,15 @@ def linear_policy_loss_op(backend: str, hidden: Tensor, weight: Tensor, bias: Op
                           old_logprobs: Tensor, advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor],
                           inv_temp: float, scale: float, softcap: float, clip_low: float, clip_high: float,
                           kl_coef: float, kl_estimator: int, entropy_coef: float, aggregation: int, agg_norm: float,
-                          ratio_level: int, surrogate: int,
-                          need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_hidden, grad_weight, grad_bias, stats [4]); gradients empty when not need_grad."""
+                          ratio_level: int, surrogate: int, need_grad: bool,
+                          need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias, stats [4]); gradients empty when not need_grad (grad_weight and
+    grad_bias when not need_weight_grad)."""
     terms = _TokenTerms(tuple(targets.shape), old_logprobs, advantages, mask, ref_logprobs, kl_coef, kl_estimator,
                         entropy_coef, clip_low, clip_high, aggregation, agg_norm, ratio_level, surrogate)
     lp, ent, gh, gw, gb = DESIGNS[backend].policy_loss(Head(hidden, weight, bias), targets.reshape(-1),
-                                                       Logits(inv_temp, scale, softcap), terms, need_grad)
+                                                       Logits(inv_temp, scale, softcap), terms, need_grad,
+                                                       need_weight_grad)
     loss, stats = terms.value(lp, ent)
     return loss, gh, gw, gb, stats
 
@@ -164,21 +166,23 @@ def linear_policy_loss_op(backend: str, hidden: Tensor, weight: Tensor, bias: Op
 @linear_policy_loss_op.register_fake
 def _(backend, hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, inv_temp, scale, softcap,
       clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, aggregation, agg_norm, ratio_level, surrogate,
-      need_grad):
+      need_grad, need_weight_grad):
     dt = check.compute_dtype(hidden, weight, bias)
     pdt = mask.dtype
     if not need_grad:
         grads = (hidden.new_empty(0, dtype=dt), hidden.new_empty(0, dtype=dt), hidden.new_empty(0, dtype=dt))
     else:
-        grads = (hidden.new_empty(hidden.shape, dtype=dt), weight.new_empty(weight.shape, dtype=dt),
-                 bias.new_empty(bias.shape, dtype=dt) if bias is not None else hidden.new_empty(0, dtype=dt))
+        grads = (hidden.new_empty(hidden.shape, dtype=dt),
+                 weight.new_empty(weight.shape, dtype=dt) if need_weight_grad else hidden.new_empty(0, dtype=dt),
+                 bias.new_empty(bias.shape, dtype=dt) if bias is not None and need_weight_grad
+                 else hidden.new_empty(0, dtype=dt))
     return (hidden.new_empty((), dtype=pdt), *grads, hidden.new_empty(4, dtype=pdt))
 
 
 def _setup(ctx, inputs, output):
     hidden, weight, bias = inputs[1:4]
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.need_grad = inputs[-1]
+    ctx.need_grad, ctx.need_weight_grad = inputs[-2:]
     ctx.save_for_backward(*output[1:4])
     # Only the loss is differentiable: autograd would otherwise hand the backward a zero tensor for each other
     # output, a [V, H] one for grad_weight.
@@ -202,7 +206,9 @@ def _backward(ctx, grad_loss, *_unused):
     else:
         def scaled(t, dt):
             return (g * t).to(dt)
-    return (None, scaled(gh, h_dt), scaled(gw, w_dt), None if b_dt is None else scaled(gb, b_dt)) + (None,) * 18
+    weight_grad = ctx.need_weight_grad
+    return (None, scaled(gh, h_dt), scaled(gw, w_dt) if weight_grad else None,
+            scaled(gb, b_dt) if weight_grad and b_dt is not None else None) + (None,) * 19
 
 
 linear_policy_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -237,7 +243,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     logits never exist at once (peak extra memory: one [rows, V] tile). GEMMs per step on
     every native backend: 3 with token-level ratios (logits tile, grad_hidden, grad_weight), 4 with
     importance_sampling_level='sequence' (a forward-only pass first: each coefficient needs its sequence's whole
-    log-ratio), 1 without gradients. Backends 'cpu', 'cuda-torch' and 'triton' walk the tiles in Python with their
+    log-ratio), one fewer where weight and bias need no gradient (a frozen head), 1 without gradients. Backends 'cpu', 'cuda-torch' and 'triton' walk the tiles in Python with their
     tile kernels; 'cuda' runs that same walk over cuBLAS GEMMs (no extension loop for this op yet) and
     'triton-fused' the 'triton' walk. 'torch' is ``reference.linear_policy_loss`` (materialised logits).
     Edges: as ``policy_loss`` and ``linear_logprobs``: NaN or inf in advantages or mask raises ValueError; tokens of
@@ -279,10 +285,12 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
         return t.detach().to(dt).contiguous()
 
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    need_weight_grad = need_grad and any(t is not None and t.requires_grad for t in (weight, bias))
     loss, _gh, _gw, _gb, stats = linear_policy_loss_op(
         name, h2, weight, bias, tgt.view(bt), prep(old_logprobs), prep(advantages), prep(mask),
         prep(ref_logprobs) if use_ref else None, *logits[:3], args.clip_low, args.clip_high, args.kl_coef,
         _ESTIMATOR_CODE[args.kl_estimator], entropy_coef, _AGGREGATION_CODE[args.aggregation], args.agg_norm,
-        _RATIO_LEVEL_CODE[args.importance_sampling_level], _SURROGATE_CODE[args.surrogate], need_grad)
+        _RATIO_LEVEL_CODE[args.importance_sampling_level], _SURROGATE_CODE[args.surrogate], need_grad,
+        need_weight_grad)
     stats = stats.detach()
     return LinearPolicyLoss(loss, *stats.unbind())

@@ -279,7 +279,7 @@ class ChunkedWalk:
         return loss * scale, grad_hidden, grad_weight, grad_bias
 
 
-    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool):
+    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool, need_weight_grad: bool = True):
         """A scalar loss L(log p of the targets, entropy) over the rows, its gradients formed in the forward pass.
 
         Walks chunks of whole vocabulary rows (as ``cross_entropy``). Per chunk: one GEMM for the logits tile; the
@@ -290,7 +290,8 @@ class ChunkedWalk:
         carrying both terms when d_ent != 0), and two GEMMs carry it to grad_hidden and grad_weight: 3 GEMMs.
         When ``terms.two_pass`` (sequence-level ratios: every coefficient needs its sequence's whole log-ratio), a
         forward-only pass first computes every row's statistics and hands the log-probs to ``terms.prepare``; the
-        gradient pass then recomputes each tile: 4 GEMMs. Without ``need_grad``: the forward pass only, 1 GEMM. Returns (logprobs [N], entropy [N], grad_hidden, grad_weight, grad_bias)
+        gradient pass then recomputes each tile: 4 GEMMs. Without ``need_grad``: the forward pass only, 1 GEMM;
+        without ``need_weight_grad`` (a frozen head) no grad_weight GEMM. Returns (logprobs [N], entropy [N], grad_hidden, grad_weight, grad_bias)
         in the compute dtype, the gradients empty when not ``need_grad``.
         """
         dt = compute_dtype(*head)
@@ -300,7 +301,7 @@ class ChunkedWalk:
             head = Head(head.hidden, head.weight.to(dt), head.bias)
         src = _Tiles(head, dt, logits)
         lp, ent, lse = (torch.zeros(n, dtype=dt, device=dev) for _ in range(3))
-        grad_hidden, grad_weight, grad_bias = _zero_grads(head, dt, True, overwrite=False) if need_grad \
+        grad_hidden, grad_weight, grad_bias = _zero_grads(head, dt, need_weight_grad, overwrite=False) if need_grad \
             else (_empty(dt, dev), _empty(dt, dev), _empty(dt, dev))
         step = ce_rows(vocab, dev)
         chunks = [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
@@ -344,9 +345,10 @@ class ChunkedWalk:
                 z.view(-1).index_add_(0, at, weight.to(dt) * d_lp * inv)
             src.chain(z)
             torch.mm(z, head.weight, out=grad_hidden[i0:i1])
-            grad_weight.addmm_(z.T, src.hidden[i0:i1])
-            if head.bias is not None:
-                grad_bias += z.sum(0)
+            if need_weight_grad:
+                grad_weight.addmm_(z.T, src.hidden[i0:i1])
+                if head.bias is not None:
+                    grad_bias += z.sum(0)
         return lp, ent, grad_hidden, grad_weight, grad_bias
 
 def _zero_grads(head: Head, dt, need_weight_grad: bool, overwrite: bool):
@@ -458,9 +460,9 @@ class ExtensionLoop:
                       tile, ref_tile, tile16, terms, gh, gw if gw.numel() else None, gb if gb.numel() else None)
         return grads
 
-    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool):
+    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool, need_weight_grad: bool = True):
         # No extension loop for this op yet: the Python walk over cuBLAS GEMMs and the CUDA tile kernels.
-        return self.fallback.policy_loss(head, targets, logits, terms, need_grad)
+        return self.fallback.policy_loss(head, targets, logits, terms, need_grad, need_weight_grad)
 
     def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
         if head.hidden.shape[0] == 0 or not self._runs(head, backward=need_grad):
@@ -524,8 +526,8 @@ class TritonFused:
     def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
         return self.fallback.cross_entropy(head, targets, logits, scale, need_grad)
 
-    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool):
-        return self.fallback.policy_loss(head, targets, logits, terms, need_grad)
+    def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool, need_weight_grad: bool = True):
+        return self.fallback.policy_loss(head, targets, logits, terms, need_grad, need_weight_grad)
 
 
 def _fused_heads(head: Head, ref: Optional[Head], kl: bool):
