@@ -1,4 +1,7 @@
-"""One ``Generator`` interface for sampling completions, with two engines: Hugging Face ``generate`` and vLLM.
+"""One ``Generator`` interface for sampling from a model, with two engines: Hugging Face ``generate`` and vLLM.
+Eval and RLVR sample completions with ``generate``; RA3's E-step walks documents on the same engines
+(``ra3.midtrain.rollout``: ``HFRollout`` / ``VLLMRollout``), and a trainer hands an engine its updated weights
+with ``sync_weights``.
 
     gen = make_generator("ra3-tiny")                       # 'auto': vLLM when installed and a GPU is present
     outs = gen.generate(["def add(a, b):\\n"], n=4, temperature=0.8, max_new_tokens=64, stop=["\\ndef"])
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +65,10 @@ class Generator(ABC):
                  progress: bool = True) -> list[list[Completion]]:
         """[len(prompts)][n] completions. temperature 0 is greedy (the n samples are then identical)."""
 
+    @abstractmethod
+    def sync_weights(self, model) -> None:
+        """Sample from ``model``'s current weights from now on (a trainer calls it after its updates)."""
+
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt text of a chat conversation, ready for the assistant's answer."""
         template = getattr(self.tokenizer, "chat_template", None)
@@ -98,6 +107,9 @@ class HFGenerator(Generator):
 
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, seed=seed)
         return cls(model, tokenizer, batch_size=batch_size)
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # the engine samples from the trainer's own model object
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
@@ -166,23 +178,72 @@ class HFGenerator(Generator):
         return Completion(text, tuple(ids), _finish_reason(text, hit_eos, stop))
 
 
+# attribute paths from ``llm.llm_engine`` to the torch model (for sync_weights), newest vLLM first
+_MODEL_PATHS = (
+    "model_executor.driver_worker.worker.model_runner.model",
+    "model_executor.driver_worker.model_runner.model",
+)
+
+
+def require_vllm(*, in_process: bool = False):
+    """The vllm module, or a ValueError naming the engine. ``in_process``: keep vLLM's engine core in this
+    process (vLLM V1: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is imported), which ``sync_weights``
+    needs to reach the model."""
+    if in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm  # noqa: PLC0415
+    except ImportError as exc:
+        raise ValueError("config field 'engine': 'vllm' needs the vllm package (pip install vllm) and a CUDA "
+                         "GPU; use engine 'hf'") from exc
+    return vllm
+
+
 class VLLMGenerator(Generator):
-    """vLLM offline engine (GPU), prefix caching on; same prompts and results as ``HFGenerator``."""
+    """vLLM offline engine (GPU), prefix caching on; same prompts and results as ``HFGenerator``.
+
+    model: a name or path; or a trainer's torch model (saved once, with ``tokenizer``, to a temporary directory
+    vLLM loads; the engine core then runs in this process with tensor parallel size 1, so ``sync_weights`` can
+    load the trainer's weights in place). llm: an existing ``vllm.LLM`` to use instead of building one.
+    """
 
     engine = "vllm"
 
-    def __init__(self, model: str, *, dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.85,
-                 tensor_parallel_size: int = 1, max_model_len: int | None = None):
-        try:
-            import vllm
-        except ImportError as exc:
-            raise ValueError("engine 'vllm' needs the vllm package (pip install vllm) and a CUDA GPU") from exc
-        kwargs = dict(model=str(model), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                      tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True)
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        self.llm = vllm.LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
+    def __init__(self, model, *, tokenizer=None, dtype: str = "auto", seed: int = 0,
+                 gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None, llm=None):
+        in_memory = not isinstance(model, (str, os.PathLike))
+        vllm = require_vllm(in_process=in_memory)
+        self.SamplingParams = vllm.SamplingParams
+        if llm is None:
+            if in_memory:  # vLLM loads from a directory; the trainer's model may exist only in memory
+                self._dir = tempfile.TemporaryDirectory(prefix="ra3-vllm-")
+                model.save_pretrained(self._dir.name)
+                tokenizer.save_pretrained(self._dir.name)
+                model, tensor_parallel_size = self._dir.name, 1
+            kwargs = dict(model=str(model), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                          tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True)
+            if max_model_len is not None:
+                kwargs["max_model_len"] = max_model_len
+            llm = vllm.LLM(**kwargs)
+        self.llm = llm
+        self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
+
+    def sync_weights(self, model) -> None:
+        """Load ``model``'s weights into the vLLM model in place and reset the prefix cache (its KV blocks were
+        computed with the old weights)."""
+        for path in _MODEL_PATHS:
+            obj = self.llm.llm_engine
+            for name in path.split("."):
+                obj = getattr(obj, name, None)
+                if obj is None:
+                    break
+            if obj is not None and hasattr(obj, "load_weights"):
+                obj.load_weights(weights=((k, v.detach()) for k, v in model.state_dict().items()))
+                self.llm.reset_prefix_cache()
+                return
+        raise RuntimeError("cannot reach vLLM's model to load the trainer's weights: run vLLM with its engine "
+                           "in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and tensor_parallel_size=1")
 
     def generate(self, prompts, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, stop=(), seed=None,
                  progress=True):

@@ -12,7 +12,7 @@ from ra3.data.sequences import Comment, CommentVocab, build_sequences, make_docu
 from ra3.midtrain.batch import pack
 from ra3.midtrain.config import MidtrainConfig
 from ra3.midtrain.e_step import e_step
-from ra3.midtrain.rollout import HFGenerator
+from ra3.midtrain.rollout import HFRollout
 from ra3.midtrain.scoring import PolicyHead, hidden_states, output_head
 
 SHARE = 0.2
@@ -76,7 +76,7 @@ def test_first_e_step_starts_at_the_corpus_comment_rate(trained):
     assert SHARE - 0.08 < float(q.mean()) < SHARE + 0.08, float(q.mean())
 
     cfg = MidtrainConfig(group_size=4, kl_coef=0.0, progress=False, backend="torch", max_rationale_tokens=6)
-    gen = HFGenerator(model, vocab, max_rationale_tokens=6)
+    gen = HFRollout(model, vocab, max_rationale_tokens=6)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     m = e_step(model, None, opt, docs[:8], gen, head, vocab, cfg, seed=0)
     assert SHARE - 0.08 < m["think_q_mean"] < SHARE + 0.08
@@ -89,7 +89,7 @@ def test_sampled_comments_read_as_the_corpus_comments(trained):
     model, tok, held_out, _ = trained
     vocab = CommentVocab(tok, output_head(model)[0].shape[0])
     docs = make_documents(held_out[:40], tok)
-    comments = HFGenerator(model, vocab, max_rationale_tokens=8).rollout(docs, seed=3)
+    comments = HFRollout(model, vocab, max_rationale_tokens=8).rollout(docs, seed=3)
     written = [c for z in comments for c in z.values()]
     assert len(written) > 10
     known = {c.split("{")[0].strip() for c in COMMENTS}

@@ -258,11 +258,11 @@ def test_the_e_step_learns_to_think_where_thinking_pays(setting):
     tok, docs, model, vocab = setting
     model = copy.deepcopy(model)
     boost_comments(model, vocab, docs[:2])
-    from ra3.midtrain.rollout import HFGenerator
+    from ra3.midtrain.rollout import HFRollout
 
     cfg = _config(group_size=4, think_cost=0.0, e_lr=3e-3, max_rationale_tokens=3)
     head = PolicyHead(vocab, "cpu")
-    gen = HFGenerator(model, vocab, max_rationale_tokens=3)
+    gen = HFRollout(model, vocab, max_rationale_tokens=3)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.e_lr)
     first = e_step(model, None, opt, docs[:2], gen, head, vocab, cfg, seed=0)
     assert first["thinks_per_100_lines"] > 0 and first["advantage_abs_mean"] > 0

@@ -24,7 +24,7 @@ import torch
 from ra3.data.sequences import Comment, CommentVocab, annotated_text, build_sequences, make_documents
 from ra3.midtrain.batch import pack
 from ra3.midtrain.elbo import elbo, line_rewards, returns
-from ra3.midtrain.rollout import HFGenerator
+from ra3.midtrain.rollout import HFRollout
 from ra3.midtrain.scoring import PolicyHead, score_rollouts
 
 SPECIALS = ("<s>", "</s>", "<pad>")
@@ -286,7 +286,7 @@ def test_hf_generator_samples_the_scored_q(toy_model):
     """Rollout frequencies match q(z) from the scoring path: the engine samples what is scored."""
     zs, scores, _ = scored(toy_model)
     q = scored_q(scores)
-    gen = HFGenerator(toy_model, VOCAB, max_rationale_tokens=1, batch_size=3000, backend="torch")
+    gen = HFRollout(toy_model, VOCAB, max_rationale_tokens=1, batch_size=3000, backend="torch")
     n = 3000
     counts = rollout_counts(gen.rollout([DOC] * n, seed=1), zs)
     assert bool(((counts - n * q).abs() <= frequency_bound(q, n)).all()), torch.stack([counts, n * q], 1)

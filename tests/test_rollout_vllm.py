@@ -92,9 +92,9 @@ def fake_vllm(monkeypatch):
 
 
 def _engine(model, llm, max_rationale_tokens=1, **kw):
-    from ra3.midtrain.rollout_vllm import VLLMGenerator
+    from ra3.midtrain.rollout_vllm import VLLMRollout
 
-    return VLLMGenerator(model, TOKENIZER, VOCAB, max_rationale_tokens=max_rationale_tokens, llm=llm, **kw)
+    return VLLMRollout(model, TOKENIZER, VOCAB, max_rationale_tokens=max_rationale_tokens, llm=llm, **kw)
 
 
 def test_vllm_engine_samples_the_scored_q(toy_model, fake_vllm):

@@ -29,7 +29,7 @@ from ra3.midtrain.config import MidtrainConfig
 from ra3.midtrain.e_step import annotate, e_step
 from ra3.midtrain.m_step import heldout_loss, m_step
 from ra3.midtrain.records import summary_table
-from ra3.midtrain.rollout import HFGenerator
+from ra3.midtrain.rollout import HFRollout
 from ra3.midtrain.scoring import PolicyHead, output_head
 from ra3.train.run import (MetricsWriter, check_resumable, load_checkpoint, read_checkpoint, save_checkpoint,
                            write_config)
@@ -75,11 +75,11 @@ def _batch_indices(n: int, batch_size: int, step: int, *seed_parts) -> list[int]
 def _rollout_engine(cfg: MidtrainConfig, model, tokenizer, vocab: CommentVocab, *, progress: bool):
     """The E-step's rollout engine: Hugging Face (shares the trainer's model) or vLLM (a synced copy)."""
     if cfg.engine == "vllm":
-        from ra3.midtrain.rollout_vllm import VLLMGenerator  # noqa: PLC0415  (vllm loads only when asked for)
+        from ra3.midtrain.rollout_vllm import VLLMRollout  # noqa: PLC0415  (vllm loads only when asked for)
 
-        return VLLMGenerator(model, tokenizer, vocab, max_rationale_tokens=cfg.max_rationale_tokens,
+        return VLLMRollout(model, tokenizer, vocab, max_rationale_tokens=cfg.max_rationale_tokens,
                              temperature=cfg.rollout_temperature, seed=cfg.seed)
-    return HFGenerator(model, vocab, max_rationale_tokens=cfg.max_rationale_tokens,
+    return HFRollout(model, vocab, max_rationale_tokens=cfg.max_rationale_tokens,
                        temperature=cfg.rollout_temperature, batch_size=cfg.rollout_batch_size, progress=progress,
                        backend=cfg.backend)
 
@@ -200,9 +200,9 @@ class _Objective:
         self.ra3 = objective == "ra3"
         info = ranks.get_info()
         if self.ra3 and cfg.engine == "vllm":
-            from ra3.midtrain.rollout_vllm import require_vllm  # noqa: PLC0415
+            from ra3.generation import require_vllm  # noqa: PLC0415
 
-            require_vllm()  # a missing vllm is named before any model loads
+            require_vllm(in_process=True)  # a missing vllm is named before any model loads
         try:
             model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(info.device)
                                                if info.distributed else cfg.device, seed=cfg.seed)

@@ -1,7 +1,8 @@
 """Rollouts over latents: walk each document, decide act/think at every decision point with the model's own
 probability of starting a comment line there, write the comment on think; the expert lines are never sampled.
 
-``Generator`` is the engine interface; ``HFGenerator`` is the Hugging Face engine. It walks a batch of documents
+``LatentWalk`` is what the E-step needs of an engine; ``HFRollout`` walks on the Hugging Face engine of
+``ra3.generation`` (``VLLMRollout`` in ``rollout_vllm`` on its vLLM engine). ``HFRollout`` walks a batch of documents
 in rounds. A round runs one forward pass over every open document as annotated so far (the comments written,
 the expert text after them): with no new comment, that one pass gives q(think) at every later decision point,
 so the decisions are drawn in order up to the first think. There the comment is generated, continuing from the
@@ -22,11 +23,12 @@ from typing import Protocol
 import torch
 
 from ra3.data.sequences import Comment, CommentVocab, Document, build_sequences
+from ra3.generation import HFGenerator
 from ra3.midtrain.batch import pack
 from ra3.midtrain.scoring import PolicyHead, output_head
 
 
-class Generator(Protocol):
+class LatentWalk(Protocol):
     """Samples the latents (act/think and comments) of documents under the current policy."""
 
     def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, Comment]]:
@@ -35,16 +37,17 @@ class Generator(Protocol):
         ...
 
     def sync_weights(self, model) -> None:
-        """Take the trainer's current weights (a no-op for engines that share the model object)."""
+        """Take the trainer's current weights (the engine's ``sync_weights``)."""
         ...
 
 
-class HFGenerator:
-    """Batched rollouts with a Hugging Face causal LM and its KV cache (the default engine)."""
+class HFRollout:
+    """Batched rollouts on the Hugging Face engine (``ra3.generation.HFGenerator``: the trainer's own causal LM)
+    with its KV cache (the default)."""
 
     def __init__(self, model, vocab: CommentVocab, *, max_rationale_tokens: int, temperature: float = 1.0,
                  batch_size: int = 64, progress: bool = False, backend: str = "auto"):
-        self.model = model
+        self.engine = HFGenerator(model, vocab.tokenizer, batch_size=batch_size)
         self.vocab = vocab
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
@@ -54,8 +57,12 @@ class HFGenerator:
         self.tokens_processed = 0  # tokens fed (round passes and comment steps), for tokens/s
         self._head = None
 
+    @property
+    def model(self):
+        return self.engine.model
+
     def sync_weights(self, model) -> None:
-        self.model = model
+        self.engine.sync_weights(model)
 
     def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, Comment]]:
         out = []

@@ -1,4 +1,5 @@
-"""The vLLM rollout engine for the E-step: the latent walk of ``rollout.HFGenerator`` on vLLM's public API.
+"""The E-step's walk on the vLLM engine (``ra3.generation.VLLMGenerator``): ``rollout.HFRollout``'s latent walk
+on vLLM's public API.
 
 A rollout walks its documents in rounds. A round builds the sequence of every open document as annotated so far
 (``build_sequences``: the tokenizer's own ids) and submits, for every decision point after the document's cursor,
@@ -18,78 +19,43 @@ max_rationale_tokens``. The comment is the text after the first "#" up to the ne
 document is annotated with it and the next round re-submits the grown prefix: with ``enable_prefix_caching``
 vLLM reuses the KV blocks it has computed already, so a request costs little more than its new tokens.
 
-``sync_weights`` loads the trainer's weights into the vLLM model in place and resets the prefix cache (its KV
-blocks were computed with the old weights). That reaches into vLLM's engine, which needs the engine core in
-this process (vLLM V1: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before vLLM is imported) and one GPU
-(tensor parallel size 1). Requires the ``vllm`` package and a CUDA GPU.
+``sync_weights`` (the engine's) loads the trainer's weights into the vLLM model in place and resets the prefix
+cache (its KV blocks were computed with the old weights). That reaches into vLLM's engine, which needs the engine
+core in this process and one GPU (tensor parallel size 1). Requires the ``vllm`` package and a CUDA GPU.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 
 from ra3.data.sequences import Comment, CommentVocab, Decision, Document, Sequence, build_sequences
+from ra3.generation import VLLMGenerator, require_vllm
 
-# attribute paths from ``llm.llm_engine`` to the torch model, newest vLLM first
-_MODEL_PATHS = (
-    "model_executor.driver_worker.worker.model_runner.model",
-    "model_executor.driver_worker.model_runner.model",
-)
 _DECIDE, _WRITE = 0, 1  # request phases, part of each request's seed
+__all__ = ["VLLMRollout", "require_vllm"]
 
 
-def require_vllm():
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    try:
-        import vllm  # noqa: PLC0415
-    except ImportError as exc:
-        raise ValueError("config field 'engine': 'vllm' needs the vllm package (pip install vllm) and a CUDA "
-                         "GPU; use engine 'hf'") from exc
-    return vllm
-
-
-class VLLMGenerator:
-    """Rollouts on a vLLM ``LLM`` built from the trainer's model (saved once to a temporary directory), or on
-    ``llm`` when given. Same contract as ``rollout.HFGenerator``: ``rollout(docs, seed=...)`` returns, per
-    document, action index -> Comment for every think; deterministic for a seed and the same weights."""
+class VLLMRollout:
+    """Rollouts on the vLLM engine, built from the trainer's model (or on ``llm`` when given). Same contract as
+    ``rollout.HFRollout``: ``rollout(docs, seed=...)`` returns, per document, action index -> Comment for every
+    think; deterministic for a seed and the same weights."""
 
     def __init__(self, model, tokenizer, vocab: CommentVocab, *, max_rationale_tokens: int,
                  temperature: float = 1.0, seed: int = 0, dtype: str = "auto",
                  gpu_memory_utilization: float = 0.3, llm=None):
-        vllm = require_vllm()
+        self.engine = VLLMGenerator(model, tokenizer=tokenizer, dtype=dtype, seed=seed,
+                                    gpu_memory_utilization=gpu_memory_utilization, llm=llm)
+        self.llm = self.engine.llm
         self.vocab = vocab
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
         self.tokens_processed = 0  # prompt + sampled tokens submitted, for tokens/s (cached ones included)
-        self._SamplingParams = vllm.SamplingParams
         # what a comment token may be (the masked vocabulary scoring uses) and what ends a comment line
         self._comment_ids = [i for i in range(vocab.vocab_size) if i not in vocab.excluded]
         self._newline_ids = sorted(vocab.newline)
         self._sets: dict[int, frozenset[int]] = {}
-        if llm is None:
-            # vLLM loads from a directory; the trainer's model may exist only in memory (ra3-tiny, added tokens)
-            self._dir = tempfile.TemporaryDirectory(prefix="ra3-vllm-")
-            model.save_pretrained(self._dir.name)
-            tokenizer.save_pretrained(self._dir.name)
-            llm = vllm.LLM(model=self._dir.name, dtype=dtype, seed=seed, enable_prefix_caching=True,
-                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=1)
-        self.llm = llm
 
     def sync_weights(self, model) -> None:
-        target = self.llm.llm_engine
-        for path in _MODEL_PATHS:
-            obj = target
-            for name in path.split("."):
-                obj = getattr(obj, name, None)
-                if obj is None:
-                    break
-            if obj is not None and hasattr(obj, "load_weights"):
-                obj.load_weights(weights=((k, v.detach()) for k, v in model.state_dict().items()))
-                self.llm.reset_prefix_cache()
-                return
-        raise RuntimeError("cannot reach vLLM's model to load the trainer's weights: run vLLM with its engine "
-                           "in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and tensor_parallel_size=1")
+        self.engine.sync_weights(model)
 
     def rollout(self, docs: list[Document], *, seed: int) -> list[dict[int, Comment]]:
         comments: list[dict[int, Comment]] = [{} for _ in docs]
@@ -155,7 +121,7 @@ class VLLMGenerator:
         """(sampled token ids, finish reason) per prompt."""
         if not prompts:
             return []
-        sampling = [self._SamplingParams(n=1, temperature=self.temperature, seed=s, **params) for s in seeds]
+        sampling = [self.engine.SamplingParams(n=1, temperature=self.temperature, seed=s, **params) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
         result = [(list(o.outputs[0].token_ids), getattr(o.outputs[0], "finish_reason", None)) for o in outs]
         self.tokens_processed += sum(len(p) for p in prompts) + sum(len(r) for r, _ in result)
