@@ -86,7 +86,7 @@ py::dict build_info() {
 #define RA3_PY_ARGS_VOCAB_SOFTMAX_GRAD                                                                         \
   py::arg("mode"), py::arg("dtype"), py::arg("z"), py::arg("ldz"), py::arg("r"), py::arg("ldr"), py::arg("out"), \
       py::arg("ldo"), py::arg("n"), py::arg("vc"), py::arg("v_offset"), py::arg("inv_temp"), py::arg("targets"), \
-      py::arg("lse"), py::arg("lse_r"), py::arg("aux"), py::arg("g")
+      py::arg("m"), py::arg("logs"), py::arg("q"), py::arg("g")
 #define RA3_PY_ARGS_SEGMENT_SUM_FWD                                                                            \
   py::arg("dtype"), py::arg("values"), py::arg("ids"), py::arg("n"), py::arg("num_segments"), py::arg("out")
 #define RA3_PY_ARGS_SEGMENT_SUM_BWD                                                                            \
@@ -119,14 +119,14 @@ py::dict build_info() {
 #define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD                                                                    \
   py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"),                       \
       RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,                                                                 \
-      py::arg("inv_temp"), py::arg("targets"), py::arg("lse"), py::arg("lse_r"), py::arg("aux"), py::arg("g"), \
+      py::arg("inv_temp"), py::arg("targets"), py::arg("m"), py::arg("logs"), py::arg("q"), py::arg("g"),      \
       py::arg("ones"), py::arg("tile"), py::arg("ref_tile"), py::arg("tile16"), py::arg("bf16_terms"),         \
       py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
 #define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY                                                           \
   py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("rows"), py::arg("in_dtype"), py::arg("hidden"),   \
       py::arg("weight"), py::arg("bias"), py::arg("h"), py::arg("inv_temp"), py::arg("targets"), py::arg("g"), \
       py::arg("ones"), py::arg("tile"), py::arg("tile16"), py::arg("bf16_terms"), py::arg("m"), py::arg("s"),  \
-      py::arg("tgt"), py::arg("lse"), py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
+      py::arg("tgt"), py::arg("logs"), py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
 
 }  // namespace
 
@@ -186,8 +186,8 @@ PYBIND11_MODULE(_C, m) {
                "vocab_softmax_grad over the whole vocabulary, with the cuBLAS GEMMs into grad_hidden, grad_weight and "
                "grad_bias.");
   RA3_DEF_CUDA(vocab_softmax_loop_cross_entropy, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY,
-               "Token chunks of cross-entropy: log-sum-exp into lse and, while each tile is in memory, the gradient "
-               "for upstream g into grad_hidden, grad_weight, grad_bias.");
+               "Token chunks of cross-entropy: log-sum-exp into (m, s, logs) and, while each tile is in memory, the "
+               "gradient for upstream g into grad_hidden, grad_weight, grad_bias.");
   // Tests only, apart from the module's surface: the extension loop on host buffers with the CPU tile kernels and
   // RA3_CUBLAS_LIBRARY's GEMM (tests/host_cuda_plugin.py runs the cuda backend's linear ops through it, no GPU).
   py::module_ testing = m.def_submodule(

@@ -83,14 +83,20 @@ void dispatch_dtype(int dtype, Fn&& fn) {
     fn(double{});
 }
 
+// vocab_softmax_fwd folds a chunk of x = z * inv_temp into the running per-row state: m the max of x, s = sum
+// exp(x - m), and a = sum exp(x - m) * (x - m) (mode 1, entropy, relative to the max so it stays small where the
+// logits are large) or sum exp(x - m) * (x - y) (mode 2, exact KL with y = r * inv_temp, whose state mr, sr is
+// that of y). vocab_softmax_grad takes the finished state apart: m, logs = log s and q = a / s (modes 1-2), so that
+// x - m is exact near the max and log p = (x - m) - logs, entropy + log p = (x - m) - q and
+// log p - log p_ref - KL = (x - y) - q lose nothing to a rounded log-sum-exp of large logits.
 #define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD                                                                      \
   int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, int64_t n, int64_t vc,              \
       int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t s, uintptr_t a,             \
       uintptr_t mr, uintptr_t sr, uintptr_t tgt
 #define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD                                                                     \
   int mode, int dtype, uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, uintptr_t out, int64_t ldo,         \
-      int64_t n, int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t lse,              \
-      uintptr_t lse_r, uintptr_t aux, uintptr_t g
+      int64_t n, int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t m,                \
+      uintptr_t logs, uintptr_t q, uintptr_t g
 #define RA3_KERNEL_ARGS_SEGMENT_SUM_FWD                                                                        \
   int dtype, uintptr_t values, uintptr_t ids, int64_t n, int64_t num_segments, uintptr_t out
 #define RA3_KERNEL_ARGS_SEGMENT_SUM_BWD int dtype, uintptr_t grad_out, uintptr_t ids, int64_t n, uintptr_t grad_values
@@ -132,19 +138,19 @@ void dispatch_dtype(int dtype, Fn&& fn) {
 // grad_hidden [n, h] is overwritten; grad_weight [vocab, h] and grad_bias [vocab] (0 = not wanted) too.
 #define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD                                                                \
   int mode, int dtype, int64_t n, int64_t vocab, int64_t chunk, RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,    \
-      double inv_temp, uintptr_t targets, uintptr_t lse, uintptr_t lse_r, uintptr_t aux, uintptr_t g,          \
+      double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t logs, uintptr_t q, uintptr_t g,               \
       uintptr_t ones, uintptr_t tile, uintptr_t ref_tile, uintptr_t tile16, int bf16_terms,                    \
       uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias
 // Next-token cross-entropy's token loop (CUDA only): per chunk of `rows` tokens, the [rows, vocab] logits tile of
-// one source, its online log-sum-exp into m, s, tgt (initialised by the caller) and lse [n], and, while the tile is
-// in memory, the gradient for the per-row upstream g [n] into grad_hidden [n, h] (overwritten), grad_weight
+// one source, its online log-sum-exp into m, s, tgt (initialised by the caller) and logs = log s [n], and, while the
+// tile is in memory, the gradient for the per-row upstream g [n] into grad_hidden [n, h] (overwritten), grad_weight
 // [vocab, h] and grad_bias [vocab] (accumulated from zero here); a gradient pointer of 0 is not computed. `tile`
 // holds rows * vocab compute-dtype elements, `tile16` bf16_terms * round_up(rows * vocab, 8) bfloat16 (in_dtype 2
 // with gradients).
 #define RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY                                                       \
   int dtype, int64_t n, int64_t vocab, int64_t rows, int in_dtype, uintptr_t hidden, uintptr_t weight,         \
       uintptr_t bias, int64_t h, double inv_temp, uintptr_t targets, uintptr_t g, uintptr_t ones, uintptr_t tile, \
-      uintptr_t tile16, int bf16_terms, uintptr_t m, uintptr_t s, uintptr_t tgt, uintptr_t lse,                \
+      uintptr_t tile16, int bf16_terms, uintptr_t m, uintptr_t s, uintptr_t tgt, uintptr_t logs,               \
       uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias
 
 namespace cpu {

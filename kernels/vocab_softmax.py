@@ -4,11 +4,13 @@ the logits chunk (vocab_softmax_grad), for log-probs (mode 0), entropy (mode 1) 
 The Triton twin of csrc/cpu/vocab_softmax.cpp, same arguments and state. A chunk is z [n, vc] with row stride
 ldz (unit column stride), read as x = z * inv_temp. Per row the running state is
     m  = max over the columns seen so far,   s = sum exp(x - m),
-    a  = sum exp(x - m) * x             (entropy; H = lse - a / s),
+    a  = sum exp(x - m) * (x - m)       (entropy, relative to the max; H = log s - a / s),
     a  = sum exp(x - m) * (x - y)       (exact KL, y = r * inv_temp; KL = a / s - lse + lse_r),
     mr, sr: the same max and sum over y (exact KL),
     tgt = x[targets - v_offset] when the target falls in this chunk (log-probs).
-The gradient kernel writes out = d(g * value)/dz for the chunk, given lse (and lse_r, aux = the value).
+The gradient kernel writes out = d(g * value)/dz for the chunk, given the finished state taken apart: m, logs =
+log s and q = a / s (modes 1-2), so log p = (x - m) - logs, log p + H = (x - m) - q and log p - log p_ref - KL =
+(x - y) - q carry no rounding of a large log-sum-exp (csrc/ra3_native.h).
 
 One program per row walks the chunk in blocks of BLOCK_V columns, folding each block into the running state
 (a block max, then one rescale), so a chunk costs one read in each pass. Where p = exp(lp) is 0 (x = -inf,
@@ -28,10 +30,11 @@ MAX_BLOCK_V = {torch.float32: 2048, torch.float64: 1024}
 
 
 @triton.jit
-def _fold_block(m, s, a, x, term, WITH_A: tl.constexpr):
+def _fold_block(m, s, a, x, term, WITH_A: tl.constexpr, RELATIVE: tl.constexpr):
     """Folds one block of x (and, WITH_A, of the per-column term, summed into a) into the running (m, s, a).
 
-    While the max is still -inf nothing is added and the state stays as it was, as advance_max() in C++.
+    RELATIVE (entropy): the term is x - m for the new max m, ``term`` is ignored, and moving the max from m to mn
+    first adds s * (m - mn) to a. While the max is still -inf nothing is added and the state stays as it was.
     """
     mn = tl.maximum(m, tl.max(x, 0))
     live = mn != -float("inf")
@@ -42,7 +45,11 @@ def _fold_block(m, s, a, x, term, WITH_A: tl.constexpr):
     if WITH_A:
         # p = 0 (x = -inf, masked vocabulary): 0 * -inf counts as 0. Selecting the factor, not the product,
         # keeps NaN out of every intermediate.
-        a = tl.where(live, a * rescale + tl.sum(e * tl.where(e > 0, term, 0.0), 0), a)
+        if RELATIVE:
+            old = a + s * (tl.where(s > 0, m, base) - base)  # s = 0: m = -inf, nothing to shift (no 0 * -inf)
+            a = tl.where(live, old * rescale + tl.sum(e * tl.where(e > 0, x - base, 0.0), 0), a)
+        else:
+            a = tl.where(live, a * rescale + tl.sum(e * tl.where(e > 0, term, 0.0), 0), a)
     return tl.where(live, mn, m), tl.where(live, s_new, s), a
 
 
@@ -69,13 +76,14 @@ def _stats_fwd_kernel(z_ptr, ldz, r_ptr, ldr, vc, v_offset, inv_temp: tl.float64
         valid = j < vc
         x = tl.load(z_row + j, mask=valid, other=-float("inf")) * inv
         if MODE == 0:
-            m, s, a = _fold_block(m, s, a, x, x, False)
+            m, s, a = _fold_block(m, s, a, x, x, False, False)
         elif MODE == 1:
-            m, s, a = _fold_block(m, s, a, x, x, True)
+            m, s, a = _fold_block(m, s, a, x, x, True, True)
         else:
             y = tl.load(r_row + j, mask=valid, other=-float("inf")) * inv
-            m, s, a = _fold_block(m, s, a, x, x - tl.where(x == -float("inf"), 0.0, y), True)  # no -inf - -inf
-            mr, sr, _unused = _fold_block(mr, sr, a, y, y, False)
+            # no -inf - -inf
+            m, s, a = _fold_block(m, s, a, x, x - tl.where(x == -float("inf"), 0.0, y), True, False)
+            mr, sr, _unused = _fold_block(mr, sr, a, y, y, False, False)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     if MODE != 0:
@@ -92,42 +100,42 @@ def _stats_fwd_kernel(z_ptr, ldz, r_ptr, ldr, vc, v_offset, inv_temp: tl.float64
 
 
 @triton.jit
-def _grad_kernel(z_ptr, ldz, r_ptr, ldr, out_ptr, ldo, vc, v_offset, inv_temp: tl.float64, targets_ptr, lse_ptr,
-                 lse_r_ptr, aux_ptr, g_ptr, MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _grad_kernel(z_ptr, ldz, r_ptr, ldr, out_ptr, ldo, vc, v_offset, inv_temp: tl.float64, targets_ptr, m_ptr,
+                 logs_ptr, q_ptr, g_ptr, MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dt = z_ptr.dtype.element_ty
     inv = scalar_as(inv_temp, dt)
     z_row = z_ptr + row * ldz
     out_row = out_ptr + row * ldo  # may alias z_row (in-place backward): each block is read before it is written
     c = tl.load(g_ptr + row) * inv
-    lse = tl.load(lse_ptr + row)
+    mx = tl.load(m_ptr + row)
+    logs = tl.load(logs_ptr + row)
     local = -1
     if MODE == 0 and HAS_TARGETS:
         t = tl.load(targets_ptr + row)
         local = tl.where(t >= 0, t - v_offset, -1)
     if MODE != 0:
-        aux = tl.load(aux_ptr + row)
+        q = tl.load(q_ptr + row)
     if MODE == 2:
         r_row = r_ptr + row * ldr
-        lse_r = tl.load(lse_r_ptr + row)
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, vc, BLOCK_V):
         j = start + cols
         valid = j < vc
-        lp = tl.load(z_row + j, mask=valid, other=0.0) * inv - lse
-        p = tl.exp(lp)
+        x = tl.load(z_row + j, mask=valid, other=0.0) * inv
+        d = x - mx
+        p = tl.exp(d - logs)
         if MODE == 0:
             val = -c * p
             val = tl.where(j == local, val + c, val)  # the target's +c
         else:
-            # Where p = 0 the value is 0 (not 0 * -inf); lp is zeroed there first so no NaN is ever formed.
+            # Where p = 0 the value is 0 (not 0 * -inf); the bracket is zeroed there first so no NaN is ever formed.
             live = p > 0
-            lp = tl.where(live, lp, 0.0)
             if MODE == 1:
-                val = tl.where(live, -c * p * (lp + aux), 0.0)
+                val = tl.where(live, -c * p * (tl.where(live, d, 0.0) - q), 0.0)
             else:
-                lq = tl.load(r_row + j, mask=valid, other=0.0) * inv - lse_r
-                val = tl.where(live, c * p * (lp - tl.where(live, lq, 0.0) - aux), 0.0)
+                y = tl.load(r_row + j, mask=valid, other=0.0) * inv
+                val = tl.where(live, c * p * ((tl.where(live, x, 0.0) - tl.where(live, y, 0.0)) - q), 0.0)
         tl.store(out_row + j, val, mask=valid)
 
 
@@ -162,19 +170,18 @@ def vocab_softmax_fwd(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch
 
 def vocab_softmax_grad(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int,
                  out: torch.Tensor, ldo: int, n: int, vc: int, v_offset: int, inv_temp: float,
-                 targets: torch.Tensor | None, lse: torch.Tensor, lse_r: torch.Tensor | None,
-                 aux: torch.Tensor | None, g: torch.Tensor) -> None:
+                 targets: torch.Tensor | None, m: torch.Tensor, logs: torch.Tensor, q: torch.Tensor | None,
+                 g: torch.Tensor) -> None:
     """Writes out [n, vc] (row stride ldo; may be z itself) = d(sum_i g[i] * value_i)/dz for the chunk.
 
     value is the target's log-prob (mode 0; rows with targets < 0 must have g = 0), the entropy (1) or the KL (2),
-    with aux [n] = that value and lse, lse_r [n] the forward's log-sum-exps of z and r times inv_temp.
+    with m, logs [n] the forward's max and log-sum of x = z * inv_temp and q = a / s [n] (modes 1-2).
     """
     _check_mode(mode)
-    dt = check_dtype(dtype, z, r, out, lse, lse_r, aux, g)
+    dt = check_dtype(dtype, z, r, out, m, logs, q, g)
     if n <= 0 or vc <= 0:
         return
     _grad_kernel[(n,)](
         z, ldz, r if mode == EXACT_KL else None, ldr, out, ldo, vc, v_offset, inv_temp,
-        targets if mode == LOGPROB else None, lse, lse_r if mode == EXACT_KL else None,
-        aux if mode != LOGPROB else None, g, MODE=mode, HAS_TARGETS=targets is not None,
-        BLOCK_V=block(vc, MAX_BLOCK_V[dt]), enable_fp_fusion=False)
+        targets if mode == LOGPROB else None, m, logs, q if mode != LOGPROB else None, g, MODE=mode,
+        HAS_TARGETS=targets is not None, BLOCK_V=block(vc, MAX_BLOCK_V[dt]), enable_fp_fusion=False)

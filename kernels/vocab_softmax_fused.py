@@ -58,9 +58,9 @@ def _logits_tile(h_ptr, ldh, w_ptr, ldw, b_ptr, rows, row_ok, cols, col_ok, hdim
 
 
 @triton.jit
-def _fold_rows(m, s, a, x, term, WITH_A: tl.constexpr):
+def _fold_rows(m, s, a, x, term, WITH_A: tl.constexpr, RELATIVE: tl.constexpr):
     """Folds a tile x [BLOCK_N, BLOCK_V] (and, WITH_A, term summed into a) into the per-row state, as _fold_block
-    does for one row in vocab_softmax.py."""
+    does for one row in vocab_softmax.py (RELATIVE, entropy: a sums e * (x - m), shifted when the max moves)."""
     mn = tl.maximum(m, tl.max(x, 1))
     live = mn != -float("inf")
     base = tl.where(live, mn, 0.0)
@@ -68,7 +68,11 @@ def _fold_rows(m, s, a, x, term, WITH_A: tl.constexpr):
     e = tl.exp(x - base[:, None])
     s_new = s * rescale + tl.sum(e, 1)
     if WITH_A:
-        a = tl.where(live, a * rescale + tl.sum(e * tl.where(e > 0, term, 0.0), 1), a)
+        if RELATIVE:
+            old = a + s * (tl.where(s > 0, m, base) - base)  # s = 0: m = -inf, nothing to shift (no 0 * -inf)
+            a = tl.where(live, old * rescale + tl.sum(e * tl.where(e > 0, x - base[:, None], 0.0), 1), a)
+        else:
+            a = tl.where(live, a * rescale + tl.sum(e * tl.where(e > 0, term, 0.0), 1), a)
     return tl.where(live, mn, m), tl.where(live, s_new, s), a
 
 
@@ -115,26 +119,30 @@ def _linear_stats_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ld
         x = _logits_tile(h_ptr, ldh, w_ptr, ldw, b_ptr, rows, row_ok, cols, col_ok, hdim, inv, dt, HAS_BIAS,
                          NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
         if MODE == 0:
-            m, s, a = _fold_rows(m, s, a, x, x, False)
+            m, s, a = _fold_rows(m, s, a, x, x, False, False)
             tgt += tl.sum(tl.where(cols[None, :] == t[:, None], x, 0.0), 1)  # each target lies in one tile
         elif MODE == 1:
-            m, s, a = _fold_rows(m, s, a, x, x, True)
+            m, s, a = _fold_rows(m, s, a, x, x, True, True)
         else:
             y = _logits_tile(rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, rows, row_ok, cols, col_ok, rhdim, inv, dt,
                              HAS_REF_BIAS, REF_NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
-            m, s, a = _fold_rows(m, s, a, x, x - tl.where(x == -float("inf"), 0.0, y), True)
-            mr, sr, _unused = _fold_rows(mr, sr, a, y, y, False)
+            m, s, a = _fold_rows(m, s, a, x, x - tl.where(x == -float("inf"), 0.0, y), True, False)
+            mr, sr, _unused = _fold_rows(mr, sr, a, y, y, False, False)
     _store_state(split * n + rows, row_ok, m, s, a, mr, sr, tgt, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr, tgt_ptr, MODE)
 
 
 @triton.jit
-def _merge(m, s, a, mk, sk, ak):
-    """Merges the partial state (mk, sk, ak) of one vocabulary split into (m, s, a)."""
+def _merge(m, s, a, mk, sk, ak, RELATIVE: tl.constexpr):
+    """Merges the partial state (mk, sk, ak) of one vocabulary split into (m, s, a) (RELATIVE: a is relative to
+    its max, as in _fold_rows)."""
     mn = tl.maximum(m, mk)
     live = mn != -float("inf")
     base = tl.where(live, mn, 0.0)
     f = tl.exp(m - base)
     fk = tl.exp(mk - base)
+    if RELATIVE:
+        a = a + s * (tl.where(s > 0, m, base) - base)  # s = 0: m = -inf, nothing to shift (no 0 * -inf)
+        ak = ak + sk * (tl.where(sk > 0, mk, base) - base)
     return tl.where(live, mn, m), tl.where(live, s * f + sk * fk, s), tl.where(live, a * f + ak * fk, a)
 
 
@@ -155,20 +163,20 @@ def _merge_splits_kernel(pm_ptr, ps_ptr, pa_ptr, pmr_ptr, psr_ptr, ptgt_ptr, n, 
         mk = tl.load(pm_ptr + off, mask=ok, other=-float("inf"))
         sk = tl.load(ps_ptr + off, mask=ok, other=0.0)
         if MODE == 0:
-            m, s, a = _merge(m, s, a, mk, sk, tl.zeros_like(sk))
+            m, s, a = _merge(m, s, a, mk, sk, tl.zeros_like(sk), False)
             tgt += tl.load(ptgt_ptr + off, mask=ok, other=0.0)  # zero in every split but the target's
         else:
-            m, s, a = _merge(m, s, a, mk, sk, tl.load(pa_ptr + off, mask=ok, other=0.0))
+            m, s, a = _merge(m, s, a, mk, sk, tl.load(pa_ptr + off, mask=ok, other=0.0), MODE == 1)
         if MODE == 2:
             mrk = tl.load(pmr_ptr + off, mask=ok, other=-float("inf"))
             mr, sr, _unused = _merge(mr, sr, tl.zeros_like(sr), mrk, tl.load(psr_ptr + off, mask=ok, other=0.0),
-                                     tl.zeros_like(sr))
+                                     tl.zeros_like(sr), False)
     _store_state(rows, ok, m, s, a, mr, sr, tgt, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr, tgt_ptr, MODE)
 
 
 @triton.jit
-def _linear_grad_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, targets_ptr, lse_ptr,
-                        lse_r_ptr, aux_ptr, g_ptr, n, hdim, rhdim, vocab, inv_temp: tl.float64, gh_ptr, gw_ptr,
+def _linear_grad_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, targets_ptr, m_ptr,
+                        logs_ptr, q_ptr, g_ptr, n, hdim, rhdim, vocab, inv_temp: tl.float64, gh_ptr, gw_ptr,
                         gb_ptr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
                         HAS_TARGETS: tl.constexpr, NEED_WEIGHT_GRAD: tl.constexpr, NATIVE_DOT: tl.constexpr,
                         REF_NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -182,24 +190,23 @@ def _linear_grad_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ldr
     x = _logits_tile(h_ptr, ldh, w_ptr, ldw, b_ptr, rows, row_ok, cols, col_ok, hdim, inv, dt, HAS_BIAS,
                      NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
     c = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv  # 0 on rows past the end: their d is 0
-    lp = x - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    p = tl.exp(lp)  # 0 in columns past the end (x = -inf)
+    dx = x - tl.load(m_ptr + rows, mask=row_ok, other=0.0)[:, None]  # x - m: exact near the max
+    p = tl.exp(dx - tl.load(logs_ptr + rows, mask=row_ok, other=0.0)[:, None])  # 0 past the end (x = -inf)
     live = p > 0
-    lp = tl.where(live, lp, 0.0)
     if MODE == 0:
         d = -c[:, None] * p
         if HAS_TARGETS:
             t = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
             d = tl.where(cols[None, :] == t[:, None], d + c[:, None], d)
     elif MODE == 1:
-        aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
-        d = tl.where(live, -c[:, None] * p * (lp + aux[:, None]), 0.0)
+        q = tl.load(q_ptr + rows, mask=row_ok, other=0.0)
+        d = tl.where(live, -c[:, None] * p * (tl.where(live, dx, 0.0) - q[:, None]), 0.0)
     else:
         y = _logits_tile(rh_ptr, ldrh, rw_ptr, ldrw, rb_ptr, rows, row_ok, cols, col_ok, rhdim, inv, dt,
                          HAS_REF_BIAS, REF_NATIVE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
-        lq = tl.where(live, y - tl.load(lse_r_ptr + rows, mask=row_ok, other=0.0)[:, None], 0.0)
-        aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
-        d = tl.where(live, c[:, None] * p * (lp - lq - aux[:, None]), 0.0)
+        q = tl.load(q_ptr + rows, mask=row_ok, other=0.0)
+        diff = tl.where(live, x, 0.0) - tl.where(live, y, 0.0)  # no -inf - -inf past the end
+        d = tl.where(live, c[:, None] * p * (diff - q[:, None]), 0.0)
     d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
     # The tile's share of grad_hidden = d @ W and grad_weight = d^T @ hidden, BLOCK_H columns at a time.
     for k0 in range(0, hdim, BLOCK_H):
@@ -301,17 +308,17 @@ def vocab_softmax_fused_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight:
 def vocab_softmax_fused_grad(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None,
                         ref_bias: torch.Tensor | None, targets: torch.Tensor | None, inv_temp: float,
-                        lse: torch.Tensor, lse_r: torch.Tensor | None, aux: torch.Tensor | None, g: torch.Tensor,
+                        m: torch.Tensor, logs: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor,
                         grad_hidden: torch.Tensor, grad_weight: torch.Tensor | None,
                         grad_bias: torch.Tensor | None) -> None:
     """Gradients of sum_i g[i] * value_i (log-prob of the target, entropy or KL) w.r.t. hidden, weight and bias.
 
-    Inputs as vocab_softmax_fused_fwd; lse, lse_r [n] the forward's log-sum-exps, aux [n] the value (modes 1-2),
+    Inputs as vocab_softmax_fused_fwd; m, logs [n] the forward's max and log-sum, q = a / s [n] (modes 1-2),
     g [n] the upstream gradient (0 on ignored rows in mode 0). Writes grad_hidden [n, H] and, when given,
     grad_weight [V, H] and grad_bias [V], contiguous in the compute dtype.
     """
     _check_mode(mode)
-    dt = check_dtype(dtype, lse, lse_r, aux, g, grad_hidden, grad_weight, grad_bias)
+    dt = check_dtype(dtype, m, logs, q, g, grad_hidden, grad_weight, grad_bias)
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     grad_hidden.zero_()  # the kernel accumulates with atomic adds
@@ -328,8 +335,8 @@ def vocab_softmax_fused_grad(mode: int, dtype: int, hidden: torch.Tensor, weight
     has_targets = mode == LOGPROB and targets is not None
     _linear_grad_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))](
         hidden, _ld(hidden), weight, _ld(weight), bias, ref_hidden, _ld(ref_hidden), ref_weight, _ld(ref_weight),
-        ref_bias if kl else None, targets if has_targets else None, lse, lse_r if kl else None,
-        aux if mode != LOGPROB else None, g, n, hdim, ref_hidden.shape[1] if kl else 0, vocab, inv_temp, grad_hidden,
+        ref_bias if kl else None, targets if has_targets else None, m, logs,
+        q if mode != LOGPROB else None, g, n, hdim, ref_hidden.shape[1] if kl else 0, vocab, inv_temp, grad_hidden,
         grad_weight, grad_bias if need_w else None, MODE=mode, HAS_BIAS=bias is not None,
         HAS_REF_BIAS=kl and ref_bias is not None, HAS_TARGETS=has_targets, NEED_WEIGHT_GRAD=need_w,
         NATIVE_DOT=_native_dot(hidden, weight, dt), REF_NATIVE_DOT=kl and _native_dot(ref_hidden, ref_weight, dt),

@@ -41,6 +41,18 @@ def softmax_reference(x, y=None):
     return lse, logp, ent, kl, lse_r
 
 
+def grad_state(x, y=None):
+    """float64 (m, logs, q_entropy, q_kl) of x (and y) [n, V]: what vocab_softmax_grad takes (csrc/ra3_native.h),
+    m the row max, logs = log sum exp(x - m), q = E_p[x - m] (entropy) and E_p[x - y] (KL), 0 * -inf read as 0."""
+    m = x.max(-1).values
+    d = x - m[:, None]
+    logs = torch.logsumexp(d, -1)
+    p = (d - logs[:, None]).exp()
+    q_ent = torch.where(p > 0, p * d, torch.zeros_like(p)).sum(-1)
+    q_kl = None if y is None else torch.where(p > 0, p * (x - y), torch.zeros_like(p)).sum(-1)
+    return m, logs, q_ent, q_kl
+
+
 def run_stats(backend, mode, dtype, z, r, targets, inv_temp, vc):
     """Walks the columns of z (and r), possibly strided views, in chunks of vc with ``vocab_softmax_fwd`` of
     ``backend``, as ra3/ops/vocab_softmax_walk.py does, and returns the running state (m, s, a, mr, sr, tgt)."""

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from conftest import require_backend
-from kernel_helpers import (CODE, DTYPES, ENTROPY, EXACT_KL, LOGPROB, close, nan_like, run_stats,
+from kernel_helpers import (CODE, DTYPES, ENTROPY, EXACT_KL, LOGPROB, close, grad_state, nan_like, run_stats,
                             shrink_triton_blocks, softmax_reference)
 
 from ra3.ops import _kernels
@@ -92,7 +92,10 @@ def test_vocab_softmax_fwd_matches_logsumexp(kern, dtype, vc, neg_inf):
     assert tgt.cpu()[~keep].eq(0).all(), "tgt of an ignored row must stay untouched"
 
     m, s, a, _, _, _ = run_stats(kern.backend, ENTROPY, dtype, z, None, targets, inv_temp, vc)
-    close(m + s.log() - a / s, ent, dtype)
+    gm, _, q_ent, _ = grad_state(x)
+    close(m, gm, dtype)
+    close(a / s, q_ent, dtype)  # relative to the max: a = sum exp(x - m) * (x - m)
+    close(s.log() - a / s, ent, dtype)
 
     m, s, a, mr, sr, _ = run_stats(kern.backend, EXACT_KL, dtype, z, r, targets, inv_temp, vc)
     close(mr + sr.log(), lse_r, dtype)
@@ -112,7 +115,7 @@ def test_vocab_softmax_fwd_all_neg_inf_chunk_leaves_state(kern, dtype, width):
     assert m[0] == -math.inf and s.tolist() == [0.0, 2.0] and a.tolist() == [0.0, 3.0] and m[1] == 1.5
 
 
-def _run_grad(kern, mode, dtype, z_wide, r_wide, targets, inv_temp, vc, lse, lse_r, aux, g, in_place):
+def _run_grad(kern, mode, dtype, z_wide, r_wide, targets, inv_temp, vc, m, logs, q, g, in_place):
     """Gradient chunks written into a NaN-poisoned wider matrix (or into a copy of z, in place)."""
     out_wide = z_wide.clone() if in_place else nan_like((N, V + 3 * PAD), dtype, z_wide.device)
     for v0 in range(0, V, vc):
@@ -121,7 +124,7 @@ def _run_grad(kern, mode, dtype, z_wide, r_wide, targets, inv_temp, vc, lse, lse
         out = z if in_place else out_wide[:, 2 * PAD + v0:2 * PAD + v1]
         r = r_wide[:, PAD + v0:PAD + v1] if r_wide is not None else None
         kern("vocab_softmax_grad", mode, CODE[dtype], z, z.stride(0), r, 0 if r is None else r.stride(0), out,
-             out.stride(0), N, v1 - v0, v0, inv_temp, targets, lse, lse_r, aux, g)
+             out.stride(0), N, v1 - v0, v0, inv_temp, targets, m, logs, q, g)
     off = PAD if in_place else 2 * PAD
     return out_wide, out_wide[:, off:off + V]
 
@@ -144,9 +147,10 @@ def test_softmax_grad_matches_autograd(kern, dtype, in_place):
     expected = {mode: torch.autograd.grad((g * val).sum(), z64, retain_graph=True)[0]
                 for mode, val in ((LOGPROB, picked), (ENTROPY, ent), (EXACT_KL, kl))}
     c = lambda t: t.detach().to(dtype).to(kern.device).contiguous()  # noqa: E731
-    for mode, aux in ((LOGPROB, None), (ENTROPY, c(ent)), (EXACT_KL, c(kl))):
+    m, logs, q_ent, q_kl = grad_state(x.detach(), y)
+    for mode, q in ((LOGPROB, None), (ENTROPY, c(q_ent)), (EXACT_KL, c(q_kl))):
         out_wide, out = _run_grad(kern, mode, dtype, z_wide, r_wide if mode == EXACT_KL else None, targets,
-                                  inv_temp, vc, c(lse), c(lse_r) if mode == EXACT_KL else None, aux, c(g), in_place)
+                                  inv_temp, vc, c(m), c(logs), q, c(g), in_place)
         close(out, expected[mode], dtype, msg=f"mode {mode}")
         if not in_place:  # columns outside the chunks must not be touched
             assert out_wide[:, :2 * PAD].isnan().all() and out_wide[:, 2 * PAD + V:].isnan().all()
@@ -161,11 +165,12 @@ def test_softmax_grad_masked_vocabulary_gives_zero_not_nan(kern, dtype):
     g = torch.ones(N, dtype=dtype, device=kern.device)
     c = lambda t: t.to(dtype).to(kern.device).contiguous()  # noqa: E731
     p = logp.exp()
-    for mode, aux, expected in (
-            (ENTROPY, c(ent), -p * (logp + ent[:, None])),
-            (EXACT_KL, c(kl), p * (logp - (y - lse_r[:, None]) - kl[:, None]))):
+    m, logs, q_ent, q_kl = grad_state(x, y)
+    for mode, q, expected in (
+            (ENTROPY, c(q_ent), -p * (logp + ent[:, None])),
+            (EXACT_KL, c(q_kl), p * (logp - (y - lse_r[:, None]) - kl[:, None]))):
         _, out = _run_grad(kern, mode, dtype, z_wide, r_wide if mode == EXACT_KL else None, _targets(kern.device),
-                           1.0, 128, c(lse), c(lse_r) if mode == EXACT_KL else None, aux, g, False)
+                           1.0, 128, c(m), c(logs), q, g, False)
         assert not out.isnan().any()
         masked = z.isinf()
         assert out[masked].eq(0).all()

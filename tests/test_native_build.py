@@ -52,7 +52,7 @@ def test_every_contract_function_is_exported():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vectorised_exp_is_accurate_over_its_range(dtype):
-    # vocab_softmax_grad mode 0 with lse = 0, g = -1, inv_temp = 1 and no target in the chunk writes exp(z) itself.
+    # vocab_softmax_grad mode 0 with m = logs = 0, g = -1, inv_temp = 1 and no target in the chunk writes exp(z) itself.
     lo, hi = (-745.0, 709.0) if dtype == torch.float64 else (-104.0, 88.0)
     z = torch.cat([torch.linspace(lo, hi, 20001, dtype=torch.float64),
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, math.log(2), -math.inf, math.inf, math.nan, 1e4, -1e4],
@@ -60,9 +60,9 @@ def test_vectorised_exp_is_accurate_over_its_range(dtype):
     n = z.shape[1]
     out = nan_like((1, n), dtype)
     one = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
-    lse, g, t = one(0.0), one(-1.0), torch.tensor([-1], dtype=torch.int64)
-    _C.cpu_vocab_softmax_grad(LOGPROB, CODE[dtype], ptr(z), n, 0, 0, ptr(out), n, 1, n, 0, 1.0, ptr(t), ptr(lse), 0, 0,
-                        ptr(g))
+    zero, g, t = one(0.0), one(-1.0), torch.tensor([-1], dtype=torch.int64)
+    _C.cpu_vocab_softmax_grad(LOGPROB, CODE[dtype], ptr(z), n, 0, 0, ptr(out), n, 1, n, 0, 1.0, ptr(t), ptr(zero),
+                              ptr(zero), 0, ptr(g))
     expected = z.double().exp()
     tiny = torch.finfo(dtype).tiny
     normal = (expected >= tiny * 2) & expected.isfinite()

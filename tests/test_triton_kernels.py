@@ -24,8 +24,8 @@ if importlib.util.find_spec("triton") is None:
 
 import test_vocab_softmax  # noqa: E402
 from conftest import assert_close, require_backend  # noqa: E402
-from kernel_helpers import (CODE, DTYPES, ENTROPY, EXACT_KL, LOGPROB, close, nan_like, run_stats,  # noqa: E402
-                            shrink_triton_blocks, softmax_reference)
+from kernel_helpers import (CODE, DTYPES, ENTROPY, EXACT_KL, LOGPROB, close, grad_state, nan_like,  # noqa: E402
+                            run_stats, shrink_triton_blocks)
 from ra3 import ops  # noqa: E402
 from ra3.ops import reference  # noqa: E402
 
@@ -173,14 +173,14 @@ def test_fused_grad_writes_every_output(small_tiles, device, mode):
     kl = mode == EXACT_KL
     x = (hidden.double() @ weight.double().T + bias.double()).cpu()
     y = (ref_hidden.double() @ ref_weight.double().T).cpu()
-    lse, _, ent, kl_value, lse_r = softmax_reference(x, y)
-    aux = {LOGPROB: None, ENTROPY: ent, EXACT_KL: kl_value}[mode]
+    m, logs, q_ent, q_kl = grad_state(x, y)
+    q = {LOGPROB: None, ENTROPY: q_ent, EXACT_KL: q_kl}[mode]
     f = lambda t: None if t is None else t.float().to(device)  # noqa: E731
     gh, gw, gb = nan_like((n, h), torch.float32, device), nan_like((v, h), torch.float32, device), \
         nan_like((v,), torch.float32, device)
     vocab_softmax_fused.vocab_softmax_fused_grad(mode, 0, hidden, weight, bias, ref_hidden if kl else None,
-                                     ref_weight if kl else None, None, targets, 1.0, f(lse), f(lse_r) if kl else None,
-                                     f(aux), torch.ones(n, device=device), gh, gw, gb)
+                                     ref_weight if kl else None, None, targets, 1.0, f(m), f(logs), f(q),
+                                     torch.ones(n, device=device), gh, gw, gb)
     assert gh.isfinite().all() and gw.isfinite().all() and gb.isfinite().all()
     h64, w64, b64 = (t.double().cpu().requires_grad_() for t in (hidden, weight, bias))
     z64 = h64 @ w64.T + b64

@@ -272,7 +272,7 @@ def test_the_loop_refuses_bad_arguments_before_any_gemm(change, message):
     buf = torch.zeros(64)
     args = dict(mode=0, dtype=0, n=2, vocab=5, chunk=3, in_dtype=2, hidden=buf, weight=buf, bias=None, h=4,
                 ref_in_dtype=0, ref_hidden=None, ref_weight=None, ref_bias=None, ref_h=0, inv_temp=1.0,
-                targets=None, lse=buf, lse_r=None, aux=None, g=buf, ones=None, tile=buf, ref_tile=None, tile16=buf,
+                targets=None, m=buf, logs=buf, q=None, g=buf, ones=None, tile=buf, ref_tile=None, tile16=buf,
                 bf16_terms=2, grad_hidden=buf, grad_weight=None, grad_bias=None)
     args.update({k: buf if v == "buffer" else v for k, v in change.items()})
     raw = {k: (v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v) for k, v in args.items()}

@@ -37,21 +37,25 @@ RA3_INLINE T chunk_max(const T* z, int64_t vc) {
 // Folds one chunk's sums, taken against the new max mn (>= the running max *m), into the running state: s = sum
 // exp(x - m) and, where a is given, a = sum exp(x - m) * f. The rescale of the old sums and the additions run in
 // Acc; the state is rounded to T once per chunk.
+// With `relative` (entropy) a is sum exp(x - m) * (x - m): moving the max from m to mn adds s * (m - mn) to it first.
 template <typename T>
-RA3_INLINE void fold(T mn, Acc cs, Acc ca, T* m, T* s, T* a) {
+RA3_INLINE void fold(T mn, Acc cs, Acc ca, T* m, T* s, T* a, bool relative) {
   const Acc rescale = std::exp(Acc(*m) - Acc(mn));  // exact: 1 when the max stays; 0 while the state is empty
+  if (a != nullptr) {
+    const Acc old = *s > T(0) && relative ? Acc(*a) + Acc(*s) * (Acc(*m) - Acc(mn)) : Acc(*a);
+    *a = T(old * rescale + ca);
+  }
   *s = T(Acc(*s) * rescale + cs);
-  if (a != nullptr) *a = T(Acc(*a) * rescale + ca);
   *m = mn;
 }
 
 // One row of vocab_softmax_fwd (see ra3_native.h for the state). ri is read in mode 2 only.
 //
 // Each element is x = z * inv_temp, rounded (the kernels are compiled without FMA contraction, CMakeLists.txt), so
-// the max, the exponents x - mn, the target's logit and the backward's x - lse all see the same x. The entropy sums
-// e * (x - mn) <= 0, small next to e * x where the logits sit far from 0 (x ~ 1e4 at T = 1e-3), and adds
-// mn * sum(e) once per chunk, in double. The exact KL sums both softmaxes in one loop with the same instructions,
-// so identical logits give bit-identical (m, s) and (mr, sr) and a KL of exactly 0.
+// the max, the exponents x - mn, the target's logit and the backward's x - m all see the same x. The entropy sums
+// e * (x - mn) <= 0 and keeps them relative to the max (small next to e * x where the logits sit far from 0, x ~ 1e4
+// at T = 1e-3). The exact KL sums both softmaxes in one loop with the same instructions, so identical logits give
+// bit-identical (m, s) and (mr, sr) and a KL of exactly 0.
 template <bool kFma, typename T>
 RA3_INLINE void stats_row_impl(int mode, const T* zi, const T* ri, int64_t vc, T inv_temp, T* m, T* s, T* a, T* mr,
                                T* sr) {
@@ -97,33 +101,32 @@ RA3_INLINE void stats_row_impl(int mode, const T* zi, const T* ri, int64_t vc, T
     }
     cs += bs, ca += ba, csr += bsr;
   }
-  if (mn != kNegInf)  // entropy: a = sum e * x = sum e * (x - mn) + mn * sum e
-    fold(mn, cs, mode == kEntropy ? ca + Acc(mn) * cs : ca, m, s, mode == kLogprob ? nullptr : a);
-  if (kl && mnr != kNegInf) fold(mnr, csr, Acc(0), mr, sr, static_cast<T*>(nullptr));
+  if (mn != kNegInf) fold(mn, cs, ca, m, s, mode == kLogprob ? nullptr : a, mode == kEntropy);
+  if (kl && mnr != kNegInf) fold(mnr, csr, Acc(0), mr, sr, static_cast<T*>(nullptr), false);
 }
 
-// One row of vocab_softmax_grad without the target's +c (added by the caller). oi may alias zi (in-place backward):
-// each iteration reads element j before writing element j only.
+// One row of vocab_softmax_grad without the target's +c (added by the caller), from the row's max mx, log-sum
+// logs and q = a / s. oi may alias zi (in-place backward): each iteration reads element j before writing element j.
 template <bool kFma, typename T>
-RA3_INLINE void grad_row_impl(int mode, const T* zi, const T* ri, T* oi, int64_t vc, T inv_temp, T l, T c, T aux,
-                              T lr) {
+RA3_INLINE void grad_row_impl(int mode, const T* zi, const T* ri, T* oi, int64_t vc, T inv_temp, T mx, T logs, T c,
+                              T q) {
   if (mode == kLogprob) {
 #pragma omp simd
-    for (int64_t j = 0; j < vc; ++j) oi[j] = -c * vexp<kFma>(zi[j] * inv_temp - l);
+    for (int64_t j = 0; j < vc; ++j) oi[j] = -c * vexp<kFma>((zi[j] * inv_temp - mx) - logs);
   } else if (mode == kEntropy) {
 #pragma omp simd
     for (int64_t j = 0; j < vc; ++j) {
-      T lp = zi[j] * inv_temp - l;
-      T p = vexp<kFma>(lp);
-      T val = -c * p * (lp + aux);
+      const T d = zi[j] * inv_temp - mx;
+      const T p = vexp<kFma>(d - logs);
+      const T val = -c * p * (d - q);  // d(entropy)/dx = -p (log p + entropy) = -p ((x - m) - q)
       oi[j] = p > T(0) ? val : T(0);
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < vc; ++j) {
-      T lp = zi[j] * inv_temp - l;
-      T p = vexp<kFma>(lp);
-      T val = c * p * (lp - (ri[j] * inv_temp - lr) - aux);
+      const T x = zi[j] * inv_temp;
+      const T p = vexp<kFma>((x - mx) - logs);
+      const T val = c * p * ((x - ri[j] * inv_temp) - q);  // p (log p - log p_ref - KL) = p ((x - y) - q)
       oi[j] = p > T(0) ? val : T(0);
     }
   }
@@ -137,11 +140,11 @@ RA3_ROW_KERNEL(void stats_row(int mode, const double* zi, const double* ri, int6
                               double* s, double* a, double* mr, double* sr),
                stats_row_impl<kFma>(mode, zi, ri, vc, inv_temp, m, s, a, mr, sr);)
 RA3_ROW_KERNEL(void grad_row(int mode, const float* zi, const float* ri, float* oi, int64_t vc, float inv_temp,
-                             float l, float c, float aux, float lr),
-               grad_row_impl<kFma>(mode, zi, ri, oi, vc, inv_temp, l, c, aux, lr);)
+                             float mx, float logs, float c, float q),
+               grad_row_impl<kFma>(mode, zi, ri, oi, vc, inv_temp, mx, logs, c, q);)
 RA3_ROW_KERNEL(void grad_row(int mode, const double* zi, const double* ri, double* oi, int64_t vc, double inv_temp,
-                             double l, double c, double aux, double lr),
-               grad_row_impl<kFma>(mode, zi, ri, oi, vc, inv_temp, l, c, aux, lr);)
+                             double mx, double logs, double c, double q),
+               grad_row_impl<kFma>(mode, zi, ri, oi, vc, inv_temp, mx, logs, c, q);)
 
 template <typename T>
 void stats_fwd(int mode, const T* z, int64_t ldz, const T* r, int64_t ldr, int64_t n, int64_t vc, int64_t v_offset,
@@ -161,14 +164,14 @@ void stats_fwd(int mode, const T* z, int64_t ldz, const T* r, int64_t ldr, int64
 
 template <typename T>
 void grad(int mode, const T* z, int64_t ldz, const T* r, int64_t ldr, T* out, int64_t ldo, int64_t n, int64_t vc,
-          int64_t v_offset, T inv_temp, const int64_t* targets, const T* lse, const T* lse_r, const T* aux,
+          int64_t v_offset, T inv_temp, const int64_t* targets, const T* m, const T* logs, const T* q,
           const T* g) {
 #pragma omp parallel for schedule(static) if (n * vc >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T c = g[i] * inv_temp;
     T* oi = out + i * ldo;
-    grad_row(mode, z + i * ldz, mode == kExactKl ? r + i * ldr : nullptr, oi, vc, inv_temp, lse[i], c,
-             mode == kLogprob ? T(0) : aux[i], mode == kExactKl ? lse_r[i] : T(0));
+    grad_row(mode, z + i * ldz, mode == kExactKl ? r + i * ldr : nullptr, oi, vc, inv_temp, m[i], logs[i], c,
+             mode == kLogprob ? T(0) : q[i]);
     if (mode == kLogprob && targets != nullptr && targets[i] >= 0) {
       const int64_t t = targets[i] - v_offset;
       if (t >= 0 && t < vc) oi[t] += c;
@@ -194,7 +197,7 @@ void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     grad<T>(mode, cptr<T>(z), ldz, cptr<T>(r), ldr, mptr<T>(out), ldo, n, vc, v_offset, T(inv_temp),
-            cptr<int64_t>(targets), cptr<T>(lse), cptr<T>(lse_r), cptr<T>(aux), cptr<T>(g));
+            cptr<int64_t>(targets), cptr<T>(m), cptr<T>(logs), cptr<T>(q), cptr<T>(g));
   });
 }
 

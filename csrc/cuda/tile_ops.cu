@@ -46,21 +46,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    lse_kernel(const T* __restrict__ m, const T* __restrict__ s, T* __restrict__ lse, int64_t n) {
+__global__ void __launch_bounds__(kThreads) log_kernel(const T* __restrict__ s, T* __restrict__ logs, int64_t n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) lse[i] = m[i] + log(s[i]);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) logs[i] = log(s[i]);
 }
 
 }  // namespace
 
-void lse_from_state(int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t stream) {
+void log_of(int dtype, uintptr_t s, uintptr_t logs, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    lse_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(cptr<T>(m), cptr<T>(s), mptr<T>(lse), n);
+    log_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(cptr<T>(s), mptr<T>(logs), n);
   });
-  check_launch("lse_from_state");
+  check_launch("log_of");
 }
 
 void round_to_bf16(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t stream) {

@@ -16,7 +16,9 @@ constexpr int kThreads = 256;
 __device__ __forceinline__ float scaled(float z, float inv_temp) { return __fmul_rn(z, inv_temp); }
 __device__ __forceinline__ double scaled(double z, double inv_temp) { return __dmul_rn(z, inv_temp); }
 
-// Online softmax state: max m, sum s of exp(x - m), accumulator a of exp(x - m) * f.
+// Online softmax state: max m, sum s of exp(x - m), accumulator a of exp(x - m) * f. With REL (entropy) the
+// payload is f = x - m itself, relative to the current max, so moving the max from m to mn first adds s * (m - mn)
+// to a (ra3_native.h: a stays small where the logits are large).
 template <typename T>
 struct Lse {
   T m, s, a;
@@ -27,31 +29,38 @@ __device__ __forceinline__ Lse<T> lse_empty() {
   return {-INFINITY, T(0), T(0)};
 }
 
-// Adds one element x with payload f. -inf elements contribute nothing (and would make exp(-inf - -inf) NaN).
-template <typename T>
+// a of a state whose max moves from m to mn (>= m), before the rescale by exp(m - mn).
+template <bool REL, typename T>
+__device__ __forceinline__ T shifted(T a, T s, T m, T mn) {
+  return REL && s > T(0) ? a + s * (m - mn) : a;
+}
+
+// Adds one element x with payload f (ignored with REL: x - m). -inf elements contribute nothing (and would make
+// exp(-inf - -inf) NaN).
+template <bool REL, typename T>
 __device__ __forceinline__ void lse_push(Lse<T>& st, T x, T f) {
   if (x == -INFINITY) return;
   if (x > st.m) {
     const T scale = exp_t(st.m - x);  // 0 while the state is still empty
+    st.a = shifted<REL>(st.a, st.s, st.m, x) * scale + (REL ? T(0) : f);
     st.s = st.s * scale + T(1);
-    st.a = st.a * scale + f;
     st.m = x;
   } else {
     const T e = exp_t(x - st.m);  // NaN x lands here and poisons s, as it should
     st.s += e;
-    st.a += e > T(0) ? e * f : T(0);
+    st.a += e > T(0) ? e * (REL ? x - st.m : f) : T(0);
   }
 }
 
-template <typename T>
+template <bool REL, typename T>
 __device__ __forceinline__ Lse<T> lse_merge(const Lse<T>& p, const Lse<T>& q) {
   const T m = p.m > q.m ? p.m : q.m;
   if (m == -INFINITY) return lse_empty<T>();
   const T sp = exp_t(p.m - m), sq = exp_t(q.m - m);
-  return {m, p.s * sp + q.s * sq, p.a * sp + q.a * sq};
+  return {m, p.s * sp + q.s * sq, shifted<REL>(p.a, p.s, p.m, m) * sp + shifted<REL>(q.a, q.s, q.m, m) * sq};
 }
 
-template <typename T>
+template <bool REL, typename T>
 __device__ Lse<T> block_lse(Lse<T> st) {
   __shared__ T sm[kMaxWarps], ss[kMaxWarps], sa[kMaxWarps];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
@@ -59,7 +68,7 @@ __device__ Lse<T> block_lse(Lse<T> st) {
   for (int off = kWarp / 2; off > 0; off /= 2) {
     Lse<T> o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
              __shfl_xor_sync(0xffffffffu, st.a, off)};
-    st = lse_merge(st, o);
+    st = lse_merge<REL>(st, o);
   }
   __syncthreads();
   if (lane == 0) {
@@ -73,21 +82,20 @@ __device__ Lse<T> block_lse(Lse<T> st) {
   for (int off = kWarp / 2; off > 0; off /= 2) {
     Lse<T> o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
              __shfl_xor_sync(0xffffffffu, st.a, off)};
-    st = lse_merge(st, o);
+    st = lse_merge<REL>(st, o);
   }
   return st;
 }
 
 // Folds the chunk's state into the running one in global memory; leaves it alone while both maxima are -inf.
-template <typename T>
+template <bool REL, typename T>
 __device__ __forceinline__ void fold_into(const Lse<T>& chunk, T* m, T* s, T* a) {
   const Lse<T> run{*m, *s, a != nullptr ? *a : T(0)};
-  const T mn = run.m > chunk.m ? run.m : chunk.m;
-  if (mn == -INFINITY) return;
-  const T sr = exp_t(run.m - mn), sc = exp_t(chunk.m - mn);
-  *s = run.s * sr + chunk.s * sc;
-  if (a != nullptr) *a = run.a * sr + chunk.a * sc;
-  *m = mn;
+  const Lse<T> both = lse_merge<REL>(run, chunk);
+  if (both.m == -INFINITY) return;
+  *s = both.s;
+  if (a != nullptr) *a = both.a;
+  *m = both.m;
 }
 
 template <typename T, int MODE>
@@ -102,52 +110,54 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
     const T x = scaled(zi[j], inv_temp);
     if (MODE == kLogprob) {
-      lse_push(st, x, T(0));
+      lse_push<false>(st, x, T(0));
     } else if (MODE == kEntropy) {
-      lse_push(st, x, x);
+      lse_push<true>(st, x, T(0));
     } else {
       const T y = scaled(ri[j], inv_temp);
-      lse_push(st, x, x - y);
-      lse_push(st_r, y, T(0));
+      lse_push<false>(st, x, x - y);
+      lse_push<false>(st_r, y, T(0));
     }
   }
-  st = block_lse(st);
-  if (MODE == kExactKl) st_r = block_lse(st_r);
+  constexpr bool kRel = MODE == kEntropy;
+  st = block_lse<kRel>(st);
+  if (MODE == kExactKl) st_r = block_lse<false>(st_r);
   if (threadIdx.x != 0) return;
-  fold_into(st, m + i, s + i, MODE == kLogprob ? nullptr : a + i);
-  if (MODE == kExactKl) fold_into(st_r, mr + i, sr + i, static_cast<T*>(nullptr));
+  fold_into<kRel>(st, m + i, s + i, MODE == kLogprob ? nullptr : a + i);
+  if (MODE == kExactKl) fold_into<false>(st_r, mr + i, sr + i, static_cast<T*>(nullptr));
   if (MODE == kLogprob && targets != nullptr && tgt != nullptr) {
     const int64_t t = targets[i] - v_offset;
     if (targets[i] >= 0 && t >= 0 && t < vc) tgt[i] = scaled(zi[t], inv_temp);
   }
 }
 
-// out may alias z (in-place backward): every thread reads element j before writing element j only.
+// out may alias z (in-place backward): every thread reads element j before writing element j only. From the row's
+// max mx, log-sum logs and q = a / s (ra3_native.h).
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* z, int64_t ldz, const T* __restrict__ r, int64_t ldr, T* out, int64_t ldo, int64_t vc,
-                int64_t v_offset, T inv_temp, const int64_t* __restrict__ targets, const T* __restrict__ lse,
-                const T* __restrict__ lse_r, const T* __restrict__ aux, const T* __restrict__ g) {
+                int64_t v_offset, T inv_temp, const int64_t* __restrict__ targets, const T* __restrict__ mx,
+                const T* __restrict__ logs, const T* __restrict__ q, const T* __restrict__ g) {
   const int64_t i = blockIdx.x;
   const T* zi = z + i * ldz;
   T* oi = out + i * ldo;
-  const T l = lse[i];
+  const T mi = mx[i], li = logs[i];
   const T c = g[i] * inv_temp;
   // Ignored rows (negative targets) and targets outside this chunk match no column.
   const int64_t t = MODE == kLogprob && targets != nullptr && targets[i] >= 0 ? targets[i] - v_offset : -1;
-  const T h = MODE == kLogprob ? T(0) : aux[i];
-  const T lr = MODE == kExactKl ? lse_r[i] : T(0);
+  const T qi = MODE == kLogprob ? T(0) : q[i];
   const T* ri = MODE == kExactKl ? r + i * ldr : nullptr;
   for (int64_t j = threadIdx.x; j < vc; j += blockDim.x) {
-    const T lp = scaled(zi[j], inv_temp) - l;
-    const T p = exp_t(lp);
+    const T x = scaled(zi[j], inv_temp);
+    const T d = x - mi;
+    const T p = exp_t(d - li);
     T v;
     if (MODE == kLogprob) {
       v = c * ((j == t ? T(1) : T(0)) - p);
     } else if (MODE == kEntropy) {
-      v = p > T(0) ? -c * p * (lp + h) : T(0);
+      v = p > T(0) ? -c * p * (d - qi) : T(0);
     } else {
-      v = p > T(0) ? c * p * (lp - (scaled(ri[j], inv_temp) - lr) - h) : T(0);
+      v = p > T(0) ? c * p * ((x - scaled(ri[j], inv_temp)) - qi) : T(0);
     }
     oi[j] = v;
   }
@@ -164,11 +174,11 @@ void launch_stats(uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, int64_t n,
 
 template <typename T, int MODE>
 void launch_grad(uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, uintptr_t out, int64_t ldo, int64_t n,
-                 int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t lse, uintptr_t lse_r,
-                 uintptr_t aux, uintptr_t g, cudaStream_t stream) {
+                 int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t logs,
+                 uintptr_t q, uintptr_t g, cudaStream_t stream) {
   grad_kernel<T, MODE><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
       cptr<T>(z), ldz, cptr<T>(r), ldr, mptr<T>(out), ldo, vc, v_offset, T(inv_temp), cptr<int64_t>(targets),
-      cptr<T>(lse), cptr<T>(lse_r), cptr<T>(aux), cptr<T>(g));
+      cptr<T>(m), cptr<T>(logs), cptr<T>(q), cptr<T>(g));
 }
 
 // One grid row per logits row: grid.x is limited to 2^31 - 1 blocks.
@@ -203,7 +213,7 @@ void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t stream) {
     auto* fn = mode == kLogprob ? &launch_grad<T, kLogprob>
                : mode == kEntropy ? &launch_grad<T, kEntropy>
                                   : &launch_grad<T, kExactKl>;
-    fn(z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g, as_stream(stream));
+    fn(z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, m, logs, q, g, as_stream(stream));
   });
   check_launch("vocab_softmax_grad");
 }

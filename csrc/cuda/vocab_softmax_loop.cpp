@@ -62,10 +62,10 @@ struct Tiles {
   void (*stats)(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t stream);
   void (*grad)(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t stream);
   void (*round_bf16)(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t stream);
-  void (*lse)(int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t stream);
+  void (*log)(int dtype, uintptr_t s, uintptr_t logs, int64_t n, cudaStream_t stream);
 };
 
-const Tiles kCudaTiles{&vocab_softmax_fwd, &vocab_softmax_grad, &round_to_bf16, &lse_from_state};
+const Tiles kCudaTiles{&vocab_softmax_fwd, &vocab_softmax_grad, &round_to_bf16, &log_of};
 
 // bfloat16 bits of x rounded to nearest even on the dropped 16 bits; a NaN stays a (quiet) NaN.
 uint16_t host_bf16(float x) {
@@ -94,13 +94,13 @@ const Tiles kHostTiles{
       cpu::vocab_softmax_fwd(mode, dtype, z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt);
     },
     [](RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t) {
-      cpu::vocab_softmax_grad(mode, dtype, z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, lse, lse_r, aux, g);
+      cpu::vocab_softmax_grad(mode, dtype, z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, m, logs, q, g);
     },
     &host_round_bf16,
-    [](int dtype, uintptr_t m, uintptr_t s, uintptr_t lse, int64_t n, cudaStream_t) {
+    [](int dtype, uintptr_t s, uintptr_t logs, int64_t n, cudaStream_t) {
       dispatch_dtype(dtype, [&](auto tag) {
         using T = decltype(tag);
-        for (int64_t i = 0; i < n; ++i) mptr<T>(lse)[i] = cptr<T>(m)[i] + std::log(cptr<T>(s)[i]);
+        for (int64_t i = 0; i < n; ++i) mptr<T>(logs)[i] = std::log(cptr<T>(s)[i]);
       });
     }};
 
@@ -253,8 +253,8 @@ void run_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, const Compute& c) {
     const int64_t w = std::min(chunk, vocab - v0);
     logits_tile(c, src, n, v0, w, ones, tile);
     if (kl) logits_tile(c, ref, n, v0, w, ones, ref_tile);
-    c.tiles->grad(mode, dtype, tile, w, kl ? ref_tile : 0, w, tile, w, n, w, v0, inv_temp, targets, lse, lse_r, aux,
-                  g, stream);
+    c.tiles->grad(mode, dtype, tile, w, kl ? ref_tile : 0, w, tile, w, n, w, v0, inv_temp, targets, m, logs, q, g,
+                  stream);
     if (grad_bias != 0) grad_bias_gemm(c, tile, ones, n, v0, w, grad_bias, false);
     const Terms d = gradient_terms(c, src, tile, tile16, bf16_terms, n * w);
     grad_hidden_gemm(c, src, d, n, v0, w, grad_hidden, v0 > 0);  // summed over the vocabulary chunks
@@ -276,7 +276,7 @@ void run_ce(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, const Compute& c) 
   require(m, "m");
   require(s, "s");
   require(tgt, "tgt");
-  require(lse, "lse");
+  require(logs, "logs");
   if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
   if (bias != 0) require(ones, "ones (with a bias)");
   const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
@@ -288,10 +288,10 @@ void run_ce(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, const Compute& c) 
     logits_tile(c, part, r, 0, vocab, ones, tile);
     c.tiles->stats(kLogprob, dtype, tile, vocab, 0, 0, r, vocab, 0, inv_temp, t_i, offset(m, i0, c.bytes),
                    offset(s, i0, c.bytes), 0, 0, 0, offset(tgt, i0, c.bytes), stream);
-    c.tiles->lse(dtype, offset(m, i0, c.bytes), offset(s, i0, c.bytes), offset(lse, i0, c.bytes), r, c.stream);
+    c.tiles->log(dtype, offset(s, i0, c.bytes), offset(logs, i0, c.bytes), r, c.stream);
     if (!grads) continue;
     c.tiles->grad(kLogprob, dtype, tile, vocab, 0, 0, tile, vocab, r, vocab, 0, inv_temp, t_i,
-                  offset(lse, i0, c.bytes), 0, 0, offset(g, i0, c.bytes), stream);
+                  offset(m, i0, c.bytes), offset(logs, i0, c.bytes), 0, offset(g, i0, c.bytes), stream);
     if (grad_bias != 0) grad_bias_gemm(c, tile, ones, r, 0, vocab, grad_bias, i0 > 0);
     const Terms d = gradient_terms(c, src, tile, tile16, bf16_terms, r * vocab);
     if (grad_hidden != 0) grad_hidden_gemm(c, src, d, r, 0, vocab, offset(grad_hidden, i0 * h, c.bytes), false);
@@ -304,11 +304,11 @@ void run_ce(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, const Compute& c) 
       ref_h, inv_temp, targets, ones, tile, ref_tile, m, s, a, mr, sr, tgt
 #define RA3_GRAD_ARGS                                                                                           \
   mode, dtype, n, vocab, chunk, in_dtype, hidden, weight, bias, h, ref_in_dtype, ref_hidden, ref_weight, ref_bias, \
-      ref_h, inv_temp, targets, lse, lse_r, aux, g, ones, tile, ref_tile, tile16, bf16_terms, grad_hidden,       \
+      ref_h, inv_temp, targets, m, logs, q, g, ones, tile, ref_tile, tile16, bf16_terms, grad_hidden,            \
       grad_weight, grad_bias
 #define RA3_CE_ARGS                                                                                             \
   dtype, n, vocab, rows, in_dtype, hidden, weight, bias, h, inv_temp, targets, g, ones, tile, tile16, bf16_terms, m, \
-      s, tgt, lse, grad_hidden, grad_weight, grad_bias
+      s, tgt, logs, grad_hidden, grad_weight, grad_bias
 
 }  // namespace
 
@@ -346,7 +346,7 @@ void host_vocab_softmax_loop_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD) {
 void vocab_softmax_loop_cross_entropy(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, uintptr_t stream) {
   check_common(kLogprob, dtype, n, rows);
   if (n <= 0 || vocab <= 0) return;
-  DeviceGuard guard(lse);
+  DeviceGuard guard(logs);
   run_ce(RA3_CE_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
 }
 

@@ -117,8 +117,9 @@ def _with_segments(token_lp, segment_ids, num_segments, backend):
 def vocab_softmax_op(backend: str, mode: int, hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
                      targets: Optional[Tensor], inv_temp: float, scale: float, softcap: float,
-                     high_precision: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [N], lse [N], lse_ref [N] or [0]) in the compute dtype; out is the log-prob, entropy or KL (mode)."""
+                     high_precision: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, m, logs, q) [N] in the compute dtype (q [0] for log-probs): out is the log-prob, entropy or KL (mode);
+    the rest is the softmax state the backward takes (vocab_softmax_walk._finish)."""
     ref = Head(ref_hidden, ref_weight, ref_bias) if mode == EXACT_KL else None
     return DESIGNS[backend].forward(mode, Head(hidden, weight, bias), ref, targets,
                                     Logits(inv_temp, scale, softcap, high_precision))
@@ -129,30 +130,30 @@ def _(backend, mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tar
       high_precision):
     dt = check.compute_dtype(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     n = hidden.shape[0]
-    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty(n if mode == EXACT_KL else 0, dtype=dt))
+    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
+            hidden.new_empty(0 if mode == LOGPROB else n, dtype=dt))
 
 
 @torch.library.custom_op("ra3::vocab_softmax_backward", mutates_args=())
-def vocab_softmax_backward_op(backend: str, mode: int, grad_out: Tensor, out: Tensor, lse: Tensor, lse_r: Tensor,
+def vocab_softmax_backward_op(backend: str, mode: int, grad_out: Tensor, m: Tensor, logs: Tensor, q: Tensor,
                               hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                               ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
                               targets: Optional[Tensor], inv_temp: float, scale: float, softcap: float,
                               high_precision: bool, need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (w.r.t. hidden or logits, weight, bias) of sum(grad_out * out); absent ones are empty tensors."""
     ref = Head(ref_hidden, ref_weight, ref_bias) if mode == EXACT_KL else None
-    return DESIGNS[backend].backward(mode, grad_out, out, lse, lse_r, Head(hidden, weight, bias), ref, targets,
+    return DESIGNS[backend].backward(mode, grad_out, m, logs, q, Head(hidden, weight, bias), ref, targets,
                                      Logits(inv_temp, scale, softcap, high_precision), need_weight_grad)
 
 
 @vocab_softmax_backward_op.register_fake
-def _(backend, mode, grad_out, out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+def _(backend, mode, grad_out, m, logs, q, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
       inv_temp, scale, softcap, high_precision, need_weight_grad):
-    dt = lse.dtype
+    dt = logs.dtype
     if weight is None:
-        return hidden.new_empty(hidden.shape, dtype=dt), lse.new_empty(0), lse.new_empty(0)
-    gw = weight.new_empty(weight.shape, dtype=dt) if need_weight_grad else lse.new_empty(0)
-    gb = bias.new_empty(bias.shape, dtype=dt) if (bias is not None and need_weight_grad) else lse.new_empty(0)
+        return hidden.new_empty(hidden.shape, dtype=dt), logs.new_empty(0), logs.new_empty(0)
+    gw = weight.new_empty(weight.shape, dtype=dt) if need_weight_grad else logs.new_empty(0)
+    gb = bias.new_empty(bias.shape, dtype=dt) if (bias is not None and need_weight_grad) else logs.new_empty(0)
     return hidden.new_empty(hidden.shape, dtype=dt), gw, gb
 
 
@@ -160,12 +161,12 @@ def _setup_context(ctx, inputs, output):
     backend, mode, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *params = inputs
     ctx.backend, ctx.mode, ctx.params = backend, mode, params
     ctx.need_weight_grad = weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    ctx.save_for_backward(*output, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
+    ctx.save_for_backward(*output[1:], hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_lse_r):
-    out, lse, lse_r, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets = ctx.saved_tensors
-    gh, gw, gb = vocab_softmax_backward_op(ctx.backend, ctx.mode, grad_out, out, lse, lse_r, hidden, weight, bias,
+def _backward(ctx, grad_out, *_grad_state):
+    m, logs, q, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets = ctx.saved_tensors
+    gh, gw, gb = vocab_softmax_backward_op(ctx.backend, ctx.mode, grad_out, m, logs, q, hidden, weight, bias,
                                            ref_hidden, ref_weight, ref_bias, targets, *ctx.params,
                                            ctx.need_weight_grad)
     gh = gh.to(hidden.dtype)
@@ -188,8 +189,7 @@ def _run(op: str, mode: int, backend: str, head: Head, ref: Optional[Head], targ
         if ref is not None and ref.hidden.stride(1) != 1:
             ref = Head(ref.hidden.contiguous(), None, None)
     ref = ref or Head(None, None, None)
-    out, _lse, _lse_r = vocab_softmax_op(name, mode, *head, *ref, targets, *logits)
-    return out
+    return vocab_softmax_op(name, mode, *head, *ref, targets, *logits)[0]
 
 
 # --- next-token cross-entropy: gradients in the forward pass ----------------------------------------------------------

@@ -1,8 +1,11 @@
 """How the vocabulary-softmax ops walk the vocabulary: one design per backend name, one signature for all.
 
-A design turns (mode, policy head, reference head, targets, logit transform) into the forward statistics
-(out, lse, lse_ref) [N] and the gradients of sum(grad_out * out), and computes next-token cross-entropy and the
-policy loss (``linear_policy_loss``) with their gradients formed in the forward pass. ``DESIGNS`` maps each native backend name the registry resolves to one:
+A design turns (mode, policy head, reference head, targets, logit transform) into the forward value out [N] with
+the softmax state the backward needs, (m, logs, q) [N] (csrc/ra3_native.h: the max of the logits, log of the sum
+of exp(x - m), and q = a / s for entropy and KL, kept apart so large logits lose nothing to a rounded log-sum-exp),
+and the gradients of sum(grad_out * out); and computes next-token cross-entropy and the policy loss
+(``linear_policy_loss``) with their gradients formed in the forward pass. ``DESIGNS`` maps each native backend name
+the registry resolves to one:
 
   cpu           ``ChunkedWalk('cpu')``: the vocabulary in chunks walked here in Python; each logits tile is the
                 given logits (a strided view) or one GEMM on torch's BLAS; the C++ tile kernels fold it into an
@@ -122,14 +125,16 @@ def _forward_state(mode: int, head: Head, ref: Optional[Head]):
 
 
 def _finish(mode: int, targets, m, s, a, mr, sr, tgt):
-    """(out, lse, lse_ref) from the folded state."""
-    lse = m + torch.log(s)
+    """(out, m, logs, q) from the folded state: log p = (x - m) - logs; the entropy's a is relative to m, so
+    entropy = logs - a / s; KL = a / s - (m - mr) - (logs - log sr)."""
+    logs = torch.log(s)
     if mode == LOGPROB:
-        return torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse)), lse, _empty(lse.dtype, lse.device)
+        out = torch.where(targets >= 0, (tgt - m) - logs, torch.zeros_like(logs))
+        return out, m, logs, _empty(logs.dtype, logs.device)
+    q = a / s
     if mode == ENTROPY:
-        return lse - a / s, lse, _empty(lse.dtype, lse.device)
-    lse_r = mr + torch.log(sr)
-    return a / s - lse + lse_r, lse, lse_r
+        return logs - q, m, logs, q
+    return q - (m - mr) - (logs - torch.log(sr)), m, logs, q
 
 
 def _upstream(mode: int, grad_out: Tensor, targets, dt: torch.dtype) -> Tensor:
@@ -214,9 +219,9 @@ class ChunkedWalk:
                        *state)
         return _finish(mode, targets, *state)
 
-    def backward(self, mode: int, grad_out, out, lse, lse_r, head: Head, ref: Optional[Head], targets,
+    def backward(self, mode: int, grad_out, m, logs, q, head: Head, ref: Optional[Head], targets,
                  logits: Logits, need_weight_grad: bool):
-        dt, dev = lse.dtype, head.hidden.device
+        dt, dev = logs.dtype, head.hidden.device
         n, vocab, linear = head.hidden.shape[0], head.vocab, head.weight is not None
         # grad_hidden accumulates over chunks; every other buffer is written chunk by chunk
         grads = _zero_grads(head, dt, need_weight_grad, overwrite=n > 0)
@@ -225,7 +230,7 @@ class ChunkedWalk:
         if linear:
             grads[0].zero_()
         g = _upstream(mode, grad_out, targets, dt)
-        aux = out.contiguous() if mode != LOGPROB else None
+        q = q if mode != LOGPROB else None
         kl = mode == EXACT_KL
         src, ref_src = _Tiles(head, dt, logits), _Tiles(ref, dt, logits) if kl else None
         code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
@@ -236,7 +241,7 @@ class ChunkedWalk:
             z, r = src.tile(v0, v1), ref_src.tile(v0, v1) if kl else None
             dst = z if linear else grad_hidden[:, v0:v1]
             self._call("vocab_softmax_grad", dev, mode, code, z, _ld(z), r, _ld(r), dst, _ld(dst), n, v1 - v0, v0, inv,
-                       targets, lse, lse_r if kl else None, aux, g)
+                       targets, m, logs, q, g)
             src.chain(dst)
             if linear:
                 grad_hidden.addmm_(dst, head.weight[v0:v1].to(dt))
@@ -264,13 +269,13 @@ class ChunkedWalk:
             m, s, _a, _mr, _sr, tgt = _zeros_state(rows, dt, dev, kl=False)
             self._call("vocab_softmax_fwd", dev, LOGPROB, code, z, vocab, None, 0, rows, vocab, 0, inv, t, m, s,
                        None, None, None, tgt)
-            lse = m + torch.log(s)
-            loss -= torch.where(t >= 0, tgt - lse, torch.zeros_like(lse)).sum()
+            logs = torch.log(s)
+            loss -= torch.where(t >= 0, (tgt - m) - logs, torch.zeros_like(logs)).sum()
             if need_grad:
                 # d(-scale * logp)/dz: the log-prob gradient with upstream -scale, written over the tile in place.
-                g = torch.where(t >= 0, torch.full_like(lse, -scale), torch.zeros_like(lse))
+                g = torch.where(t >= 0, torch.full_like(logs, -scale), torch.zeros_like(logs))
                 self._call("vocab_softmax_grad", dev, LOGPROB, code, z, vocab, None, 0, z, vocab, rows, vocab, 0, inv, t,
-                           lse, None, None, g)
+                           m, logs, None, g)
                 src.chain(z)
                 torch.mm(z, w, out=grad_hidden[i0:i1])
                 grad_weight.addmm_(z.T, src.hidden[i0:i1])
@@ -300,7 +305,8 @@ class ChunkedWalk:
         if head.weight.dtype != dt:  # once, not per tile (``_Tiles`` converts each tile's rows otherwise)
             head = Head(head.hidden, head.weight.to(dt), head.bias)
         src = _Tiles(head, dt, logits)
-        lp, ent, lse = (torch.zeros(n, dtype=dt, device=dev) for _ in range(3))
+        # per row: log p of the target, entropy, and the state the gradient kernel takes (m, log s, q = a / s)
+        lp, ent, mx, logs, q = (torch.zeros(n, dtype=dt, device=dev) for _ in range(5))
         grad_hidden, grad_weight, grad_bias = _zero_grads(head, dt, need_weight_grad, overwrite=False) if need_grad \
             else (_empty(dt, dev), _empty(dt, dev), _empty(dt, dev))
         step = ce_rows(vocab, dev)
@@ -312,10 +318,12 @@ class ChunkedWalk:
             m, s, a, _mr, _sr, _tgt = _zeros_state(rows, dt, dev, kl=False)
             self._call("vocab_softmax_fwd", dev, ENTROPY, code, z, vocab, None, 0, rows, vocab, 0, inv, t, m, s, a,
                        None, None, None)
-            torch.add(m, torch.log(s), out=lse[i0:i1])
-            torch.sub(lse[i0:i1], a / s, out=ent[i0:i1])
+            mx[i0:i1] = m
+            torch.log(s, out=logs[i0:i1])
+            torch.div(a, s, out=q[i0:i1])  # the ENTROPY mode's a is relative to the max
+            torch.sub(logs[i0:i1], q[i0:i1], out=ent[i0:i1])
             x = z.gather(1, t.clamp_min(0)[:, None])[:, 0] * inv  # the target's logit, as the LOGPROB mode reads it
-            lp[i0:i1] = torch.where(t >= 0, x - lse[i0:i1], torch.zeros_like(x))
+            lp[i0:i1] = torch.where(t >= 0, (x - m) - logs[i0:i1], torch.zeros_like(x))
             return z
 
         if terms.two_pass or not need_grad:
@@ -332,14 +340,14 @@ class ChunkedWalk:
             d_lp = torch.where(t >= 0, d_lp.to(dt), torch.zeros((), dtype=dt, device=dev))
             if not d_ent:
                 self._call("vocab_softmax_grad", dev, LOGPROB, code, z, vocab, None, 0, z, vocab, rows, vocab, 0,
-                           inv, t, lse[i0:i1], None, None, (weight.to(dt) * d_lp).contiguous())
+                           inv, t, mx[i0:i1], logs[i0:i1], None, (weight.to(dt) * d_lp).contiguous())
             else:
-                # Both terms in one pass over the tile: the entropy mode writes -c p (log p + aux), so upstream
-                # c = weight * d_ent with aux = H + d_lp / d_ent adds the log-prob's -weight * d_lp * p; its
-                # +weight * d_lp at the target is added after. The rounding of aux costs the log-prob part about
-                # one ulp of itself, whatever d_ent is.
+                # Both terms in one pass over the tile: the entropy mode writes -c p ((x - m) - q) = -c p (log p + H)
+                # for q = a / s, so upstream c = weight * d_ent with q - d_lp / d_ent adds the log-prob's
+                # -weight * d_lp * p; its +weight * d_lp at the target is added after. The rounding of that q costs
+                # the log-prob part about one ulp of itself, whatever d_ent is.
                 self._call("vocab_softmax_grad", dev, ENTROPY, code, z, vocab, None, 0, z, vocab, rows, vocab, 0,
-                           inv, t, lse[i0:i1], None, (ent[i0:i1] + d_lp / d_ent).contiguous(),
+                           inv, t, mx[i0:i1], logs[i0:i1], (q[i0:i1] - d_lp / d_ent).contiguous(),
                            (weight.to(dt) * d_ent).contiguous())
                 at = torch.arange(rows, device=dev) * vocab + t.clamp_min(0)
                 z.view(-1).index_add_(0, at, weight.to(dt) * d_lp * inv)
@@ -438,12 +446,11 @@ class ExtensionLoop:
                       logits.kernel_inv_temp, targets, ones, tile, ref_tile, *state)
         return _finish(mode, targets, *state)
 
-    def backward(self, mode, grad_out, out, lse, lse_r, head: Head, ref: Optional[Head], targets, logits: Logits,
+    def backward(self, mode, grad_out, m, logs, q, head: Head, ref: Optional[Head], targets, logits: Logits,
                  need_weight_grad: bool):
         if not self._runs(head, backward=True):
-            return self.fallback.backward(mode, grad_out, out, lse, lse_r, head, ref, targets, logits,
-                                          need_weight_grad)
-        dt, dev = lse.dtype, head.hidden.device
+            return self.fallback.backward(mode, grad_out, m, logs, q, head, ref, targets, logits, need_weight_grad)
+        dt, dev = logs.dtype, head.hidden.device
         n, vocab = head.hidden.shape[0], head.vocab
         grads = _zero_grads(head, dt, need_weight_grad, overwrite=n > 0)
         if n == 0:
@@ -455,8 +462,8 @@ class ExtensionLoop:
         tile16 = bf16_scratch(terms, n * step, dev) if sources[0] == BF16 else None
         gh, gw, gb = grads
         _kernels.call("cuda", "vocab_softmax_loop_grad", dev, mode, _kernels.dtype_code(dt), n, vocab, step, *sources,
-                      logits.kernel_inv_temp, targets, lse, lse_r if kl else None,
-                      out.contiguous() if mode != LOGPROB else None, _upstream(mode, grad_out, targets, dt), ones,
+                      logits.kernel_inv_temp, targets, m, logs, q if mode != LOGPROB else None,
+                      _upstream(mode, grad_out, targets, dt), ones,
                       tile, ref_tile, tile16, terms, gh, gw if gw.numel() else None, gb if gb.numel() else None)
         return grads
 
@@ -473,8 +480,8 @@ class ExtensionLoop:
         h, w, code = gemm_operands(head.hidden, head.weight, dt)
         b = None if head.bias is None else head.bias.to(dt).contiguous()
         m, s, _a, _mr, _sr, tgt = _zeros_state(n, dt, dev, kl=False)
-        lse = torch.zeros(n, dtype=dt, device=dev)
-        g = torch.where(targets >= 0, torch.full_like(lse, -scale), torch.zeros_like(lse))
+        logs = torch.zeros(n, dtype=dt, device=dev)
+        g = torch.where(targets >= 0, torch.full_like(logs, -scale), torch.zeros_like(logs))
         terms = self._terms(logits)
         tile16 = bf16_scratch(terms, rows * vocab, dev) if (need_grad and code == BF16) else None
         gh, gw, gb = _zero_grads(head, dt, need_grad, overwrite=True) if need_grad \
@@ -482,9 +489,9 @@ class ExtensionLoop:
         _kernels.call("cuda", "vocab_softmax_loop_cross_entropy", dev, _kernels.dtype_code(dt), n, vocab, rows, code, h, w, b,
                       h.shape[1], logits.kernel_inv_temp, targets, g if need_grad else None,
                       torch.ones(rows, dtype=dt, device=dev) if b is not None else None,
-                      torch.empty(rows * vocab, dtype=dt, device=dev), tile16, terms, m, s, tgt, lse,
+                      torch.empty(rows * vocab, dtype=dt, device=dev), tile16, terms, m, s, tgt, logs,
                       gh if need_grad else None, gw if need_grad else None, gb if gb.numel() else None)
-        loss = -torch.where(targets >= 0, tgt - lse, torch.zeros_like(lse)).sum()
+        loss = -torch.where(targets >= 0, (tgt - m) - logs, torch.zeros_like(logs)).sum()
         return loss * scale, gh, gw, gb
 
 
@@ -506,20 +513,19 @@ class TritonFused:
                       targets, logits.kernel_inv_temp, *state)
         return _finish(mode, targets, *state)
 
-    def backward(self, mode, grad_out, out, lse, lse_r, head: Head, ref: Optional[Head], targets, logits: Logits,
+    def backward(self, mode, grad_out, m, logs, q, head: Head, ref: Optional[Head], targets, logits: Logits,
                  need_weight_grad: bool):
         if head.weight is None:
-            return self.fallback.backward(mode, grad_out, out, lse, lse_r, head, ref, targets, logits,
-                                          need_weight_grad)
-        dt, dev = lse.dtype, head.hidden.device
+            return self.fallback.backward(mode, grad_out, m, logs, q, head, ref, targets, logits, need_weight_grad)
+        dt, dev = logs.dtype, head.hidden.device
         grads = _zero_grads(head, dt, need_weight_grad, overwrite=False)
         if head.hidden.shape[0] == 0:
             return grads
         kl = mode == EXACT_KL
         gh, gw, gb = grads
         _kernels.call("triton", "vocab_softmax_fused_grad", dev, mode, _kernels.dtype_code(dt), *_fused_heads(head, ref, kl),
-                      targets, logits.kernel_inv_temp, lse, lse_r if kl else None,
-                      out.contiguous() if mode != LOGPROB else None, _upstream(mode, grad_out, targets, dt), gh,
+                      targets, logits.kernel_inv_temp, m, logs, q if mode != LOGPROB else None,
+                      _upstream(mode, grad_out, targets, dt), gh,
                       gw if gw.numel() else None, gb if gb.numel() else None)
         return grads
 
