@@ -1,14 +1,15 @@
 """The RA3 EM loop, top to bottom: per round, E-step (RL over latents), annotate + ELBO, M-step (NTP on the
 annotated code), held-out NTP loss. ``objective='ntp'`` runs the baseline: the same M-step budget on plain code.
 
-Resumable: ``DIR/checkpoints/<objective>/latest.pt`` holds the weights, the optimizer, the reference policy, the
-annotations and the position in the loop; every random draw is seeded by (seed, objective, round, phase,
-step), so a resumed run writes the same metrics as an uninterrupted one.
+The run directory is ``ra3.train.run``'s. Resumable by rerunning: ``DIR/checkpoints/<objective>/latest.pt`` holds
+the weights, the optimizer, the reference policy, the annotations and the position in the loop; every random draw
+is seeded by (seed, objective, round, phase, step), so a resumed run writes the same metrics as an uninterrupted
+one.
 
 Distributed (``distributed: ddp | fsdp`` under torchrun): every rank samples and trains on its share of each
 step's documents, gradients are averaged over ranks (DDP / FSDP2), metrics describe the whole step, rank 0
 alone writes files and logs; the checkpoint is then a sharded ``DIR/checkpoints/<objective>/sharded``
-directory (``ra3.distributed.save_checkpoint``) holding the same things, resumable under ddp or fsdp.
+directory (``ra3.train.run.save_checkpoint``) holding the same things, resumable under ddp or fsdp.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ra3.midtrain.rollout import HFRollout
 from ra3.midtrain.scoring import PolicyHead, output_head
 from ra3.train.run import (MetricsWriter, check_resumable, load_checkpoint, read_checkpoint, save_checkpoint,
                            write_config)
+
 
 class StopRun(Exception):
     """Raised when ``stop_after_steps`` optimizer steps have run (a planned interruption)."""
