@@ -71,7 +71,7 @@ class MidtrainConfig(TrainConfig):
     eval_batch_size: int = 64  # sequences per scoring / held-out forward pass
     out: str = "runs/midtrain"  # run directory (metrics.jsonl, checkpoints/, samples/, summary.md)
     checkpoint_every: int = 20  # steps between checkpoints (phase ends always checkpoint)
-    resume: bool = True  # continue from DIR's checkpoint when there is one
+    resume: bool = True  # continue from OUT's checkpoint when there is one (false: start over)
     stop_after_steps: int | None = None  # stop (as if killed) after this many optimizer steps; resume later
     num_samples: int = 3  # annotated samples written per EM round
     engine: str = "hf"  # rollout engine: "hf" (Hugging Face, any device) | "vllm" (needs vllm and a CUDA GPU)

@@ -32,12 +32,19 @@ class _Switch(argparse.Action):
             parser.error(f"{option_string}: expected true or false, got {values!r}")
 
 
+class _Formatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action):
+        if isinstance(action, _Switch):  # "--flag [BOOL], --no-flag", not a [BOOL] after both
+            return f"{action.option_strings[0]} [BOOL], {action.option_strings[1]}"
+        return super()._format_action_invocation(action)
+
+
 def config_parser(cls, *, prog: str, description: str, default_text: Callable[[str, object], str] | None = None,
                   epilog: str | None = None) -> argparse.ArgumentParser:
     """A parser with ``--config FILE``, ``--print-config`` and one flag per field of the config dataclass
     ``cls`` (``--field-name``; booleans also ``--no-field-name``), each defaulting to None (= not given) and
     helped by the field's comment and ``default_text(name, default)`` (default: ``(default: VALUE)``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_Formatter)
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file (fields not in it keep defaults)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     helps, types = cls.field_help(), field_types(cls)
