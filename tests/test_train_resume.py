@@ -170,3 +170,61 @@ def test_policy_gradient_update_is_ppo_steps_over_minibatches(aggregation, minib
     torch.testing.assert_close(model.weight, want_model.weight)
     assert stats["loss"] == pytest.approx(sum(losses) / len(losses))
     assert not torch.equal(model.weight, start) and 0 <= stats["clip_fraction"] <= 1 and stats["kl"] > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_fused_head_update_takes_the_same_steps(backend, aggregation):
+    """GRPO's path (PolicyTokens.head: ops.linear_policy_loss on hidden states, gradients formed in the forward
+    pass) against the log-prob path (ops.linear_logprobs, then ops.policy_loss) on one linear policy: the same
+    parameters after two epochs of minibatches, the same statistics."""
+    import torch
+
+    from ra3 import ops
+    from conftest import require_backend
+    from ra3.train.update import HeadInputs, PolicyTokens, UpdateConfig, policy_gradient_update
+
+    require_backend(backend, "linear_policy_loss")
+    B, T, H, V = 6, 5, 8, 11
+    g = torch.Generator().manual_seed(2)
+    inputs = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) > 0.25
+    targets[~weights] = -100  # padding: no token there
+    advantages = torch.randn(B, generator=g, dtype=torch.float64)
+    start_proj = torch.randn(H, H, generator=g, dtype=torch.float64) / 3
+    start_head = torch.randn(V, H, generator=g, dtype=torch.float64) / 2
+
+    def policy():
+        model = torch.nn.Module()
+        model.proj = torch.nn.Parameter(start_proj.clone())
+        model.head = torch.nn.Parameter(start_head.clone())
+        return model
+
+    def head(model, index):
+        return HeadInputs(torch.tanh(inputs[index] @ model.proj), model.head, None, targets[index], 0.7)
+
+    def logprobs(model, index):
+        h = head(model, index)
+        lp = ops.linear_logprobs(h.hidden.reshape(-1, H), h.weight, h.targets.reshape(-1), temperature=0.7,
+                                 backend=backend)
+        return lp.view(len(index), T)
+
+    with torch.no_grad():
+        old = logprobs(policy(), torch.arange(B)) - 0.05 * weights
+        ref = old + 0.1 * weights
+    cfg = UpdateConfig(epochs=2, minibatch_size=4, clip_low=0.1, clip_high=0.1, kl_coef=0.2, aggregation=aggregation,
+                       grad_clip=1.0, backend=backend)
+    runs = []
+    for tokens in (PolicyTokens(logprobs, old, advantages, weights, ref),
+                   PolicyTokens(None, old, advantages, weights, ref, head=head)):
+        model = policy()
+        torch.manual_seed(3)
+        stats = policy_gradient_update(model, torch.optim.SGD(model.parameters(), lr=0.3), tokens, cfg)
+        runs.append((model, stats))
+    (unfused, s0), (fused, s1) = runs
+    torch.testing.assert_close(fused.proj, unfused.proj)
+    torch.testing.assert_close(fused.head, unfused.head)
+    assert not torch.equal(fused.head, start_head)
+    for key in ("loss", "clip_fraction", "kl", "ratio_mean", "grad_norm"):
+        assert s1[key] == pytest.approx(s0[key], rel=1e-9, abs=1e-12), key

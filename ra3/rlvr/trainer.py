@@ -38,7 +38,7 @@ from ra3.rlvr.rewards import UnitTestReward
 from ra3.rlvr.toy import toy_tasks
 from ra3.train.run import (MetricsWriter, check_resumable, checkpoint_path, load_checkpoint, read_checkpoint,
                            save_checkpoint, write_config)
-from ra3.train.update import PolicyTokens, UpdateConfig, policy_gradient_update
+from ra3.train.update import HeadInputs, PolicyTokens, UpdateConfig, policy_gradient_update
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -98,6 +98,16 @@ def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
 
 
 # ---- the model's per-token log-probs ------------------------------------------------------------------------
+def response_head(model, batch: Batch, *, temperature: float) -> HeadInputs:
+    """The lm_head's inputs for the response tokens: hidden [B, R, H] final hidden states of the base model that
+    predict targets [B, R] (-100 on padding), the head's weight and bias."""
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    picked = hidden.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    head = model.get_output_embeddings()
+    targets = torch.where(batch.mask, batch.targets, torch.full_like(batch.targets, -100))
+    return HeadInputs(picked, head.weight, head.bias, targets, temperature)
+
+
 def response_logprobs(model, batch: Batch, *, temperature: float, backend: str = "auto",
                       with_entropy: bool = False):
     """Log-probs [B, R] float32 of the response tokens (0 where masked) at sampling ``temperature``; and the
@@ -107,19 +117,17 @@ def response_logprobs(model, batch: Batch, *, temperature: float, backend: str =
     only [B, L, H] activations, never [B, L, V] logits. Models that post-process logits (soft-capping, a
     logit scale) are not covered by this path.
     """
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    H = hidden.shape[-1]
-    picked = hidden.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, H))[batch.mask]  # [M, H]
-    head = model.get_output_embeddings()
-    token_lp = ops.linear_logprobs(picked, head.weight, batch.targets[batch.mask], bias=head.bias,
-                                   temperature=temperature, backend=backend)
+    h = response_head(model, batch, temperature=temperature)
+    picked = h.hidden[batch.mask]  # [M, H]
+    token_lp = ops.linear_logprobs(picked, h.weight, h.targets[batch.mask], bias=h.bias, temperature=temperature,
+                                   backend=backend)
     logprobs = torch.zeros(batch.mask.shape, dtype=token_lp.dtype, device=token_lp.device)
     logprobs[batch.mask] = token_lp
     if not with_entropy:
         return logprobs
     with torch.no_grad():
-        entropy = ops.linear_entropy(picked.detach(), head.weight.detach(), bias=None if head.bias is None else
-                                     head.bias.detach(), temperature=temperature, backend=backend)
+        entropy = ops.linear_entropy(picked.detach(), h.weight.detach(), bias=None if h.bias is None else
+                                     h.bias.detach(), temperature=temperature, backend=backend)
     return logprobs, entropy.mean().item() if entropy.numel() else 0.0
 
 
@@ -265,12 +273,13 @@ def _train(cfg: RLVRConfig) -> dict:
                 ref_logprobs = (response_logprobs(ref, batch, temperature=cfg.temperature,
                                                   backend=cfg.backend) if ref is not None else None)
 
-            # 5. PPO-clipped policy loss + KL, AdamW, over minibatches (the update the E-step of RA3 takes too)
-            def logprobs(m, index):
-                return response_logprobs(m, batch.select(index), temperature=cfg.temperature, backend=cfg.backend)
+            # 5. PPO-clipped policy loss + KL, AdamW, over minibatches (the update the E-step of RA3 takes too),
+            # fused with the lm_head (ops.linear_policy_loss)
+            def head(m, index):
+                return response_head(m, batch.select(index), temperature=cfg.temperature)
 
-            stats = policy_gradient_update(model, optimizer, PolicyTokens(logprobs, old_logprobs, advantages,
-                                                                          batch.mask, ref_logprobs),
+            stats = policy_gradient_update(model, optimizer, PolicyTokens(None, old_logprobs, advantages, batch.mask,
+                                                                          ref_logprobs, head=head),
                                            update_config(cfg, info.world_size))
             # 6. metrics (of every rank's samples), checkpoint
             seconds = time.perf_counter() - t0

@@ -2,9 +2,13 @@
 response tokens).
 
 Given the behaviour policy's log-probs of the sampled tokens (``old_logprobs``), their advantages and weights, and
-the frozen reference's log-probs: ``epochs`` passes over the batch in minibatches; on each, the current policy's
-log-probs (``PolicyTokens.logprobs``, the one place they are computed), ``ops.policy_loss`` (PPO ratio and clip,
-KL to the reference, aggregation), backward, gradient clipping, an optimizer step.
+the frozen reference's log-probs: ``epochs`` passes over the batch in minibatches; on each, the loss of the current
+policy (``_loss``, the one place it is computed), backward, gradient clipping, an optimizer step. The loss is
+``ops.linear_policy_loss`` on the final hidden states when the tokens are plain next-token targets of the lm_head
+(``PolicyTokens.head``: GRPO's responses): log-probs, PPO ratio and clip, KL and aggregation fused with the lm_head
+GEMM, gradients formed in the forward pass (3 GEMMs, no [tokens x vocab] logits). Otherwise (``PolicyTokens.logprobs``:
+the E-step, whose think decision is the log of a sum over the comment-opening tokens and whose comment tokens are
+scored under a masked head) the log-probs come first and ``ops.policy_loss`` takes them.
 
 Under ddp / fsdp each rank passes its own sequences; the loss is rescaled so that the gradients averaged over
 ranks are those of one loss over every rank's minibatch (``ra3.distributed.scale_for_global_mean``).
@@ -12,7 +16,7 @@ ranks are those of one loss over every rank's minibatch (``ra3.distributed.scale
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -26,12 +30,26 @@ AGGREGATIONS = tuple(a for a in ops_reference.AGGREGATIONS if a != "dapo")
 _PER_TOKEN = ("token-mean",)  # aggregations that are a mean over token weights (the rest: over sequences)
 
 
+class HeadInputs(NamedTuple):
+    """What the lm_head turns into the log-probs of a minibatch's tokens: hidden [b, T, H] final hidden states
+    (with gradients) that predict targets [b, T] int64 (-100 where no token is), through weight [V, H] and
+    bias [V] | None at ``temperature``."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    targets: torch.Tensor
+    temperature: float
+
+
 @dataclass
 class PolicyTokens:
     """The sampled tokens an update trains on, laid out [B, T] (B sequences, T policy-token slots).
 
     logprobs: ``logprobs(model, index) -> [b, T] float32``, the log-probs under ``model`` (the unwrapped policy,
-    with gradients) of the sampled tokens of the sequences ``index`` ([b] int64, on the batch's device).
+    with gradients) of the sampled tokens of the sequences ``index`` ([b] int64, on the batch's device); or None
+    when ``head`` is given.
+    head: ``head(model, index) -> HeadInputs``: the tokens are next-token targets of the lm_head, and the loss is
+    fused with it (``ops.linear_policy_loss``).
     old_logprobs: [B, T] float32, the same under the policy that sampled them (no gradient).
     advantages: [B] or [B, T] float32. weights: [B, T] bool or float, 0 off the policy tokens.
     ref_logprobs: [B, T] float32 under the frozen reference, or None (no KL).
@@ -41,6 +59,7 @@ class PolicyTokens:
     advantages: torch.Tensor
     weights: torch.Tensor
     ref_logprobs: Optional[torch.Tensor] = None
+    head: Optional[Callable[[torch.nn.Module, torch.Tensor], HeadInputs]] = None
 
     @property
     def size(self) -> int:
@@ -92,15 +111,21 @@ def policy_gradient_update(policy, optimizer, tokens: PolicyTokens, cfg: UpdateC
     return {k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()}
 
 
-def _loss(model, tokens: PolicyTokens, idx: torch.Tensor, cfg: UpdateConfig) -> ops.PolicyLoss:
+def _loss(model, tokens: PolicyTokens, idx: torch.Tensor, cfg: UpdateConfig):
     """The clipped loss of minibatch ``idx`` under ``model`` (the unwrapped policy): the update's one log-prob and
-    loss computation."""
+    loss computation. Returns ``ops.PolicyLoss`` or ``ops.LinearPolicyLoss`` (loss, clip_fraction, kl_mean,
+    ratio_mean[, entropy_mean])."""
     ref = None if tokens.ref_logprobs is None else tokens.ref_logprobs[idx]
-    extra = {"max_completion_length": cfg.max_completion_length} if cfg.aggregation == "dr-grpo" else {}
-    return ops.policy_loss(tokens.logprobs(model, idx), tokens.old_logprobs[idx], tokens.advantages[idx],
-                           tokens.weights[idx], clip_low=cfg.clip_low, clip_high=cfg.clip_high, ref_logprobs=ref,
-                           kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation,
-                           backend=cfg.backend, **extra)
+    kw = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, ref_logprobs=ref, kl_coef=cfg.kl_coef,
+              kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation, backend=cfg.backend)
+    if cfg.aggregation == "dr-grpo":
+        kw["max_completion_length"] = cfg.max_completion_length
+    old, adv, weights = tokens.old_logprobs[idx], tokens.advantages[idx], tokens.weights[idx]
+    if tokens.head is None:
+        return ops.policy_loss(tokens.logprobs(model, idx), old, adv, weights, **kw)
+    h = tokens.head(model, idx)
+    return ops.linear_policy_loss(h.hidden, h.weight, h.targets, old, adv, weights, bias=h.bias,
+                                  temperature=h.temperature, **kw)
 
 
-__all__ = ["PolicyTokens", "UpdateConfig", "policy_gradient_update", "AGGREGATIONS"]
+__all__ = ["HeadInputs", "PolicyTokens", "UpdateConfig", "policy_gradient_update", "AGGREGATIONS"]
