@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -357,12 +358,33 @@ def _implementations(op: str, device: str, with_compile: bool) -> list[str]:
     return impls
 
 
+def _summary(rows: list[dict]) -> list[dict]:
+    """Per (op, shape, implementation) over the rounds of a ``--rounds`` run: the median time, peak memory and
+    speed-up against the same round's eager row, and the spread of the speed-ups."""
+    out: dict = {}
+    for r in rows:
+        if "time_ms" in r:
+            out.setdefault((r["op"], json.dumps(r["shape"]), r["impl"]), []).append(r)
+    summary = []
+    for (op, shape, impl), rs in out.items():
+        ups = [r["speedup_vs_eager"] for r in rs if "speedup_vs_eager" in r]
+        summary.append({"op": op, "shape": json.loads(shape), "impl": impl, "rounds": len(rs),
+                        "time_ms": statistics.median(r["time_ms"] for r in rs),
+                        "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in rs),
+                        **({"speedup_vs_eager": statistics.median(ups), "speedup_min": min(ups),
+                            "speedup_max": max(ups)} if ups else {})})
+    return summary
+
+
 def _markdown(report: dict) -> str:
-    rows = ["| op | shape | implementation | fwd+bwd ms (median) | peak extra MiB | speed-up vs eager | rate "
-            "| output vs eager |", "|---|---|---|---|---|---|---|---|"]
+    rounds = report.get("rounds", 1) > 1
+    rows = ["| op | shape | implementation | " + ("round | " if rounds else "") + "fwd+bwd ms (median) "
+            "| peak extra MiB | speed-up vs eager | rate | output vs eager |",
+            "|---|---|---|" + ("---|" if rounds else "") + "---|---|---|---|---|"]
     for r in report["rows"]:
+        rnd = f" {r.get('round', '')} |" if rounds else ""
         if "error" in r:
-            rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error']} | | | | |")
+            rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} |{rnd} error: {r['error']} | | | | |")
             continue
         rate = ""
         if "tflops" in r:
@@ -372,12 +394,26 @@ def _markdown(report: dict) -> str:
             rate = f"{r['gbps']:.1f} GB/s" + (f" ({100 * r['copy_fraction']:.0f}% of copy)"
                                                if "copy_fraction" in r else "")
         diff = f"{r['value_rel_diff']:.1e}" if "value_rel_diff" in r else ""
-        rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} "
+        rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} |{rnd} {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} "
                     f"| {r.get('speedup_vs_eager', float('nan')):.2f}x | {rate} | {diff} |")
+    if rounds:
+        rows += ["", f"Over the {report['rounds']} rounds (each round runs every implementation once, in turn; "
+                 "speed-up against the same round's eager row):", "",
+                 "| op | shape | implementation | rounds | median ms | median peak extra MiB "
+                 "| speed-up vs eager: median (min-max) |", "|---|---|---|---|---|---|---|"]
+        for r in report.get("summary", []):
+            up = (f"{r['speedup_vs_eager']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"
+                  if "speedup_vs_eager" in r else "")
+            rows.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['rounds']} | {r['time_ms']:.1f} "
+                        f"| {r['peak_extra_mib']:.1f} | {up} |")
     head = [f"# ra3 op benchmark: {report['device_name']}", "",
             f"- command: `{report['command']}`", f"- date: {report['date']}",
             f"- versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
-            f"- dtype: {report['dtype']}, repeats: {report['repeats']}, threads: {report['threads']}"]
+            f"- dtype: {report['dtype']}, repeats: {report['repeats']}, threads: {report['threads']}"
+            + (f", rounds: {report['rounds']}" if report.get("rounds", 1) > 1 else "")]
+    if report.get("load"):
+        head.append(f"- load average (1 min) before each round: {', '.join(f'{x:.2f}' for x in report['load'])} "
+                    f"on {report.get('cpus', '?')} CPUs")
     if report.get("peaks"):
         p = report["peaks"]
         head.append(f"- measured peaks: {p['matmul_tflops']:.2f} TFLOP/s {p['matmul_dtype']} matmul "
@@ -395,7 +431,8 @@ def _derive(rows: list[dict], peaks: dict | None, dtype_name: str) -> None:
 
     for row in rows:
         eager = next((r for r in rows if r["op"] == row["op"] and r["shape"] == row["shape"]
-                      and r["impl"] == "torch-eager" and "time_ms" in r), None)
+                      and r.get("round") == row.get("round") and r["impl"] == "torch-eager" and "time_ms" in r),
+                     None)
         if "time_ms" in row:
             seconds = row["time_ms"] * 1e-3
             if flops(row["op"], row["shape"]):
@@ -422,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="run every implementation this many times, in turn "
+                        "(interleaved, so a change in the machine's load falls on all of them); the report adds "
+                        "medians over the rounds")
     parser.add_argument("--precision", choices=("default", "high"), default="default",
                         help="the fused linear ops' precision argument (high: bf16 gradient tiles as hi + lo terms)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -445,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     preset = PRESETS[args.preset]
@@ -458,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device peaks: {peaks['matmul_tflops']:.1f} TFLOP/s {args.dtype} matmul, "
               f"{peaks['copy_gbps']:.1f} GB/s copy", flush=True)
     rows = []
+    load: list[float] = []
     now = _dt.datetime.now(_dt.timezone.utc)
 
     def write(announce: bool = True) -> None:
@@ -469,28 +512,33 @@ def main(argv: list[str] | None = None) -> int:
             "device_name": device_name(args.device), "dtype": args.dtype, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "versions": versions(), "peaks": peaks, "rows": rows,
         }
+        if args.rounds > 1:
+            report.update(rounds=args.rounds, summary=_summary(rows), load=load, cpus=os.cpu_count())
         name = args.name or f"ops-{args.preset}-{args.device}-{now:%Y%m%d}"
         write_report(args.out_dir, name, report, _markdown, announce=announce)
 
     for op, shapes in wanted.items():
+        impls = [i for i in _implementations(op, args.device, not args.no_compile)
+                 if not args.impls or i in args.impls.split(",")]
         for shape in shapes[:args.max_shapes]:
-            for impl in _implementations(op, args.device, not args.no_compile):
-                if args.impls and impl not in args.impls.split(","):
-                    continue
-                spec = json.dumps({"op": op, "shape": shape, "impl": impl})
-                cmd = [sys.executable, "-m", "benchmarks.ops", "--child", spec, "--device", args.device,
-                       "--dtype", args.dtype, "--repeats", str(args.repeats), "--precision", args.precision]
-                proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-                row = {"op": op, "shape": shape, "impl": impl}
-                if proc.returncode == 0:
-                    row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-                else:
-                    row["error"] = _error_line(proc.stderr)
-                rows.append(row)
-                shown = f"{row['time_ms']:9.1f} ms {row['peak_extra_mib']:9.1f} MiB" if "time_ms" in row \
-                    else row["error"]
-                print(f"{op:18s} {json.dumps(shape):32s} {impl:16s} {shown}", flush=True)
-                write(announce=False)
+            for rnd in range(args.rounds):  # every implementation once per round, in turn
+                if args.rounds > 1:
+                    load.append(os.getloadavg()[0])
+                for impl in impls:
+                    spec = json.dumps({"op": op, "shape": shape, "impl": impl})
+                    cmd = [sys.executable, "-m", "benchmarks.ops", "--child", spec, "--device", args.device,
+                           "--dtype", args.dtype, "--repeats", str(args.repeats), "--precision", args.precision]
+                    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+                    row = {"op": op, "shape": shape, "impl": impl, **({"round": rnd} if args.rounds > 1 else {})}
+                    if proc.returncode == 0:
+                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    else:
+                        row["error"] = _error_line(proc.stderr)
+                    rows.append(row)
+                    shown = f"{row['time_ms']:9.1f} ms {row['peak_extra_mib']:9.1f} MiB" if "time_ms" in row \
+                        else row["error"]
+                    print(f"{op:18s} {json.dumps(shape):32s} {impl:16s} {shown}", flush=True)
+                    write(announce=False)
     write()
 
     return 0

@@ -23,6 +23,8 @@ def small_rows(monkeypatch):
     """Row chunks of 4 tokens, so the walk's chunk loop (and a ragged last chunk) runs on tiny shapes."""
     monkeypatch.setattr(vocab_softmax_walk, "CE_MIN_ROWS", 4)
     monkeypatch.setattr(vocab_softmax_walk, "CE_TILE_ELEMENTS", {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(vocab_softmax_walk, "POLICY_MIN_ROWS", 4)
+    monkeypatch.setattr(vocab_softmax_walk, "POLICY_TILE_ELEMENTS", {"cpu": 1})
 
 
 def _case(device, *, dtype=torch.float32, bias=True, fractional=True, token_adv=False, seed=0, b=B, t=T):

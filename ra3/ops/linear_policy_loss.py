@@ -24,9 +24,9 @@ from ra3.ops.policy_loss import _AGGREGATION_CODE, _RATIO_LEVEL_CODE, _SURROGATE
 from ra3.ops.vocab_softmax import _linear_inputs, _needs, _targets, _transform
 from ra3.ops.vocab_softmax_walk import DESIGNS, Head, Logits
 
-_K1, _K2, _K3 = (_ESTIMATOR_CODE[k] for k in ("k1", "k2", "k3"))
+_K1, _K2 = _ESTIMATOR_CODE["k1"], _ESTIMATOR_CODE["k2"]  # else k3
 _TOKEN_MEAN, _SEQ_SUM, _SEQ_MEAN, _FIXED = 0, 1, 2, 3  # policy_loss._AGGREGATION_CODE
-_PPO, _CISPO = _SURROGATE_CODE["ppo"], _SURROGATE_CODE["cispo"]
+_CISPO = _SURROGATE_CODE["cispo"]  # else ppo
 _SEQUENCE = _RATIO_LEVEL_CODE["sequence"]
 
 
