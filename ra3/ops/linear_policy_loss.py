@@ -243,7 +243,8 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     logits never exist at once (peak extra memory: one [rows, V] tile). GEMMs per step on
     every native backend: 3 with token-level ratios (logits tile, grad_hidden, grad_weight), 4 with
     importance_sampling_level='sequence' (a forward-only pass first: each coefficient needs its sequence's whole
-    log-ratio), one fewer where weight and bias need no gradient (a frozen head), 1 without gradients. Backends 'cpu', 'cuda-torch' and 'triton' walk the tiles in Python with their
+    log-ratio; on CPU that makes it slower than the unfused path, see benchmarks/NOTES.md), one fewer where weight
+    and bias need no gradient (a frozen head), 1 without gradients. Backends 'cpu', 'cuda-torch' and 'triton' walk the tiles in Python with their
     tile kernels; 'cuda' runs that same walk over cuBLAS GEMMs (no extension loop for this op yet) and
     'triton-fused' the 'triton' walk. 'torch' is ``reference.linear_policy_loss`` (materialised logits).
     Edges: as ``policy_loss`` and ``linear_logprobs``: NaN or inf in advantages or mask raises ValueError; tokens of

@@ -306,9 +306,9 @@ class ChunkedWalk:
         number) with dL/dlogp = weight * d_lp (taken as 0 at ignored targets) and dL/dentropy = weight * d_ent;
         one gradient kernel writes dL/dlogits over the tile in place (the LOGPROB mode, or the ENTROPY mode
         carrying both terms when d_ent != 0), and two GEMMs carry it to grad_hidden and grad_weight: 3 GEMMs.
-        When ``terms.two_pass`` (sequence-level ratios: every coefficient needs its sequence's whole log-ratio), a
-        forward-only pass first computes every row's statistics and hands the log-probs to ``terms.prepare``; the
-        gradient pass then recomputes each tile: 4 GEMMs. Without ``need_grad``: the forward pass only, 1 GEMM;
+        When ``terms.two_pass`` (sequence-level ratios: every coefficient needs its sequence's whole log-ratio), the
+        log-probs come first from ``forward`` (LOGPROB mode over vocabulary chunks of all rows: its GEMMs are taller
+        than a row chunk's) and go to ``terms.prepare``: 4 GEMMs. Without ``need_grad``: the forward pass only, 1 GEMM;
         without ``need_weight_grad`` (a frozen head) no grad_weight GEMM. Returns (logprobs [N], entropy [N], grad_hidden, grad_weight, grad_bias)
         in the compute dtype, the gradients empty when not ``need_grad``.
         """
@@ -339,15 +339,16 @@ class ChunkedWalk:
             lp[i0:i1] = torch.where(t >= 0, (x - m) - logs[i0:i1], torch.zeros_like(x))
             return z
 
-        if terms.two_pass or not need_grad:
+        if not need_grad:
             for i0, i1 in chunks:
                 statistics(i0, i1)
             terms.prepare(lp)
-        if not need_grad:
             return lp, ent, grad_hidden, grad_weight, grad_bias
+        if terms.two_pass:  # every coefficient needs its sequence's whole log-ratio: the log-probs first
+            terms.prepare(self.forward(LOGPROB, head, None, targets, logits)[0])
         for i0, i1 in chunks:
             rows, t = i1 - i0, targets[i0:i1]
-            z = src.tile(0, vocab, i0, i1) if terms.two_pass else statistics(i0, i1)
+            z = statistics(i0, i1)
             weight, d_lp, d_ent = terms.coefficients(i0, i1, lp[i0:i1], ent[i0:i1])
             # an ignored target's log-prob is the constant 0 (the kernel's -c p part would reach its row otherwise)
             d_lp = torch.where(t >= 0, d_lp.to(dt), torch.zeros((), dtype=dt, device=dev))
