@@ -243,7 +243,8 @@ def test_linear_logprobs_under_torch_compile(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ("mean", "sum"))
-def test_linear_cross_entropy_matches_reference(backend, dtype, reduction, monkeypatch):
+@pytest.mark.parametrize("upstream", (2.5, 1.0))  # 1: the saved gradients are handed on without a scaled copy
+def test_linear_cross_entropy_matches_reference(backend, dtype, reduction, upstream, monkeypatch):
     device = require_backend(backend, "logprobs")
     from ra3.ops import vocab_softmax_walk
 
@@ -258,7 +259,7 @@ def test_linear_cross_entropy_matches_reference(backend, dtype, reduction, monke
     want = -lp.sum() / (11 if reduction == "mean" else 1)
     assert loss.dim() == 0
     assert_close(loss, want, torch.float32, "loss")
-    up = torch.tensor(2.5, dtype=torch.float64)
+    up = torch.tensor(upstream, dtype=torch.float64)
     _check_grads(_grads(loss, up, hidden, weight, b), _grads(want, up, h64, w64, b64), dtype,
                  lambda h, w, bb: reference.linear_cross_entropy(h, w, targets.cpu(), bias=bb, temperature=0.8,
                                                                  reduction=reduction), up, hidden, weight, b)
