@@ -168,9 +168,9 @@ def _mbpp_rows_from_hub(split: str) -> list[dict]:
     except ImportError:
         raise ValueError(f"mbpp: without --data MBPP is read from the Hugging Face hub ({MBPP_HUB}) with the "
                          f"`datasets` package, which is not installed; {hint}") from None
-    from ra3.models.loading import _hub_reachable
+    from ra3.models.loading import hub_reachable
 
-    online = _hub_reachable()
+    online = hub_reachable()
     splits = ("train", "test", "validation", "prompt") if split == "all" else (split,)
     rows = []
     try:

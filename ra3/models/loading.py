@@ -17,7 +17,7 @@ def _torch_dtype(dtype):
     return getattr(torch, dtype)
 
 
-def _hub_reachable(timeout: float = 2.0) -> bool:
+def hub_reachable(timeout: float = 2.0) -> bool:
     """False when HF_HUB_OFFLINE is set or the hub endpoint does not answer a TCP connect within ``timeout``."""
     import socket
     from urllib.parse import urlparse
@@ -77,7 +77,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", device="cpu"
 
     # A hub name: use the local HF cache when the hub is offline or unreachable, instead of letting the hub
     # client retry with back-off for a minute (HF_HUB_OFFLINE=1 is honoured as is).
-    local_only = path == name and not Path(name).expanduser().exists() and not _hub_reachable()
+    local_only = path == name and not Path(name).expanduser().exists() and not hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_only)

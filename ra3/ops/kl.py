@@ -7,7 +7,7 @@ from torch import Tensor
 from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
 
-_ESTIMATOR_CODE = {"k1": 1, "k2": 2, "k3": 3}
+ESTIMATOR_CODE = {"k1": 1, "k2": 2, "k3": 3}
 
 
 # ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernels the op body calls.
@@ -72,4 +72,4 @@ def kl(logprobs, ref_logprobs, estimator: str = "k3", *, backend: str = "auto") 
         return reference.kl(logprobs, ref_logprobs, estimator)
     dt = check.compute_dtype(logprobs, ref_logprobs)
     return _kl_op(name, logprobs.to(dt).contiguous(), ref_logprobs.to(dt).contiguous(),
-                  _ESTIMATOR_CODE[estimator])
+                  ESTIMATOR_CODE[estimator])

@@ -19,15 +19,16 @@ from torch import Tensor
 
 from ra3.ops import _validate as check
 from ra3.ops import registry, reference
-from ra3.ops.kl import _ESTIMATOR_CODE
-from ra3.ops.policy_loss import _AGGREGATION_CODE, _RATIO_LEVEL_CODE, _SURROGATE_CODE, check_policy_args
-from ra3.ops.vocab_softmax import _linear_inputs, _needs, _targets, _transform
+from ra3.ops.kl import ESTIMATOR_CODE
+from ra3.ops.policy_loss import AGGREGATION_CODE, RATIO_LEVEL_CODE, SURROGATE_CODE, check_policy_args
+from ra3.ops.vocab_softmax import (check_linear_inputs, check_targets, logit_transform, needed_features,
+                                   saved_gradient_scaler)
 from ra3.ops.vocab_softmax_walk import DESIGNS, Head, Logits
 
-_K1, _K2 = _ESTIMATOR_CODE["k1"], _ESTIMATOR_CODE["k2"]  # else k3
-_TOKEN_MEAN, _SEQ_SUM, _SEQ_MEAN, _FIXED = 0, 1, 2, 3  # policy_loss._AGGREGATION_CODE
-_CISPO = _SURROGATE_CODE["cispo"]  # else ppo
-_SEQUENCE = _RATIO_LEVEL_CODE["sequence"]
+_K1, _K2 = ESTIMATOR_CODE["k1"], ESTIMATOR_CODE["k2"]  # else k3
+_TOKEN_MEAN, _SEQ_SUM, _SEQ_MEAN, _FIXED = 0, 1, 2, 3  # policy_loss.AGGREGATION_CODE
+_CISPO = SURROGATE_CODE["cispo"]  # else ppo
+_SEQUENCE = RATIO_LEVEL_CODE["sequence"]
 
 
 class LinearPolicyLoss(NamedTuple):
@@ -196,16 +197,7 @@ def _backward(ctx, grad_loss, *_unused):
         raise RuntimeError("linear_policy_loss was run without gradients (need_grad=False) but is being "
                            "differentiated; call it with inputs that require grad")
     h_dt, w_dt, b_dt = ctx.dtypes
-    # The gradients were formed in the forward pass (the loss is their only consumer): just scale them. The usual
-    # upstream 1 hands the saved buffers on as they are: a scaled copy of grad_weight would be one more [V, H].
-    # (Only for a plain tensor: under tracing, torch.compile, the upstream is a symbolic one, never read.)
-    g = grad_loss.to(gh.dtype)
-    if type(g) is torch.Tensor and bool(g == 1):
-        def scaled(t, dt):
-            return t.to(dt)
-    else:
-        def scaled(t, dt):
-            return (g * t).to(dt)
+    scaled = saved_gradient_scaler(grad_loss)
     weight_grad = ctx.need_weight_grad
     return (None, scaled(gh, h_dt), scaled(gw, w_dt) if weight_grad else None,
             scaled(gb, b_dt) if weight_grad and b_dt is not None else None) + (None,) * 19
@@ -243,10 +235,10 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     logits never exist at once (peak extra memory: one [rows, V] tile). GEMMs per step on
     every native backend: 3 with token-level ratios (logits tile, grad_hidden, grad_weight), 4 with
     importance_sampling_level='sequence' (a forward-only pass first: each coefficient needs its sequence's whole
-    log-ratio; on CPU that makes it slower than the unfused path, see benchmarks/NOTES.md), one fewer where weight
-    and bias need no gradient (a frozen head), 1 without gradients. Backends 'cpu', 'cuda-torch' and 'triton' walk the tiles in Python with their
-    tile kernels; 'cuda' runs that same walk over cuBLAS GEMMs (no extension loop for this op yet) and
-    'triton-fused' the 'triton' walk. 'torch' is ``reference.linear_policy_loss`` (materialised logits).
+    log-ratio; on CPU that makes it slower than the unfused path, see benchmarks/NOTES.md), one fewer where weight and
+    bias need no gradient (a frozen head), 1 without gradients. Backends 'cpu', 'cuda-torch' and 'triton' walk the tiles
+    in Python with their tile kernels; 'cuda' runs that same walk over cuBLAS GEMMs (no extension loop for this op yet)
+    and 'triton-fused' the 'triton' walk. 'torch' is ``reference.linear_policy_loss`` (materialised logits).
     Edges: as ``policy_loss`` and ``linear_logprobs``: NaN or inf in advantages or mask raises ValueError; tokens of
     mask weight 0 never reach the loss or the statistics (NaN in their hidden rows still reaches the weight's
     gradient, as in eager); B = 0, T = 0 or no masked token gives loss 0 and zero statistics.
@@ -258,10 +250,10 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
         raise ValueError(f"hidden must be [B, T, H] or [B * T, H] with [B, T] = {bt} (the shape of targets), got "
                          f"{tuple(hidden.shape)}")
     h2 = hidden.reshape(bt[0] * bt[1], hidden.shape[-1])
-    n, vocab = _linear_inputs("", h2, weight, bias)
+    n, vocab = check_linear_inputs("", h2, weight, bias)
     head_dt = check.compute_dtype(hidden, weight, bias)
-    temperature, scale, softcap, logits = _transform(temperature, scale, softcap, "default", head_dt)
-    tgt = _targets(targets.reshape(-1), n, vocab, ignore_index, hidden.device)
+    temperature, scale, softcap, logits = logit_transform(temperature, scale, softcap, "default", head_dt)
+    tgt = check_targets(targets.reshape(-1), n, vocab, ignore_index, hidden.device)
     args = check_policy_args(bt, "targets", old_logprobs, advantages, mask, ref_logprobs, clip_low=clip_low,
                              clip_high=clip_high, kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation,
                              importance_sampling_level=importance_sampling_level, surrogate=surrogate,
@@ -270,7 +262,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     entropy_coef = check.nonnegative_float("entropy_coef", entropy_coef, args.dtype)
     device = check.same_device(hidden=hidden, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                                ref_logprobs=ref_logprobs)
-    name = registry.resolve("linear_policy_loss", backend, device, needs=_needs(softcap))
+    name = registry.resolve("linear_policy_loss", backend, device, needs=needed_features(softcap))
     policy_kw = dict(clip_low=args.clip_low, clip_high=args.clip_high, ref_logprobs=ref_logprobs,
                      kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, aggregation=args.aggregation,
                      importance_sampling_level=args.importance_sampling_level, surrogate=args.surrogate,
@@ -290,8 +282,8 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, 
     loss, _gh, _gw, _gb, stats = linear_policy_loss_op(
         name, h2, weight, bias, tgt.view(bt), prep(old_logprobs), prep(advantages), prep(mask),
         prep(ref_logprobs) if use_ref else None, *logits[:3], args.clip_low, args.clip_high, args.kl_coef,
-        _ESTIMATOR_CODE[args.kl_estimator], entropy_coef, _AGGREGATION_CODE[args.aggregation], args.agg_norm,
-        _RATIO_LEVEL_CODE[args.importance_sampling_level], _SURROGATE_CODE[args.surrogate], need_grad,
+        ESTIMATOR_CODE[args.kl_estimator], entropy_coef, AGGREGATION_CODE[args.aggregation], args.agg_norm,
+        RATIO_LEVEL_CODE[args.importance_sampling_level], SURROGATE_CODE[args.surrogate], need_grad,
         need_weight_grad)
     stats = stats.detach()
     return LinearPolicyLoss(loss, *stats.unbind())

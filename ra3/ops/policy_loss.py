@@ -9,12 +9,12 @@ from torch import Tensor
 
 from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
-from ra3.ops.kl import _ESTIMATOR_CODE
+from ra3.ops.kl import ESTIMATOR_CODE
 
 # aggregation -> the kernels' code; 'dr-grpo' and 'dapo' are both the token sum over a normaliser (code 3).
-_AGGREGATION_CODE = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "dr-grpo": 3, "dapo": 3}
-_RATIO_LEVEL_CODE = {"token": 0, "sequence": 1}
-_SURROGATE_CODE = {"ppo": 0, "cispo": 1}
+AGGREGATION_CODE = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "dr-grpo": 3, "dapo": 3}
+RATIO_LEVEL_CODE = {"token": 0, "sequence": 1}
+SURROGATE_CODE = {"ppo": 0, "cispo": 1}
 
 
 class PolicyLoss(NamedTuple):
@@ -124,9 +124,9 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float = 0
 
     loss, _grad, stats = _policy_loss_op(name, logprobs.to(dt).contiguous(), prep(old_logprobs),
                                          prep(advantages), prep(mask), prep(ref_logprobs) if use_ref else None,
-                                         kl_coef, _ESTIMATOR_CODE[kl_estimator], clip_low, clip_high,
-                                         _RATIO_LEVEL_CODE[importance_sampling_level], _SURROGATE_CODE[surrogate],
-                                         _AGGREGATION_CODE[aggregation], agg_norm)
+                                         kl_coef, ESTIMATOR_CODE[kl_estimator], clip_low, clip_high,
+                                         RATIO_LEVEL_CODE[importance_sampling_level], SURROGATE_CODE[surrogate],
+                                         AGGREGATION_CODE[aggregation], agg_norm)
     stats = stats.detach()  # statistics to log: no gradient flows through them
     return PolicyLoss(loss, stats[0], stats[1], stats[2])
 

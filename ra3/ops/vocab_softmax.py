@@ -40,7 +40,7 @@ class SegmentLogProbs(NamedTuple):
 
 # --- argument checks ----------------------------------------------------------------------------------------------
 
-def _linear_inputs(prefix: str, hidden, weight, bias) -> tuple[int, int]:
+def check_linear_inputs(prefix: str, hidden, weight, bias) -> tuple[int, int]:
     """Checks hidden [N, H], weight [V, H], bias [V] | None; returns (N, V)."""
     check.tensor(f"{prefix}hidden", hidden, ndim=2, floating=True)
     check.tensor(f"{prefix}weight", weight, ndim=2, floating=True)
@@ -63,7 +63,7 @@ def _logits_input(name: str, logits) -> tuple[int, int]:
     return logits.shape
 
 
-def _targets(targets, n: int, vocab: int, ignore_index, device) -> torch.Tensor:
+def check_targets(targets, n: int, vocab: int, ignore_index, device) -> torch.Tensor:
     """Checks targets [N] and returns them as contiguous int64 with ignored positions set to -1 (so the reference
     is called with these and ``ignore_index=-1``: compared in int64, never in a narrow dtype that wraps -100)."""
     ignore_index = check.integer("ignore_index", ignore_index)
@@ -76,7 +76,7 @@ def _targets(targets, n: int, vocab: int, ignore_index, device) -> torch.Tensor:
     return torch.where(targets == ignore_index, torch.full_like(targets, -1), targets).contiguous()
 
 
-def _transform(temperature, scale, softcap, precision, dtype) -> tuple[float, float, Optional[float], Logits]:
+def logit_transform(temperature, scale, softcap, precision, dtype) -> tuple[float, float, Optional[float], Logits]:
     """Checked (temperature, scale, softcap, Logits) of a linear op."""
     temperature = check.temperature(temperature, dtype)
     scale = check.positive_float("scale", scale, dtype)
@@ -86,7 +86,7 @@ def _transform(temperature, scale, softcap, precision, dtype) -> tuple[float, fl
     return temperature, scale, softcap, Logits(1.0 / temperature, scale, softcap or 0.0, precision == "high")
 
 
-def _needs(softcap) -> tuple[str, ...]:
+def needed_features(softcap) -> tuple[str, ...]:
     return ("softcap",) if softcap else ()
 
 
@@ -216,6 +216,16 @@ def _(backend, hidden, weight, bias, targets, inv_temp, scale, softcap, high_pre
             weight.new_empty(weight.shape, dtype=dt), gb)
 
 
+def saved_gradient_scaler(grad_loss: Tensor):
+    """``scaled(t, dtype)``: a gradient formed in the forward pass (the loss its only consumer) times the upstream
+    ``grad_loss``, as ``dtype``. The usual upstream 1 hands the saved buffer on as it is: a scaled copy of
+    grad_weight would be one more [V, H]. (Only for a plain tensor: under tracing, torch.compile, the upstream is a
+    symbolic one, never read.)"""
+    if type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
+        return lambda t, dt: t.to(dt)
+    return lambda t, dt: (grad_loss.to(t.dtype) * t).to(dt)
+
+
 def _ce_setup(ctx, inputs, output):
     hidden, weight, bias = inputs[1:4]
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -233,14 +243,7 @@ def _ce_backward(ctx, grad_loss, *_unused):
         raise RuntimeError("linear_cross_entropy was run without gradients (need_grad=False) but is being "
                            "differentiated; call it with inputs that require grad")
     h_dt, w_dt, b_dt = ctx.dtypes
-    # The usual upstream 1 hands the saved buffers on as they are (a scaled copy of grad_weight is one more [V, H]);
-    # under tracing (torch.compile) the upstream is symbolic and never read.
-    if type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
-        def scaled(t, dt):
-            return t.to(dt)
-    else:
-        def scaled(t, dt):
-            return (grad_loss * t).to(dt)
+    scaled = saved_gradient_scaler(grad_loss)
     return (None, scaled(gh, h_dt), scaled(gw, w_dt), None if b_dt is None else scaled(gb, b_dt),
             None, None, None, None, None, None, None)
 
@@ -264,12 +267,12 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature: float = 
     Edges: inputs are not scanned for NaN (a pass over the data): NaN or inf in hidden, weight or bias gives NaN
     (or -inf) in the rows it reaches, without an error; ignored rows are 0 whatever they hold; N = 0 gives [0].
     """
-    n, vocab = _linear_inputs("", hidden, weight, bias)
-    temperature, scale, softcap, logits = _transform(temperature, scale, softcap, precision,
+    n, vocab = check_linear_inputs("", hidden, weight, bias)
+    temperature, scale, softcap, logits = logit_transform(temperature, scale, softcap, precision,
                                                      check.compute_dtype(hidden, weight, bias))
-    tgt = _targets(targets, n, vocab, ignore_index, hidden.device)
+    tgt = check_targets(targets, n, vocab, ignore_index, hidden.device)
     num_segments = _segment_args(segment_ids, num_segments, n, hidden.device)
-    out = _run("logprobs", LOGPROB, backend, Head(hidden, weight, bias), None, tgt, logits, _needs(softcap),
+    out = _run("logprobs", LOGPROB, backend, Head(hidden, weight, bias), None, tgt, logits, needed_features(softcap),
                lambda: reference.linear_logprobs(hidden, weight, tgt, bias=bias, temperature=temperature,
                                                  ignore_index=-1, scale=scale, softcap=softcap))
     return _with_segments(out, segment_ids, num_segments, backend)
@@ -286,7 +289,7 @@ def logprobs(logits, targets, *, temperature: float = 1.0, ignore_index: int = -
     """
     n, vocab = _logits_input("logits", logits)
     temperature = check.temperature(temperature, check.compute_dtype(logits))
-    tgt = _targets(targets, n, vocab, ignore_index, logits.device)
+    tgt = check_targets(targets, n, vocab, ignore_index, logits.device)
     num_segments = _segment_args(segment_ids, num_segments, n, logits.device)
     out = _run("logprobs", LOGPROB, backend, Head(logits, None, None), None, tgt, Logits(1.0 / temperature), (),
                lambda: reference.logprobs(logits, tgt, temperature=temperature, ignore_index=-1))
@@ -302,10 +305,10 @@ def linear_entropy(hidden, weight, *, bias=None, temperature: float = 1.0, scale
     Edges: inputs are not scanned for NaN: NaN or inf in hidden, weight or bias gives NaN in the rows it reaches,
     without an error; N = 0 gives [0].
     """
-    _linear_inputs("", hidden, weight, bias)
-    temperature, scale, softcap, logits = _transform(temperature, scale, softcap, precision,
+    check_linear_inputs("", hidden, weight, bias)
+    temperature, scale, softcap, logits = logit_transform(temperature, scale, softcap, precision,
                                                      check.compute_dtype(hidden, weight, bias))
-    return _run("entropy", ENTROPY, backend, Head(hidden, weight, bias), None, None, logits, _needs(softcap),
+    return _run("entropy", ENTROPY, backend, Head(hidden, weight, bias), None, None, logits, needed_features(softcap),
                 lambda: reference.linear_entropy(hidden, weight, bias=bias, temperature=temperature, scale=scale,
                                                  softcap=softcap))
 
@@ -333,16 +336,16 @@ def linear_exact_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bi
     Edges: inputs are not scanned for NaN: NaN or inf on either side gives NaN (or inf) in the rows it reaches,
     without an error; N = 0 gives [0].
     """
-    n, vocab = _linear_inputs("", hidden, weight, bias)
-    n_ref, vocab_ref = _linear_inputs("ref_", ref_hidden, ref_weight, ref_bias)
+    n, vocab = check_linear_inputs("", hidden, weight, bias)
+    n_ref, vocab_ref = check_linear_inputs("ref_", ref_hidden, ref_weight, ref_bias)
     if (n_ref, vocab_ref) != (n, vocab):
         raise ValueError(f"ref_hidden/ref_weight describe {n_ref} rows x {vocab_ref} vocabulary entries but "
                          f"hidden/weight describe {n} x {vocab}; they must match")
     check.same_device(hidden=hidden, ref_hidden=ref_hidden)
     dt = check.compute_dtype(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    temperature, scale, softcap, logits = _transform(temperature, scale, softcap, precision, dt)
+    temperature, scale, softcap, logits = logit_transform(temperature, scale, softcap, precision, dt)
     ref = Head(ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach())
-    return _run("exact_kl", EXACT_KL, backend, Head(hidden, weight, bias), ref, None, logits, _needs(softcap),
+    return _run("exact_kl", EXACT_KL, backend, Head(hidden, weight, bias), ref, None, logits, needed_features(softcap),
                 lambda: reference.linear_exact_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
                                                   temperature=temperature, scale=scale, softcap=softcap))
 
@@ -377,12 +380,12 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, temperature: flo
     Edges: inputs are not scanned for NaN: NaN or inf reaching a non-ignored row gives a NaN (or inf) loss without
     an error; ignored rows never reach the loss; with no non-ignored token (N = 0 included) the loss is 0.
     """
-    n, vocab = _linear_inputs("", hidden, weight, bias)
-    temperature, scale, softcap, logits = _transform(temperature, scale, softcap, precision,
+    n, vocab = check_linear_inputs("", hidden, weight, bias)
+    temperature, scale, softcap, logits = logit_transform(temperature, scale, softcap, precision,
                                                      check.compute_dtype(hidden, weight, bias))
     reduction = check.choice("reduction", reduction, REDUCTIONS)
-    tgt = _targets(targets, n, vocab, ignore_index, hidden.device)
-    name = registry.resolve("cross_entropy", backend, hidden.device, needs=_needs(softcap))
+    tgt = check_targets(targets, n, vocab, ignore_index, hidden.device)
+    name = registry.resolve("cross_entropy", backend, hidden.device, needs=needed_features(softcap))
     if name == "torch":
         return reference.linear_cross_entropy(hidden, weight, tgt, bias=bias, temperature=temperature,
                                               ignore_index=-1, reduction=reduction, scale=scale, softcap=softcap)

@@ -300,17 +300,17 @@ class ChunkedWalk:
     def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool, need_weight_grad: bool = True):
         """A scalar loss L(log p of the targets, entropy) over the rows, its gradients formed in the forward pass.
 
-        Walks chunks of whole vocabulary rows (as ``cross_entropy``; ``policy_rows`` of them). Per chunk: one GEMM for the logits tile; the
-        ENTROPY-mode forward kernel gives each row's log-sum-exp and entropy, the target's logit is gathered from
-        the tile; ``terms.coefficients(i0, i1, logprobs, entropy)`` gives (weight [rows], d_lp [rows], d_ent: a
-        number) with dL/dlogp = weight * d_lp (taken as 0 at ignored targets) and dL/dentropy = weight * d_ent;
-        one gradient kernel writes dL/dlogits over the tile in place (the LOGPROB mode, or the ENTROPY mode
-        carrying both terms when d_ent != 0), and two GEMMs carry it to grad_hidden and grad_weight: 3 GEMMs.
-        When ``terms.two_pass`` (sequence-level ratios: every coefficient needs its sequence's whole log-ratio), the
+        Walks chunks of whole vocabulary rows (as ``cross_entropy``; ``policy_rows`` of them). Per chunk: one GEMM for
+        the logits tile; the ENTROPY-mode forward kernel gives each row's log-sum-exp and entropy, the target's logit is
+        gathered from the tile; ``terms.coefficients(i0, i1, logprobs, entropy)`` gives (weight [rows], d_lp [rows],
+        d_ent: a number) with dL/dlogp = weight * d_lp (taken as 0 at ignored targets) and dL/dentropy = weight * d_ent;
+        one gradient kernel writes dL/dlogits over the tile in place (the LOGPROB mode, or the ENTROPY mode carrying
+        both terms when d_ent != 0), and two GEMMs carry it to grad_hidden and grad_weight: 3 GEMMs. When
+        ``terms.two_pass`` (sequence-level ratios: every coefficient needs its sequence's whole log-ratio), the
         log-probs come first from ``forward`` (LOGPROB mode over vocabulary chunks of all rows: its GEMMs are taller
         than a row chunk's) and go to ``terms.prepare``: 4 GEMMs. Without ``need_grad``: the forward pass only, 1 GEMM;
-        without ``need_weight_grad`` (a frozen head) no grad_weight GEMM. Returns (logprobs [N], entropy [N], grad_hidden, grad_weight, grad_bias)
-        in the compute dtype, the gradients empty when not ``need_grad``.
+        without ``need_weight_grad`` (a frozen head) no grad_weight GEMM. Returns (logprobs [N], entropy [N],
+        grad_hidden, grad_weight, grad_bias) in the compute dtype, the gradients empty when not ``need_grad``.
         """
         dt = compute_dtype(*head)
         n, vocab, dev = head.hidden.shape[0], head.vocab, head.hidden.device
