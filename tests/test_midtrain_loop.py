@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 
 import pytest
 
@@ -64,6 +65,11 @@ def test_two_round_run_finishes_and_improves(full_run):
     assert "| ra3 | 1 |" in (out / "summary.md").read_text()
     sample = (out / "samples" / "ra3-iter1.md").read_text()
     assert "```python" in sample and "ELBO" in sample
+    # each heading counts its thinks in words ("1 think", "0 thinks", "2 thinks")
+    headings = re.findall(r"^## document \d+: (\d+) (thinks?) ", sample, re.M)
+    assert headings
+    for n, word in headings:
+        assert word == ("think" if n == "1" else "thinks"), (n, word)
     for block in sample.split("```python\n")[1:]:
         code = block.split("```")[0]
         plain = "".join(line for line in code.splitlines(True) if not line.lstrip().startswith("#"))

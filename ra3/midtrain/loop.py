@@ -431,7 +431,8 @@ def _write_samples(path: Path, docs, annotations, parts, n: int) -> None:
         doc, comments = docs[i], annotations[i]
         # 1-based line numbers of the inserted comments in the annotated text (the expert's own comments stay)
         rows = [doc.text.count("\n", 0, doc.anchors[k]) + j + 1 for j, k in enumerate(sorted(comments))]
-        chunks.append(f"## document {i}: {int(parts['thinks'][i])} thinks (inserted lines: "
+        k = int(parts["thinks"][i])
+        chunks.append(f"## document {i}: {k} think{'' if k == 1 else 's'} (inserted lines: "
                       f"{', '.join(map(str, rows)) or 'none'}), expert loglik "
                       f"{float(parts['expert_loglik'][i]):.2f}, ELBO (fixed) {float(parts['elbo_fixed'][i]):.2f}, "
                       f"ELBO (exact) {float(parts['elbo_exact'][i]):.2f}\n\n```python\n"
