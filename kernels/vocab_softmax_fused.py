@@ -77,6 +77,13 @@ def _fold_rows(m, s, a, x, term, WITH_A: tl.constexpr, RELATIVE: tl.constexpr):
 
 
 @triton.jit
+def _empty_state(BLOCK: tl.constexpr, dt: tl.constexpr):
+    """(m, s, a, mr, sr, tgt) [BLOCK] of rows that have seen no logit yet."""
+    return (tl.full([BLOCK], -float("inf"), dt), tl.zeros([BLOCK], dt), tl.zeros([BLOCK], dt),
+            tl.full([BLOCK], -float("inf"), dt), tl.zeros([BLOCK], dt), tl.zeros([BLOCK], dt))
+
+
+@triton.jit
 def _store_state(off, ok, m, s, a, mr, sr, tgt, m_ptr, s_ptr, a_ptr, mr_ptr, sr_ptr, tgt_ptr, MODE: tl.constexpr):
     """Writes the per-row state a mode keeps: (m, s) always, then the target logit (log-probs) or the
     accumulator a (entropy, KL), and the reference's (mr, sr) for exact KL."""
@@ -104,12 +111,7 @@ def _linear_stats_kernel(h_ptr, ldh, w_ptr, ldw, b_ptr, rh_ptr, ldrh, rw_ptr, ld
     row_ok = rows < n
     v_begin = split * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, vocab)
-    m = tl.full([BLOCK_N], -float("inf"), dt)
-    s = tl.zeros([BLOCK_N], dt)
-    a = tl.zeros([BLOCK_N], dt)
-    mr = tl.full([BLOCK_N], -float("inf"), dt)
-    sr = tl.zeros([BLOCK_N], dt)
-    tgt = tl.zeros([BLOCK_N], dt)
+    m, s, a, mr, sr, tgt = _empty_state(BLOCK_N, dt)
     t = tl.full([BLOCK_N], -1, tl.int64)
     if HAS_TARGETS:
         t = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
@@ -152,12 +154,7 @@ def _merge_splits_kernel(pm_ptr, ps_ptr, pa_ptr, pmr_ptr, psr_ptr, ptgt_ptr, n, 
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < n
     dt = m_ptr.dtype.element_ty
-    m = tl.full([BLOCK], -float("inf"), dt)
-    s = tl.zeros([BLOCK], dt)
-    a = tl.zeros([BLOCK], dt)
-    mr = tl.full([BLOCK], -float("inf"), dt)
-    sr = tl.zeros([BLOCK], dt)
-    tgt = tl.zeros([BLOCK], dt)
+    m, s, a, mr, sr, tgt = _empty_state(BLOCK, dt)
     for k in range(0, splits):
         off = k * n + rows
         mk = tl.load(pm_ptr + off, mask=ok, other=-float("inf"))

@@ -22,7 +22,7 @@ from ra3.ops import registry, reference
 from ra3.ops.kl import ESTIMATOR_CODE
 from ra3.ops.policy_loss import AGGREGATION_CODE, RATIO_LEVEL_CODE, SURROGATE_CODE, check_policy_args
 from ra3.ops.vocab_softmax import (check_linear_inputs, check_targets, logit_transform, needed_features,
-                                   saved_gradient_scaler)
+                                   register_loss_autograd)
 from ra3.ops.vocab_softmax_walk import DESIGNS, Head, Logits
 
 _K1, _K2 = ESTIMATOR_CODE["k1"], ESTIMATOR_CODE["k2"]  # else k3
@@ -180,30 +180,7 @@ def _(backend, hidden, weight, bias, targets, old_logprobs, advantages, mask, re
     return (hidden.new_empty((), dtype=pdt), *grads, hidden.new_empty(4, dtype=pdt))
 
 
-def _setup(ctx, inputs, output):
-    hidden, weight, bias = inputs[1:4]
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.need_grad, ctx.need_weight_grad = inputs[-2:]
-    ctx.save_for_backward(*output[1:4])
-    # Only the loss is differentiable: autograd would otherwise hand the backward a zero tensor for each other
-    # output, a [V, H] one for grad_weight.
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss, *_unused):
-    gh, gw, gb = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError("linear_policy_loss was run without gradients (need_grad=False) but is being "
-                           "differentiated; call it with inputs that require grad")
-    h_dt, w_dt, b_dt = ctx.dtypes
-    scaled = saved_gradient_scaler(grad_loss)
-    weight_grad = ctx.need_weight_grad
-    return (None, scaled(gh, h_dt), scaled(gw, w_dt) if weight_grad else None,
-            scaled(gb, b_dt) if weight_grad and b_dt is not None else None) + (None,) * 19
-
-
-linear_policy_loss_op.register_autograd(_backward, setup_context=_setup)
+register_loss_autograd(linear_policy_loss_op, "linear_policy_loss", 23, weight_grad_flag=True)
 
 
 def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None,

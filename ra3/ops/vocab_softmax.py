@@ -216,39 +216,44 @@ def _(backend, hidden, weight, bias, targets, inv_temp, scale, softcap, high_pre
             weight.new_empty(weight.shape, dtype=dt), gb)
 
 
-def saved_gradient_scaler(grad_loss: Tensor):
-    """``scaled(t, dtype)``: a gradient formed in the forward pass (the loss its only consumer) times the upstream
-    ``grad_loss``, as ``dtype``. The usual upstream 1 hands the saved buffer on as it is: a scaled copy of
-    grad_weight would be one more [V, H]. (Only for a plain tensor: under tracing, torch.compile, the upstream is a
-    symbolic one, never read.)"""
-    if type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
-        return lambda t, dt: t.to(dt)
-    return lambda t, dt: (grad_loss.to(t.dtype) * t).to(dt)
+def register_loss_autograd(op, name: str, n_inputs: int, *, weight_grad_flag: bool) -> None:
+    """The autograd of a fused loss op whose gradients are formed in its forward pass: inputs (backend, hidden,
+    weight, bias, ..., need_grad[, need_weight_grad]) with ``n_inputs`` in all (the last flag only with
+    ``weight_grad_flag``); outputs (loss, grad_hidden, grad_weight, grad_bias, ...). The backward scales the saved
+    gradients by the upstream one; at the usual upstream 1 it hands the buffers on as they are (a scaled copy of
+    grad_weight would be one more [V, H]; under tracing, torch.compile, the upstream is symbolic and never read)."""
+
+    def setup(ctx, inputs, output):
+        hidden, weight, bias = inputs[1:4]
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # not read off the saved sizes: with H = 0 real gradients are empty too
+        ctx.need_grad, ctx.need_weight_grad = (inputs[-2], inputs[-1]) if weight_grad_flag else (inputs[-1], True)
+        ctx.save_for_backward(*output[1:4])
+        # Only the loss is differentiable: autograd would otherwise hand the backward a zero tensor for each other
+        # output, a [V, H] one for grad_weight (~120 MiB of peak memory at V = 32000, H = 512 in float32).
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, *_unused):
+        gh, gw, gb = ctx.saved_tensors
+        if not ctx.need_grad:
+            raise RuntimeError(f"{name} was run without gradients (need_grad=False) but is being differentiated; "
+                               "call it with inputs that require grad")
+        h_dt, w_dt, b_dt = ctx.dtypes
+        if type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
+            def scaled(t, dt):
+                return t.to(dt)
+        else:
+            def scaled(t, dt):
+                return (grad_loss.to(t.dtype) * t).to(dt)
+        weight_grad = ctx.need_weight_grad
+        return (None, scaled(gh, h_dt), scaled(gw, w_dt) if weight_grad else None,
+                scaled(gb, b_dt) if weight_grad and b_dt is not None else None) + (None,) * (n_inputs - 4)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _ce_setup(ctx, inputs, output):
-    hidden, weight, bias = inputs[1:4]
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.need_grad = inputs[-1]  # not read off the saved sizes: with H = 0 real gradients are empty too
-    ctx.save_for_backward(*output[1:])
-    # Only the loss is differentiable: autograd would otherwise hand the backward a zero tensor for each other
-    # output, a [V, H] one for grad_weight (~120 MiB of peak memory at V = 32000, H = 512 in float32).
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
-def _ce_backward(ctx, grad_loss, *_unused):
-    gh, gw, gb = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError("linear_cross_entropy was run without gradients (need_grad=False) but is being "
-                           "differentiated; call it with inputs that require grad")
-    h_dt, w_dt, b_dt = ctx.dtypes
-    scaled = saved_gradient_scaler(grad_loss)
-    return (None, scaled(gh, h_dt), scaled(gw, w_dt), None if b_dt is None else scaled(gb, b_dt),
-            None, None, None, None, None, None, None)
-
-
-cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+register_loss_autograd(cross_entropy_op, "linear_cross_entropy", 11, weight_grad_flag=False)
 
 
 # --- public functions -------------------------------------------------------------------------------------------
