@@ -17,6 +17,39 @@
 
 namespace py = pybind11;
 
+// An argument struct from any Python object with its fields as attributes (the NamedTuples of
+// ra3/ops/kernel_abi.py, pointers already turned into integers): read by name, so a field the two sides spell
+// differently is a TypeError naming it, never a value landing in the wrong place.
+namespace pybind11::detail {
+template <typename T>
+T args_field(handle src, const char* owner, const char* name) {
+  if (!hasattr(src, name)) throw type_error(std::string(owner) + " has no field '" + name + "'");
+  object value = src.attr(name);
+  try {
+    return value.cast<T>();
+  } catch (const cast_error&) {
+    throw type_error(std::string(owner) + "." + name + ": cannot take " + std::string(repr(value)) + " (" +
+                     std::string(str(type::handle_of(value).attr("__name__"))) + ")");
+  }
+}
+// (the field's type from the struct itself: the FIELDS lists name ra3's types unqualified, e.g. LinearSourceArgs)
+#define RA3_ARGS_LOAD(type, name) value.name = args_field<decltype(value.name)>(src, kName, #name);
+#define RA3_ARGS_CASTER(Struct, FIELDS)                                                                        \
+  template <>                                                                                                  \
+  struct type_caster<ra3::Struct> {                                                                            \
+    PYBIND11_TYPE_CASTER(ra3::Struct, const_name(#Struct));                                                    \
+    static constexpr const char* kName = #Struct;                                                              \
+    bool load(handle src, bool) {                                                                              \
+      FIELDS(RA3_ARGS_LOAD)                                                                                    \
+      return true;                                                                                             \
+    }                                                                                                          \
+    static handle cast(const ra3::Struct&, return_value_policy, handle) { return none().release(); }           \
+  };
+RA3_ARGS_STRUCTS(RA3_ARGS_CASTER)
+#undef RA3_ARGS_CASTER
+#undef RA3_ARGS_LOAD
+}  // namespace pybind11::detail
+
 #ifndef RA3_CUDA_ARCHS
 #define RA3_CUDA_ARCHS ""
 #endif
@@ -78,63 +111,31 @@ py::dict build_info() {
   return info;
 }
 
-// Keyword names of the shared arguments, in contract order (see ra3_native.h).
-#define RA3_PY_ARGS_VOCAB_SOFTMAX_FWD                                                                          \
-  py::arg("mode"), py::arg("dtype"), py::arg("z"), py::arg("ldz"), py::arg("r"), py::arg("ldr"), py::arg("n"), \
-      py::arg("vc"), py::arg("v_offset"), py::arg("inv_temp"), py::arg("targets"), py::arg("m"), py::arg("s"), \
-      py::arg("a"), py::arg("mr"), py::arg("sr"), py::arg("tgt")
-#define RA3_PY_ARGS_VOCAB_SOFTMAX_GRAD                                                                         \
-  py::arg("mode"), py::arg("dtype"), py::arg("z"), py::arg("ldz"), py::arg("r"), py::arg("ldr"), py::arg("out"), \
-      py::arg("ldo"), py::arg("n"), py::arg("vc"), py::arg("v_offset"), py::arg("inv_temp"), py::arg("targets"), \
-      py::arg("m"), py::arg("logs"), py::arg("q"), py::arg("g")
-#define RA3_PY_ARGS_SEGMENT_SUM_FWD                                                                            \
-  py::arg("dtype"), py::arg("values"), py::arg("ids"), py::arg("n"), py::arg("num_segments"), py::arg("out")
-#define RA3_PY_ARGS_SEGMENT_SUM_BWD                                                                            \
-  py::arg("dtype"), py::arg("grad_out"), py::arg("ids"), py::arg("n"), py::arg("grad_values")
-#define RA3_PY_ARGS_KL_ESTIMATOR_FWD                                                                           \
-  py::arg("dtype"), py::arg("estimator"), py::arg("lp"), py::arg("ref"), py::arg("n"), py::arg("out")
-#define RA3_PY_ARGS_KL_ESTIMATOR_BWD                                                                           \
-  py::arg("dtype"), py::arg("estimator"), py::arg("lp"), py::arg("ref"), py::arg("g"), py::arg("n"),           \
-      py::arg("grad_lp")
-#define RA3_PY_ARGS_GROUP_ADV_FWD                                                                              \
-  py::arg("dtype"), py::arg("rewards"), py::arg("gids"), py::arg("n"), py::arg("num_groups"),                  \
-      py::arg("normalize"), py::arg("eps"), py::arg("out"), py::arg("mean"), py::arg("std")
-#define RA3_PY_ARGS_GROUP_ADV_BWD                                                                              \
-  py::arg("dtype"), py::arg("rewards"), py::arg("gids"), py::arg("n"), py::arg("num_groups"),                  \
-      py::arg("normalize"), py::arg("eps"), py::arg("mean"), py::arg("std"), py::arg("g"), py::arg("grad_r")
-#define RA3_PY_ARGS_POLICY_LOSS_FWD                                                                            \
-  py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("lp"), py::arg("old"), py::arg("adv"),                 \
-      py::arg("adv_per_token"), py::arg("mask"), py::arg("ref"), py::arg("kl_coef"), py::arg("kl_estimator"),  \
-      py::arg("clip_low"), py::arg("clip_high"), py::arg("ratio_level"), py::arg("surrogate"),                 \
-      py::arg("aggregation"), py::arg("agg_norm"), py::arg("loss_out"), py::arg("grad_lp"), py::arg("stats_out")
-
-#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES                                                                 \
-  py::arg("in_dtype"), py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("h"),                    \
-      py::arg("ref_in_dtype"), py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("ref_bias"), py::arg("ref_h")
-#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD                                                                     \
-  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"),                       \
-      RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,                                                                 \
-      py::arg("inv_temp"), py::arg("targets"), py::arg("ones"), py::arg("tile"), py::arg("ref_tile"),          \
-      py::arg("m"), py::arg("s"), py::arg("a"), py::arg("mr"), py::arg("sr"), py::arg("tgt")
-#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD                                                                    \
-  py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("chunk"),                       \
-      RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_SOURCES,                                                                 \
-      py::arg("inv_temp"), py::arg("targets"), py::arg("m"), py::arg("logs"), py::arg("q"), py::arg("g"),      \
-      py::arg("ones"), py::arg("tile"), py::arg("ref_tile"), py::arg("tile16"), py::arg("bf16_terms"),         \
-      py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
-#define RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY                                                           \
-  py::arg("dtype"), py::arg("n"), py::arg("vocab"), py::arg("rows"), py::arg("in_dtype"), py::arg("hidden"),   \
-      py::arg("weight"), py::arg("bias"), py::arg("h"), py::arg("inv_temp"), py::arg("targets"), py::arg("g"), \
-      py::arg("ones"), py::arg("tile"), py::arg("tile16"), py::arg("bf16_terms"), py::arg("m"), py::arg("s"),  \
-      py::arg("tgt"), py::arg("logs"), py::arg("grad_hidden"), py::arg("grad_weight"), py::arg("grad_bias")
+// The argument structs and constants by name, for the test that holds ra3/ops/kernel_abi.py to them.
+py::dict abi_info() {
+  py::dict structs, constants;
+#define RA3_ABI_FIELD(type, name) #name,
+#define RA3_ABI_STRUCT(Struct, FIELDS) structs[#Struct] = std::vector<std::string>{FIELDS(RA3_ABI_FIELD)};
+  RA3_ARGS_STRUCTS(RA3_ABI_STRUCT)
+#undef RA3_ABI_STRUCT
+#undef RA3_ABI_FIELD
+#define RA3_ABI_CONSTANT(name, value) constants[#name] = static_cast<int>(ra3::value);
+  RA3_CONSTANTS(RA3_ABI_CONSTANT)
+#undef RA3_ABI_CONSTANT
+  py::dict out;
+  out["structs"] = structs;
+  out["constants"] = constants;
+  return out;
+}
 
 }  // namespace
 
-#define RA3_DEF_CPU(name, ARGS, doc)                                                                           \
-  m.def("cpu_" #name, &ra3::cpu::name, doc, ARGS, py::call_guard<py::gil_scoped_release>())
-#define RA3_DEF_CUDA(name, ARGS, doc)                                                                          \
+// Each kernel takes its argument struct (as `args`); the GIL is released once the struct is read.
+#define RA3_DEF_CPU(name, doc)                                                                                 \
+  m.def("cpu_" #name, &ra3::cpu::name, doc, py::arg("args"), py::call_guard<py::gil_scoped_release>())
+#define RA3_DEF_CUDA(name, doc)                                                                                \
   m.def("cuda_" #name, &ra3::cuda::name, doc " Asynchronous on `stream` (a cudaStream_t as int, 0 = default).", \
-        ARGS, py::arg("stream"), py::call_guard<py::gil_scoped_release>())
+        py::arg("args"), py::arg("stream"), py::call_guard<py::gil_scoped_release>())
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ra3 native kernels (C++/OpenMP CPU, CUDA): raw-pointer entry points called by ra3.ops, no torch ABI.";
@@ -153,25 +154,27 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "True when the cuda_* kernels are built and the installed driver is new enough for their CUDA runtime.");
+  m.def("abi", &abi_info,
+        "dict: structs (argument struct name -> its fields in order) and constants (name -> value) of the C ABI.");
   m.def("build_info", &build_info,
         "dict: compiler, build_type, cuda_version (str or None), cuda_archs (list), openmp, openmp_max_threads, "
         "cpu_isa_variants (list), cpu_arch (the -march of the CPU kernels, \"\" for the portable build).");
 
 #define RA3_DEF_ALL(DEF)                                                                                       \
-  DEF(vocab_softmax_fwd, RA3_PY_ARGS_VOCAB_SOFTMAX_FWD,                                                        \
+  DEF(vocab_softmax_fwd,                                                                                       \
       "Online log-sum-exp of one vocabulary chunk into the running per-row state (m, s, a[, mr, sr]); "        \
       "mode 0 also picks the target logit into tgt.");                                                         \
-  DEF(vocab_softmax_grad, RA3_PY_ARGS_VOCAB_SOFTMAX_GRAD,                                                      \
+  DEF(vocab_softmax_grad,                                                                                      \
       "Gradient w.r.t. one logits chunk into out (may alias z) for mode 0 logprob, 1 entropy, 2 exact KL.");   \
-  DEF(segment_sum_fwd, RA3_PY_ARGS_SEGMENT_SUM_FWD, "out[k] = sum of values[i] with ids[i] == k (ids < 0 skipped)."); \
-  DEF(segment_sum_bwd, RA3_PY_ARGS_SEGMENT_SUM_BWD, "grad_values[i] = grad_out[ids[i]], or 0 where ids[i] < 0."); \
-  DEF(kl_estimator_fwd, RA3_PY_ARGS_KL_ESTIMATOR_FWD, "Per-token KL estimate k1/k2/k3 of d = lp - ref.");      \
-  DEF(kl_estimator_bwd, RA3_PY_ARGS_KL_ESTIMATOR_BWD, "grad_lp = g * d(estimate)/d(lp).");                     \
-  DEF(group_adv_fwd, RA3_PY_ARGS_GROUP_ADV_FWD,                                                                \
+  DEF(segment_sum_fwd, "out[k] = sum of values[i] with ids[i] == k (ids < 0 skipped).");                       \
+  DEF(segment_sum_bwd, "grad_values[i] = grad_out[ids[i]], or 0 where ids[i] < 0.");                           \
+  DEF(kl_estimator_fwd, "Per-token KL estimate k1/k2/k3 of d = lp - ref.");                                    \
+  DEF(kl_estimator_bwd, "grad_lp = g * d(estimate)/d(lp).");                                                   \
+  DEF(group_adv_fwd,                                                                                           \
       "Group advantages (normalize 0 none, 1 mean, 2 std, 3 rloo, 4 batch-std) plus per-group mean and the "   \
       "unbiased std that scales them (the group's, or the whole batch's for 4).");                             \
-  DEF(group_adv_bwd, RA3_PY_ARGS_GROUP_ADV_BWD, "Exact gradient of group_adv_fwd's out w.r.t. the rewards.");  \
-  DEF(policy_loss_fwd, RA3_PY_ARGS_POLICY_LOSS_FWD,                                                            \
+  DEF(group_adv_bwd, "Exact gradient of group_adv_fwd's out w.r.t. the rewards.");                             \
+  DEF(policy_loss_fwd,                                                                                         \
       "PPO-clipped (or CISPO) loss with token or sequence (GSPO) ratios + KL penalty: loss_out[0], "           \
       "grad_lp[B, T], stats_out = (clip fraction, kl mean, ratio mean, mask sum).")
 
@@ -180,12 +183,12 @@ PYBIND11_MODULE(_C, m) {
   RA3_DEF_ALL(RA3_DEF_CUDA);
   // CUDA only: the fused linear ops' vocabulary loop with its cuBLAS GEMMs (no CPU twin: the CPU backend's GEMMs
   // go through torch, since this module links no BLAS).
-  RA3_DEF_CUDA(vocab_softmax_loop_fwd, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD,
+  RA3_DEF_CUDA(vocab_softmax_loop_fwd,
                "vocab_softmax_fwd over the whole vocabulary, each logits tile formed by cuBLAS (hidden @ weight.T).");
-  RA3_DEF_CUDA(vocab_softmax_loop_grad, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD,
+  RA3_DEF_CUDA(vocab_softmax_loop_grad,
                "vocab_softmax_grad over the whole vocabulary, with the cuBLAS GEMMs into grad_hidden, grad_weight and "
                "grad_bias.");
-  RA3_DEF_CUDA(vocab_softmax_loop_cross_entropy, RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY,
+  RA3_DEF_CUDA(vocab_softmax_loop_cross_entropy,
                "Token chunks of cross-entropy: log-sum-exp into (m, s, logs) and, while each tile is in memory, the "
                "gradient for upstream g into grad_hidden, grad_weight, grad_bias.");
   // Tests only, apart from the module's surface: the extension loop on host buffers with the CPU tile kernels and
@@ -194,14 +197,14 @@ PYBIND11_MODULE(_C, m) {
       "testing", "Tests only: the cuda extension loop run on host buffers (CPU tile kernels, RA3_CUBLAS_LIBRARY's "
                  "GEMM), for machines with no GPU. Not part of ra3's API.");
   testing.def("vocab_softmax_loop_fwd", &ra3::cuda::host_vocab_softmax_loop_fwd,
-              "cuda_vocab_softmax_loop_fwd's loop on host buffers.", RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_FWD,
-              py::call_guard<py::gil_scoped_release>());
+              "cuda_vocab_softmax_loop_fwd's loop on host buffers.",
+              py::arg("args"), py::call_guard<py::gil_scoped_release>());
   testing.def("vocab_softmax_loop_grad", &ra3::cuda::host_vocab_softmax_loop_grad,
-              "cuda_vocab_softmax_loop_grad's loop on host buffers.", RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_GRAD,
-              py::call_guard<py::gil_scoped_release>());
+              "cuda_vocab_softmax_loop_grad's loop on host buffers.",
+              py::arg("args"), py::call_guard<py::gil_scoped_release>());
   testing.def("vocab_softmax_loop_cross_entropy", &ra3::cuda::host_vocab_softmax_loop_cross_entropy,
               "cuda_vocab_softmax_loop_cross_entropy's loop on host buffers.",
-              RA3_PY_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, py::call_guard<py::gil_scoped_release>());
+              py::arg("args"), py::call_guard<py::gil_scoped_release>());
   m.def("cublas_info", []() {
     const ra3::cuda::CublasInfo info = ra3::cuda::cublas_info();
     py::dict d;

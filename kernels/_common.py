@@ -5,16 +5,19 @@ import torch
 import triton
 import triton.language as tl
 
-# The dtype tag of csrc/ra3_native.h: the ops convert every input to the compute dtype before any kernel runs.
-DTYPES = {0: torch.float32, 1: torch.float64}
+from ra3.ops.kernel_abi import DTYPE_CODE, FLOAT32, FLOAT64
+
+# The compute dtypes a kernel runs in (the ``dtype`` field's valid codes; the ops convert every input to the
+# compute dtype before any kernel runs). BFLOAT16 and FLOAT16 are GEMM operand codes only.
+_COMPUTE = {code: dt for dt, code in DTYPE_CODE.items() if code in (FLOAT32, FLOAT64)}
 
 
 def check_dtype(code: int, *tensors: torch.Tensor | None) -> torch.dtype:
     """The dtype tag as a torch dtype; every given tensor must have it (a mismatch is a caller bug)."""
     try:
-        dtype = DTYPES[code]
+        dtype = _COMPUTE[code]
     except KeyError:
-        raise ValueError(f"dtype must be 0 (float32) or 1 (float64), got {code}") from None
+        raise ValueError(f"dtype must be {FLOAT32} (float32) or {FLOAT64} (float64), got {code}") from None
     for t in tensors:
         if t is not None and t.dtype != dtype:
             raise TypeError(f"kernel argument of dtype {t.dtype} with dtype tag {code} ({dtype})")

@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from ra3.kernels._common import check_dtype, grid_1d, scalar_as, sqrt_rn
+from ra3.ops.kernel_abi import (NORM_BATCH_STD, NORM_MEAN, NORM_NONE, NORM_RLOO, NORM_STD, GroupAdvBwdArgs,
+                                GroupAdvFwdArgs)
 
 BLOCK = 1024
-NONE, MEAN, STD, RLOO, BATCH_STD = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -151,7 +152,7 @@ def _adv_grad_kernel(r_ptr, gid_ptr, g_ptr, n, num_groups, eps: tl.float64, mean
 
 
 def _check_normalize(normalize: int) -> None:
-    if normalize not in (NONE, MEAN, STD, RLOO, BATCH_STD):
+    if normalize not in (NORM_NONE, NORM_MEAN, NORM_STD, NORM_RLOO, NORM_BATCH_STD):
         raise ValueError(f"normalize must be 0 (none), 1 (mean), 2 (std), 3 (rloo) or 4 (batch-std), got {normalize}")
 
 
@@ -169,37 +170,37 @@ def _moments(rewards, gids, n, num_groups, mean, std_out, whole: bool) -> torch.
     return count
 
 
-def group_adv_fwd(dtype: int, rewards: torch.Tensor, gids: torch.Tensor, n: int, num_groups: int, normalize: int,
-                  eps: float, out: torch.Tensor, mean: torch.Tensor, std_out: torch.Tensor) -> None:
-    """rewards [n] float32|float64, gids [n] int64 -> out [n] advantages, mean [num_groups], std_out [num_groups]
+def group_adv_fwd(a: GroupAdvFwdArgs) -> None:
+    """rewards [n] float32|float64, gids [n] int64 -> out [n] advantages, mean [num_groups], std_dev [num_groups]
     (unbiased; 0 for groups of one and empty groups; with batch-std the batch's, in every group), all overwritten."""
-    _check_normalize(normalize)
-    check_dtype(dtype, rewards, out, mean, std_out)
-    dev = rewards.device
+    _check_normalize(a.normalize)
+    check_dtype(a.dtype, a.rewards, a.out, a.mean, a.std_dev)
+    n, num_groups = a.n, a.num_groups
     if num_groups > 0:
-        count = _moments(rewards, gids, n, num_groups, mean, std_out, whole=False)
-        if normalize == BATCH_STD:  # std_out: the batch's std, in every group
-            _moments(rewards, gids, n, num_groups, mean, std_out, whole=True)
+        count = _moments(a.rewards, a.gids, n, num_groups, a.mean, a.std_dev, whole=False)
+        if a.normalize == NORM_BATCH_STD:  # std_dev: the batch's std, in every group
+            _moments(a.rewards, a.gids, n, num_groups, a.mean, a.std_dev, whole=True)
     else:
-        count = torch.zeros(1, dtype=torch.int64, device=dev)  # never read: every id is out of range
+        count = torch.zeros(1, dtype=torch.int64, device=a.rewards.device)  # never read: every id is out of range
     if n > 0:
-        _adv_out_kernel[grid_1d(n, BLOCK)](rewards, gids, n, num_groups, eps, count, mean, std_out, out,
-                                           NORMALIZE=normalize, BLOCK=BLOCK)
+        _adv_out_kernel[grid_1d(n, BLOCK)](a.rewards, a.gids, n, num_groups, a.eps, count, a.mean, a.std_dev, a.out,
+                                           NORMALIZE=a.normalize, BLOCK=BLOCK)
 
 
-def group_adv_bwd(dtype: int, rewards: torch.Tensor, gids: torch.Tensor, n: int, num_groups: int, normalize: int,
-                  eps: float, mean: torch.Tensor, std_in: torch.Tensor, g: torch.Tensor, grad_r: torch.Tensor) -> None:
-    """grad_r [n] = (d out / d rewards)^T g, from the forward's mean and std; std's derivative at sd = 0 is dropped."""
-    _check_normalize(normalize)
-    dt = check_dtype(dtype, rewards, mean, std_in, g, grad_r)
+def group_adv_bwd(a: GroupAdvBwdArgs) -> None:
+    """rewards, g [n] float32|float64, gids [n] int64, mean, std_dev [num_groups] (the forward's) -> grad_r [n] =
+    (d out / d rewards)^T g; std's derivative at sd = 0 is dropped."""
+    _check_normalize(a.normalize)
+    dt = check_dtype(a.dtype, a.rewards, a.mean, a.std_dev, a.g, a.grad_r)
+    n, num_groups, dev = a.n, a.num_groups, a.rewards.device
     if n <= 0:
         return
     size = max(num_groups, 1) + 1  # the groups, then the batch (with batch-std)
-    count = torch.zeros(size, dtype=torch.int64, device=rewards.device)
-    gsum = torch.zeros(size, dtype=dt, device=rewards.device)
-    cov = torch.zeros(size, dtype=dt, device=rewards.device)
-    if normalize != NONE and num_groups > 0:
-        _grad_sums_kernel[grid_1d(n, BLOCK)](rewards, gids, g, n, num_groups, mean, count, gsum, cov,
-                                             BATCH=normalize == BATCH_STD, BLOCK=BLOCK)
-    _adv_grad_kernel[grid_1d(n, BLOCK)](rewards, gids, g, n, num_groups, eps, mean, std_in, count, gsum, cov, grad_r,
-                                        NORMALIZE=normalize, BLOCK=BLOCK)
+    count = torch.zeros(size, dtype=torch.int64, device=dev)
+    gsum = torch.zeros(size, dtype=dt, device=dev)
+    cov = torch.zeros(size, dtype=dt, device=dev)
+    if a.normalize != NORM_NONE and num_groups > 0:
+        _grad_sums_kernel[grid_1d(n, BLOCK)](a.rewards, a.gids, a.g, n, num_groups, a.mean, count, gsum, cov,
+                                             BATCH=a.normalize == NORM_BATCH_STD, BLOCK=BLOCK)
+    _adv_grad_kernel[grid_1d(n, BLOCK)](a.rewards, a.gids, a.g, n, num_groups, a.eps, a.mean, a.std_dev, count, gsum,
+                                        cov, a.grad_r, NORMALIZE=a.normalize, BLOCK=BLOCK)

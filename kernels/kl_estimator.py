@@ -1,12 +1,12 @@
 """Per-token KL estimators k1/k2/k3 between policy and reference log-probs, and their gradient w.r.t. the policy."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ra3.kernels._common import check_dtype, grid_1d
 from ra3.kernels.token_math import check_estimator, kl_dlogprob, kl_value
+from ra3.ops.kernel_abi import KlEstimatorBwdArgs, KlEstimatorFwdArgs
 
 BLOCK = 1024
 
@@ -28,19 +28,17 @@ def _kl_bwd_kernel(lp_ptr, ref_ptr, g_ptr, n, grad_ptr, ESTIMATOR: tl.constexpr,
     tl.store(grad_ptr + i, g * kl_dlogprob(d, ESTIMATOR), mask=valid)
 
 
-def kl_estimator_fwd(dtype: int, estimator: int, lp: torch.Tensor, ref: torch.Tensor, n: int,
-                     out: torch.Tensor) -> None:
+def kl_estimator_fwd(a: KlEstimatorFwdArgs) -> None:
     """lp, ref [n] float32|float64 -> out [n], the estimate of each token (estimator 1, 2, 3 = k1, k2, k3)."""
-    check_estimator(estimator)
-    check_dtype(dtype, lp, ref, out)
-    if n > 0:
-        _kl_fwd_kernel[grid_1d(n, BLOCK)](lp, ref, n, out, ESTIMATOR=estimator, BLOCK=BLOCK)
+    check_estimator(a.estimator)
+    check_dtype(a.dtype, a.lp, a.ref, a.out)
+    if a.n > 0:
+        _kl_fwd_kernel[grid_1d(a.n, BLOCK)](a.lp, a.ref, a.n, a.out, ESTIMATOR=a.estimator, BLOCK=BLOCK)
 
 
-def kl_estimator_bwd(dtype: int, estimator: int, lp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, n: int,
-                     grad_lp: torch.Tensor) -> None:
-    """grad_lp [n] = g * d(estimate)/d(lp); the caller negates it for ref."""
-    check_estimator(estimator)
-    check_dtype(dtype, lp, ref, g, grad_lp)
-    if n > 0:
-        _kl_bwd_kernel[grid_1d(n, BLOCK)](lp, ref, g, n, grad_lp, ESTIMATOR=estimator, BLOCK=BLOCK)
+def kl_estimator_bwd(a: KlEstimatorBwdArgs) -> None:
+    """lp, ref, g [n] float32|float64 -> grad_lp [n] = g * d(estimate)/d(lp); the caller negates it for ref."""
+    check_estimator(a.estimator)
+    check_dtype(a.dtype, a.lp, a.ref, a.g, a.grad_lp)
+    if a.n > 0:
+        _kl_bwd_kernel[grid_1d(a.n, BLOCK)](a.lp, a.ref, a.g, a.n, a.grad_lp, ESTIMATOR=a.estimator, BLOCK=BLOCK)

@@ -17,12 +17,11 @@ import triton.language as tl
 
 from ra3.kernels._common import block, check_dtype, grid_1d, scalar_as
 from ra3.kernels.token_math import check_estimator, kl_dlogprob, kl_value
+from ra3.ops.kernel_abi import (RATIO_SEQUENCE, RATIO_TOKEN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SURROGATE_CISPO,
+                                SURROGATE_PPO, TOKEN_MEAN, TOKEN_SUM_NORM, PolicyLossFwdArgs)
 
 # Per-row partial sums, the columns of the [B, 5] scratch.
 MASK, LOSS, CLIPPED, KL, RATIO, NUM_ROW_SUMS = 0, 1, 2, 3, 4, 5
-TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN, TOKEN_SUM_NORM = 0, 1, 2, 3
-RATIO_TOKEN, RATIO_SEQUENCE = 0, 1
-PPO, CISPO = 0, 1
 BLOCK = 1024
 
 
@@ -175,11 +174,7 @@ def _scale_rows_kernel(grad_ptr, scale_ptr, numel, T, BLOCK: tl.constexpr):
     tl.store(grad_ptr + i, g * sc, mask=valid)
 
 
-def policy_loss_fwd(dtype: int, B: int, T: int, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
-                    adv_per_token: int, mask: torch.Tensor, ref: torch.Tensor | None, kl_coef: float,
-                    kl_estimator: int, clip_low: float, clip_high: float, ratio_level: int, surrogate: int,
-                    aggregation: int, agg_norm: float, loss_out: torch.Tensor, grad_lp: torch.Tensor,
-                    stats_out: torch.Tensor) -> None:
+def policy_loss_fwd(a: PolicyLossFwdArgs) -> None:
     """lp, old, mask, ref: [B, T] contiguous float32|float64 (mask as 0/1 or weights); adv: [B] or [B, T].
 
     ratio_level 0 token, 1 sequence (GSPO); surrogate 0 PPO clip, 1 CISPO; aggregation 0 token-mean,
@@ -187,24 +182,26 @@ def policy_loss_fwd(dtype: int, B: int, T: int, lp: torch.Tensor, old: torch.Ten
     Writes loss_out [1], grad_lp [B, T] (d loss / d lp) and stats_out [4] = (clip fraction, KL mean, ratio mean,
     mask total), the means over masked tokens (0 when there are none). ref is read only when kl_coef != 0.
     """
-    check_estimator(kl_estimator)
-    if ratio_level not in (RATIO_TOKEN, RATIO_SEQUENCE):
-        raise ValueError(f"ratio_level must be 0 (token) or 1 (sequence), got {ratio_level}")
-    if surrogate not in (PPO, CISPO):
-        raise ValueError(f"surrogate must be 0 (ppo) or 1 (cispo), got {surrogate}")
-    if aggregation not in (TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN, TOKEN_SUM_NORM):
-        raise ValueError(f"aggregation must be 0, 1, 2 or 3, got {aggregation}")
-    dt = check_dtype(dtype, lp, old, adv, mask, ref, loss_out, grad_lp, stats_out)
-    use_kl = ref is not None and kl_coef != 0
-    rows = torch.empty(max(B, 1), NUM_ROW_SUMS, dtype=dt, device=lp.device)
-    scale = torch.empty(max(B, 1), dtype=dt, device=lp.device)
+    check_estimator(a.kl_estimator)
+    if a.ratio_level not in (RATIO_TOKEN, RATIO_SEQUENCE):
+        raise ValueError(f"ratio_level must be 0 (token) or 1 (sequence), got {a.ratio_level}")
+    if a.surrogate not in (SURROGATE_PPO, SURROGATE_CISPO):
+        raise ValueError(f"surrogate must be 0 (ppo) or 1 (cispo), got {a.surrogate}")
+    if a.aggregation not in (TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_MEAN, TOKEN_SUM_NORM):
+        raise ValueError(f"aggregation must be 0, 1, 2 or 3, got {a.aggregation}")
+    dt = check_dtype(a.dtype, a.lp, a.old, a.adv, a.mask, a.ref, a.loss_out, a.grad_lp, a.stats_out)
+    B, T, dev = a.B, a.T, a.lp.device
+    use_kl = a.ref is not None and a.kl_coef != 0
+    rows = torch.empty(max(B, 1), NUM_ROW_SUMS, dtype=dt, device=dev)
+    scale = torch.empty(max(B, 1), dtype=dt, device=dev)
     if B > 0 and T > 0:
-        _ppo_rows_kernel[(B,)](lp, old, adv, mask, ref if use_kl else None, T, kl_coef, clip_low, clip_high, grad_lp,
-                               rows, ADV_PER_TOKEN=bool(adv_per_token), USE_KL=use_kl, ESTIMATOR=kl_estimator,
-                               SEQ_LEVEL=ratio_level == RATIO_SEQUENCE, SURROGATE=surrogate, BLOCK_T=block(T, BLOCK))
+        _ppo_rows_kernel[(B,)](a.lp, a.old, a.adv, a.mask, a.ref if use_kl else None, T, a.kl_coef, a.clip_low,
+                               a.clip_high, a.grad_lp, rows, ADV_PER_TOKEN=bool(a.adv_per_token), USE_KL=use_kl,
+                               ESTIMATOR=a.kl_estimator, SEQ_LEVEL=a.ratio_level == RATIO_SEQUENCE,
+                               SURROGATE=a.surrogate, BLOCK_T=block(T, BLOCK))
     else:
         rows.zero_()
-    _ppo_reduce_kernel[(1,)](rows, B, torch.finfo(dt).tiny, float(agg_norm), scale, loss_out, stats_out,
-                             AGGREGATION=aggregation, BLOCK_B=block(B, BLOCK))
+    _ppo_reduce_kernel[(1,)](rows, B, torch.finfo(dt).tiny, float(a.agg_norm), scale, a.loss_out, a.stats_out,
+                             AGGREGATION=a.aggregation, BLOCK_B=block(B, BLOCK))
     if B * T > 0:
-        _scale_rows_kernel[grid_1d(B * T, BLOCK)](grad_lp, scale, B * T, T, BLOCK=BLOCK)
+        _scale_rows_kernel[grid_1d(B * T, BLOCK)](a.grad_lp, scale, B * T, T, BLOCK=BLOCK)

@@ -5,11 +5,11 @@ bits of a float sum, may vary run to run. The backward is a gather.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ra3.kernels._common import check_dtype, grid_1d
+from ra3.ops.kernel_abi import SegmentSumBwdArgs, SegmentSumFwdArgs
 
 BLOCK = 1024
 
@@ -34,20 +34,18 @@ def _segment_sum_bwd_kernel(grad_out_ptr, ids_ptr, n, grad_values_ptr, BLOCK: tl
     tl.store(grad_values_ptr + i, g, mask=valid)
 
 
-def segment_sum_fwd(dtype: int, values: torch.Tensor, ids: torch.Tensor, n: int, num_segments: int,
-                    out: torch.Tensor) -> None:
+def segment_sum_fwd(a: SegmentSumFwdArgs) -> None:
     """values [n] float32|float64, ids [n] int64 (negative: no segment) -> out [num_segments], overwritten."""
-    check_dtype(dtype, values, out)
-    if num_segments <= 0:
+    check_dtype(a.dtype, a.values, a.out)
+    if a.num_segments <= 0:
         return
-    out.zero_()  # empty segments are 0; the CUDA twin memsets too
-    if n > 0:
-        _segment_sum_fwd_kernel[grid_1d(n, BLOCK)](values, ids, n, num_segments, out, BLOCK=BLOCK)
+    a.out.zero_()  # empty segments are 0; the CUDA twin memsets too
+    if a.n > 0:
+        _segment_sum_fwd_kernel[grid_1d(a.n, BLOCK)](a.values, a.ids, a.n, a.num_segments, a.out, BLOCK=BLOCK)
 
 
-def segment_sum_bwd(dtype: int, grad_out: torch.Tensor, ids: torch.Tensor, n: int,
-                    grad_values: torch.Tensor) -> None:
+def segment_sum_bwd(a: SegmentSumBwdArgs) -> None:
     """grad_out [num_segments], ids [n] -> grad_values [n] = grad_out[ids] (0 where ids < 0)."""
-    check_dtype(dtype, grad_out, grad_values)
-    if n > 0:
-        _segment_sum_bwd_kernel[grid_1d(n, BLOCK)](grad_out, ids, n, grad_values, BLOCK=BLOCK)
+    check_dtype(a.dtype, a.grad_out, a.grad_values)
+    if a.n > 0:
+        _segment_sum_bwd_kernel[grid_1d(a.n, BLOCK)](a.grad_out, a.ids, a.n, a.grad_values, BLOCK=BLOCK)

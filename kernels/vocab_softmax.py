@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from ra3.kernels._common import block, check_dtype, scalar_as
+from ra3.ops.kernel_abi import ENTROPY, EXACT_KL, LOGPROB, VocabSoftmaxFwdArgs, VocabSoftmaxGradArgs
 
-LOGPROB, ENTROPY, EXACT_KL = 0, 1, 2
 # Columns per block: 2048 float32 (1024 float64) values are 16 per thread of 4 warps, in registers.
 MAX_BLOCK_V = {torch.float32: 2048, torch.float64: 1024}
 
@@ -148,40 +148,38 @@ def _check_mode(mode: int) -> None:
         raise ValueError(f"mode must be 0 (logprob), 1 (entropy) or 2 (exact KL), got {mode}")
 
 
-def vocab_softmax_fwd(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int, n: int,
-                      vc: int, v_offset: int, inv_temp: float, targets: torch.Tensor | None, m: torch.Tensor,
-                      s: torch.Tensor, a: torch.Tensor | None, mr: torch.Tensor | None, sr: torch.Tensor | None,
-                      tgt: torch.Tensor | None) -> None:
+def vocab_softmax_fwd(a: VocabSoftmaxFwdArgs) -> None:
     """Folds the chunk z [n, vc] (row stride ldz; r likewise, mode 2) into the per-row state [n] in place.
 
     z, r and the state are float32 or float64 (the tag ``dtype``); targets [n] int64 (-1: ignored) and tgt are
     read/written in mode 0 only, a in modes 1-2, mr and sr in mode 2. v_offset is the chunk's first column.
     """
+    mode = a.mode
     _check_mode(mode)
-    dt = check_dtype(dtype, z, r, m, s, a, mr, sr, tgt)
-    if n <= 0 or vc <= 0:
+    dt = check_dtype(a.dtype, a.z, a.r, a.m, a.s, a.a, a.mr, a.sr, a.tgt)
+    if a.n <= 0 or a.vc <= 0:
         return
-    _stats_fwd_kernel[(n,)](
-        z, ldz, r if mode == EXACT_KL else None, ldr, vc, v_offset, inv_temp,
-        targets if mode == LOGPROB else None, m, s, a if mode != LOGPROB else None,
-        mr if mode == EXACT_KL else None, sr if mode == EXACT_KL else None, tgt if mode == LOGPROB else None,
-        MODE=mode, HAS_TARGETS=targets is not None and tgt is not None, BLOCK_V=block(vc, MAX_BLOCK_V[dt]), enable_fp_fusion=False)
+    _stats_fwd_kernel[(a.n,)](
+        a.z, a.ldz, a.r if mode == EXACT_KL else None, a.ldr, a.vc, a.v_offset, a.inv_temp,
+        a.targets if mode == LOGPROB else None, a.m, a.s, a.a if mode != LOGPROB else None,
+        a.mr if mode == EXACT_KL else None, a.sr if mode == EXACT_KL else None, a.tgt if mode == LOGPROB else None,
+        MODE=mode, HAS_TARGETS=a.targets is not None and a.tgt is not None, BLOCK_V=block(a.vc, MAX_BLOCK_V[dt]),
+        enable_fp_fusion=False)
 
 
-def vocab_softmax_grad(mode: int, dtype: int, z: torch.Tensor, ldz: int, r: torch.Tensor | None, ldr: int,
-                 out: torch.Tensor, ldo: int, n: int, vc: int, v_offset: int, inv_temp: float,
-                 targets: torch.Tensor | None, m: torch.Tensor, logs: torch.Tensor, q: torch.Tensor | None,
-                 g: torch.Tensor) -> None:
+def vocab_softmax_grad(a: VocabSoftmaxGradArgs) -> None:
     """Writes out [n, vc] (row stride ldo; may be z itself) = d(sum_i g[i] * value_i)/dz for the chunk.
 
-    value is the target's log-prob (mode 0; rows with targets < 0 must have g = 0), the entropy (1) or the KL (2),
-    with m, logs [n] the forward's max and log-sum of x = z * inv_temp and q = a / s [n] (modes 1-2).
+    z, r, out and m, logs, q, g are float32 or float64 (the tag ``dtype``); value is the target's log-prob (mode 0;
+    targets [n] int64, rows with targets < 0 must have g = 0), the entropy (1) or the KL (2), with m, logs [n] the
+    forward's max and log-sum of x = z * inv_temp and q = a / s [n] (modes 1-2).
     """
+    mode = a.mode
     _check_mode(mode)
-    dt = check_dtype(dtype, z, r, out, m, logs, q, g)
-    if n <= 0 or vc <= 0:
+    dt = check_dtype(a.dtype, a.z, a.r, a.out, a.m, a.logs, a.q, a.g)
+    if a.n <= 0 or a.vc <= 0:
         return
-    _grad_kernel[(n,)](
-        z, ldz, r if mode == EXACT_KL else None, ldr, out, ldo, vc, v_offset, inv_temp,
-        targets if mode == LOGPROB else None, m, logs, q if mode != LOGPROB else None, g, MODE=mode,
-        HAS_TARGETS=targets is not None, BLOCK_V=block(vc, MAX_BLOCK_V[dt]), enable_fp_fusion=False)
+    _grad_kernel[(a.n,)](
+        a.z, a.ldz, a.r if mode == EXACT_KL else None, a.ldr, a.out, a.ldo, a.vc, a.v_offset, a.inv_temp,
+        a.targets if mode == LOGPROB else None, a.m, a.logs, a.q if mode != LOGPROB else None, a.g, MODE=mode,
+        HAS_TARGETS=a.targets is not None, BLOCK_V=block(a.vc, MAX_BLOCK_V[dt]), enable_fp_fusion=False)

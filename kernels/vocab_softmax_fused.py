@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ra3.kernels._common import block, check_dtype, scalar_as
-from ra3.kernels.vocab_softmax import ENTROPY, EXACT_KL, LOGPROB, _check_mode
+from ra3.kernels.vocab_softmax import _check_mode
+from ra3.ops.kernel_abi import ENTROPY, EXACT_KL, LOGPROB, VocabSoftmaxFusedFwdArgs, VocabSoftmaxFusedGradArgs
 
 # Tile shapes; float64 tiles are smaller (twice the registers per element).
 TILES = {torch.float32: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32), torch.float64: dict(BLOCK_N=32, BLOCK_V=32,
@@ -246,12 +247,7 @@ def _splits(n_tiles: int, vocab_tiles: int, device: torch.device) -> int:
     return max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, n_tiles)))
 
 
-def vocab_softmax_fused_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor | None, ref_hidden: torch.Tensor | None,
-                             ref_weight: torch.Tensor | None, ref_bias: torch.Tensor | None,
-                             targets: torch.Tensor | None, inv_temp: float, m: torch.Tensor, s: torch.Tensor,
-                             a: torch.Tensor | None, mr: torch.Tensor | None, sr: torch.Tensor | None,
-                             tgt: torch.Tensor | None, *, splits: int | None = None) -> None:
+def vocab_softmax_fused_fwd(args: VocabSoftmaxFusedFwdArgs, *, splits: int | None = None) -> None:
     """The softmax state of logits = hidden @ weight.T (+ bias) over the whole vocabulary, written to [n] tensors.
 
     hidden [n, H], weight [V, H], bias [V] | None: any float dtype; ref_* likewise (mode 2, H_ref may differ);
@@ -260,6 +256,9 @@ def vocab_softmax_fused_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight:
     The state tensors have the compute dtype (tag ``dtype``). ``splits``: vocabulary splits (default: enough
     programs for the GPU; 1 off it).
     """
+    (mode, dtype, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp, m, s, a, mr, sr,
+     tgt) = (args.mode, args.dtype, args.hidden, args.weight, args.bias, args.ref_hidden, args.ref_weight,
+             args.ref_bias, args.targets, args.inv_temp, args.m, args.s, args.a, args.mr, args.sr, args.tgt)
     _check_mode(mode)
     dt = check_dtype(dtype, m, s, a if mode != LOGPROB else None, mr, sr, tgt if mode == LOGPROB else None)
     needed = {LOGPROB: (tgt,), ENTROPY: (a,), EXACT_KL: (a, mr, sr, ref_hidden, ref_weight)}[mode]
@@ -302,18 +301,18 @@ def vocab_softmax_fused_fwd(mode: int, dtype: int, hidden: torch.Tensor, weight:
             mr if kl else None, sr if kl else None, tgt if mode == LOGPROB else None, MODE=mode, BLOCK=rows)
 
 
-def vocab_softmax_fused_grad(mode: int, dtype: int, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None,
-                        ref_bias: torch.Tensor | None, targets: torch.Tensor | None, inv_temp: float,
-                        m: torch.Tensor, logs: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor,
-                        grad_hidden: torch.Tensor, grad_weight: torch.Tensor | None,
-                        grad_bias: torch.Tensor | None) -> None:
+def vocab_softmax_fused_grad(args: VocabSoftmaxFusedGradArgs) -> None:
     """Gradients of sum_i g[i] * value_i (log-prob of the target, entropy or KL) w.r.t. hidden, weight and bias.
 
     Inputs as vocab_softmax_fused_fwd; m, logs [n] the forward's max and log-sum, q = a / s [n] (modes 1-2),
     g [n] the upstream gradient (0 on ignored rows in mode 0). Writes grad_hidden [n, H] and, when given,
     grad_weight [V, H] and grad_bias [V], contiguous in the compute dtype.
     """
+    (mode, dtype, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp, m, logs, q, g,
+     grad_hidden, grad_weight, grad_bias) = (args.mode, args.dtype, args.hidden, args.weight, args.bias,
+                                             args.ref_hidden, args.ref_weight, args.ref_bias, args.targets,
+                                             args.inv_temp, args.m, args.logs, args.q, args.g, args.grad_hidden,
+                                             args.grad_weight, args.grad_bias)
     _check_mode(mode)
     dt = check_dtype(dtype, m, logs, q, g, grad_hidden, grad_weight, grad_bias)
     n, hdim = hidden.shape
@@ -340,4 +339,4 @@ def vocab_softmax_fused_grad(mode: int, dtype: int, hidden: torch.Tensor, weight
         **tiles)
 
 
-__all__ = ["vocab_softmax_fused_fwd", "vocab_softmax_fused_grad", "LOGPROB", "ENTROPY", "EXACT_KL"]
+__all__ = ["vocab_softmax_fused_fwd", "vocab_softmax_fused_grad"]

@@ -62,54 +62,70 @@ def _signature(fn: JITFunction, args, kwargs):
 
 def _cases(quick: bool):
     """(description, thunk) pairs; each thunk calls launchers with small CPU tensors."""
-    from ra3.kernels import vocab_softmax_fused, group_advantages, kl_estimator, policy_loss, segment_sum, vocab_softmax
+    from ra3.kernels import group_advantages, kl_estimator, policy_loss, segment_sum, vocab_softmax, vocab_softmax_fused
+    from ra3.ops import kernel_abi as abi
 
     cases = []
     dtypes = (torch.float32,) if quick else (torch.float32, torch.float64)
     n, vc, V, H = 5, 40, 70, 24
+    modes = (abi.LOGPROB, abi.ENTROPY, abi.EXACT_KL)
     for dt in dtypes:
-        code = 0 if dt == torch.float32 else 1
+        code = abi.dtype_code(dt)
         z, r = torch.randn(n, vc, dtype=dt), torch.randn(n, vc, dtype=dt)
         tg = torch.tensor([0, 3, -1, 39, 2])
         st = [torch.zeros(n, dtype=dt) for _ in range(6)]
-        for mode in (0, 1, 2):
+        for mode in modes:
             cases.append((f"vocab_softmax_fwd mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
-                          vocab_softmax.vocab_softmax_fwd(mode, code, z, vc, r, vc, n, vc, 0, 0.7, tg, *st)))
+                          vocab_softmax.vocab_softmax_fwd(abi.VocabSoftmaxFwdArgs(
+                              mode=mode, dtype=code, z=z, ldz=vc, r=r, ldr=vc, n=n, vc=vc, v_offset=0, inv_temp=0.7,
+                              targets=tg, m=st[0], s=st[1], a=st[2], mr=st[3], sr=st[4], tgt=st[5]))))
             cases.append((f"vocab_softmax_grad mode {mode} {dt}", lambda mode=mode, z=z, r=r, st=st, code=code:
-                          vocab_softmax.vocab_softmax_grad(mode, code, z, vc, r, vc, z.clone(), vc, n, vc, 0, 0.7, tg,
-                                                     st[0], st[1], st[2], st[3])))
+                          vocab_softmax.vocab_softmax_grad(abi.VocabSoftmaxGradArgs(
+                              mode=mode, dtype=code, z=z, ldz=vc, r=r, ldr=vc, out=z.clone(), ldo=vc, n=n, vc=vc,
+                              v_offset=0, inv_temp=0.7, targets=tg, m=st[0], logs=st[1], q=st[2], g=st[3]))))
         for src in ((torch.float32, torch.bfloat16) if dt == torch.float32 else (torch.float64,)):
             if quick and src != torch.bfloat16 and dt == torch.float32:
                 continue
             h, w, b = torch.randn(n, H).to(src), torch.randn(V, H).to(src), torch.randn(V).to(src)
             lse, aux, g = torch.zeros(n, dtype=dt), torch.zeros(n, dtype=dt), torch.ones(n, dtype=dt)
-            for mode in (0, 1, 2):
-                ref = (h, w, b) if mode == 2 else (None, None, None)
+            for mode in modes:
+                ref = (h, w, b) if mode == abi.EXACT_KL else (None, None, None)
                 cases.append((f"vocab_softmax_fused_fwd mode {mode} {src}->{dt} (2 splits)",
                               lambda mode=mode, h=h, w=w, b=b, ref=ref, code=code, dt=dt:
-                              vocab_softmax_fused.vocab_softmax_fused_fwd(mode, code, h, w, b, *ref, tg, 0.7,
-                                                                    *[torch.zeros(n, dtype=dt) for _ in range(6)],
-                                                                    splits=2)))
+                              vocab_softmax_fused.vocab_softmax_fused_fwd(abi.VocabSoftmaxFusedFwdArgs(
+                                  mode=mode, dtype=code, hidden=h, weight=w, bias=b, ref_hidden=ref[0],
+                                  ref_weight=ref[1], ref_bias=ref[2], targets=tg, inv_temp=0.7,
+                                  **{k: torch.zeros(n, dtype=dt) for k in ("m", "s", "a", "mr", "sr", "tgt")}),
+                                  splits=2)))
                 cases.append((f"vocab_softmax_fused_grad mode {mode} {src}->{dt}",
                               lambda mode=mode, h=h, w=w, b=b, ref=ref, code=code, dt=dt, lse=lse, aux=aux, g=g:
-                              vocab_softmax_fused.vocab_softmax_fused_grad(mode, code, h, w, b, *ref, tg, 0.7, lse, lse, aux, g,
-                                                               torch.zeros(n, H, dtype=dt),
-                                                               torch.zeros(V, H, dtype=dt),
-                                                               torch.zeros(V, dtype=dt))))
+                              vocab_softmax_fused.vocab_softmax_fused_grad(abi.VocabSoftmaxFusedGradArgs(
+                                  mode=mode, dtype=code, hidden=h, weight=w, bias=b, ref_hidden=ref[0],
+                                  ref_weight=ref[1], ref_bias=ref[2], targets=tg, inv_temp=0.7, m=lse, logs=lse,
+                                  q=aux, g=g, grad_hidden=torch.zeros(n, H, dtype=dt),
+                                  grad_weight=torch.zeros(V, H, dtype=dt), grad_bias=torch.zeros(V, dtype=dt)))))
         x, ids = torch.randn(50, dtype=dt), torch.randint(-1, 4, (50,))
         cases.append((f"segment_sum {dt}", lambda x=x, ids=ids, code=code: (
-            segment_sum.segment_sum_fwd(code, x, ids, 50, 4, torch.empty(4, dtype=x.dtype)),
-            segment_sum.segment_sum_bwd(code, torch.ones(4, dtype=x.dtype), ids, 50, torch.empty_like(x)))))
+            segment_sum.segment_sum_fwd(abi.SegmentSumFwdArgs(dtype=code, values=x, ids=ids, n=50, num_segments=4,
+                                                              out=torch.empty(4, dtype=x.dtype))),
+            segment_sum.segment_sum_bwd(abi.SegmentSumBwdArgs(dtype=code, grad_out=torch.ones(4, dtype=x.dtype),
+                                                              ids=ids, n=50, grad_values=torch.empty_like(x))))))
         for est in (1, 2, 3):
             cases.append((f"kl_estimator k{est} {dt}", lambda est=est, x=x, code=code: (
-                kl_estimator.kl_estimator_fwd(code, est, x, x, 50, torch.empty_like(x)),
-                kl_estimator.kl_estimator_bwd(code, est, x, x, x, 50, torch.empty_like(x)))))
+                kl_estimator.kl_estimator_fwd(abi.KlEstimatorFwdArgs(dtype=code, estimator=est, lp=x, ref=x, n=50,
+                                                                     out=torch.empty_like(x))),
+                kl_estimator.kl_estimator_bwd(abi.KlEstimatorBwdArgs(dtype=code, estimator=est, lp=x, ref=x, g=x,
+                                                                     n=50, grad_lp=torch.empty_like(x))))))
         gid = torch.randint(0, 4, (50,))
         for norm in (0, 1, 2, 3, 4):
             def adv(norm=norm, x=x, code=code, dt=dt):
                 out, mean, std = torch.empty_like(x), torch.empty(4, dtype=dt), torch.empty(4, dtype=dt)
-                group_advantages.group_adv_fwd(code, x, gid, 50, 4, norm, 1e-6, out, mean, std)
-                group_advantages.group_adv_bwd(code, x, gid, 50, 4, norm, 1e-6, mean, std, x, torch.empty_like(x))
+                group_advantages.group_adv_fwd(abi.GroupAdvFwdArgs(
+                    dtype=code, rewards=x, gids=gid, n=50, num_groups=4, normalize=norm, eps=1e-6, out=out, mean=mean,
+                    std_dev=std))
+                group_advantages.group_adv_bwd(abi.GroupAdvBwdArgs(
+                    dtype=code, rewards=x, gids=gid, n=50, num_groups=4, normalize=norm, eps=1e-6, mean=mean,
+                    std_dev=std, g=x, grad_r=torch.empty_like(x)))
             cases.append((f"group_advantages normalize {norm} {dt}", adv))
         B, T = 3, 9
         lp = torch.randn(B, T, dtype=dt)
@@ -121,17 +137,19 @@ def _cases(quick: bool):
                               f"kl {ref is not None} {dt}",
                               lambda agg=agg, level=level, surrogate=surrogate, per_token=per_token, ref=ref, lp=lp,
                               code=code, dt=dt:
-                              policy_loss.policy_loss_fwd(code, B, T, lp, lp, lp if per_token else lp[:, 0].clone(),
-                                                          int(per_token), torch.ones(B, T, dtype=dt), ref, 0.1, 3,
-                                                          0.2, 0.28, level, surrogate, agg, 5.0,
-                                                          torch.empty(1, dtype=dt), torch.empty(B, T, dtype=dt),
-                                                          torch.empty(4, dtype=dt))))
+                              policy_loss.policy_loss_fwd(abi.PolicyLossFwdArgs(
+                                  dtype=code, B=B, T=T, lp=lp, old=lp, adv=lp if per_token else lp[:, 0].clone(),
+                                  adv_per_token=int(per_token), mask=torch.ones(B, T, dtype=dt), ref=ref, kl_coef=0.1,
+                                  kl_estimator=3, clip_low=0.2, clip_high=0.28, ratio_level=level,
+                                  surrogate=surrogate, aggregation=agg, agg_norm=5.0, loss_out=torch.empty(1, dtype=dt),
+                                  grad_lp=torch.empty(B, T, dtype=dt), stats_out=torch.empty(4, dtype=dt)))))
             cases.append((f"policy_loss B=1 T=1 agg {agg} {dt}", lambda agg=agg, code=code, dt=dt:
-                          policy_loss.policy_loss_fwd(code, 1, 1, torch.zeros(1, 1, dtype=dt),
-                                                      torch.zeros(1, 1, dtype=dt), torch.zeros(1, dtype=dt), 0,
-                                                      torch.ones(1, 1, dtype=dt), None, 0.0, 1, 0.2, 0.2, 0, 0, agg,
-                                                      1.0, torch.empty(1, dtype=dt), torch.empty(1, 1, dtype=dt),
-                                                      torch.empty(4, dtype=dt))))
+                          policy_loss.policy_loss_fwd(abi.PolicyLossFwdArgs(
+                              dtype=code, B=1, T=1, lp=torch.zeros(1, 1, dtype=dt), old=torch.zeros(1, 1, dtype=dt),
+                              adv=torch.zeros(1, dtype=dt), adv_per_token=0, mask=torch.ones(1, 1, dtype=dt), ref=None,
+                              kl_coef=0.0, kl_estimator=1, clip_low=0.2, clip_high=0.2, ratio_level=0, surrogate=0,
+                              aggregation=agg, agg_norm=1.0, loss_out=torch.empty(1, dtype=dt),
+                              grad_lp=torch.empty(1, 1, dtype=dt), stats_out=torch.empty(4, dtype=dt)))))
     return cases
 
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 EXTENSION_LOOP = ("vocab_softmax_loop_fwd", "vocab_softmax_loop_grad", "vocab_softmax_loop_cross_entropy")
-# Buffers the loop must overwrite before it reads them (scratch tiles, gradients), by argument position: they
-# are NaN-poisoned first, so a GEMM that accumulated into one (beta = 1 where 0 belongs) shows as NaN.
-OVERWRITTEN = {"vocab_softmax_loop_fwd": (18, 19), "vocab_softmax_loop_grad": (22, 23, 24, 26, 27, 28),
-               "vocab_softmax_loop_cross_entropy": (13, 14, 19, 20, 21, 22)}
+# Buffers the loop must overwrite before it reads them (scratch tiles, gradients), by field: they are NaN-poisoned
+# first, so a GEMM that accumulated into one (beta = 1 where 0 belongs) shows as NaN.
+OVERWRITTEN = {"vocab_softmax_loop_fwd": ("tile", "ref_tile"),
+               "vocab_softmax_loop_grad": ("tile", "ref_tile", "tile16", "grad_hidden", "grad_weight", "grad_bias"),
+               "vocab_softmax_loop_cross_entropy": ("tile", "tile16", "logs", "grad_hidden", "grad_weight",
+                                                    "grad_bias")}
 
 
 @pytest.fixture(autouse=True)
@@ -22,24 +24,25 @@ def host_cuda(monkeypatch, request):
     import conftest
 
     from ra3 import _native
-    from ra3.ops import _kernels, registry
+    from ra3.ops import kernel_abi, registry
 
     mod = _native.load()
     calls: list[str] = []
     usable = registry._usable
 
-    def call(backend, name, device, *args):
+    def call(backend, device, args):
+        name = kernel_abi.kernel_name(type(args))
         assert backend == "cuda", f"{name} asked for backend {backend!r}"
         calls.append(name)
-        for i in OVERWRITTEN.get(name, ()):
-            if isinstance(args[i], torch.Tensor):
-                args[i].fill_(float("nan"))
-        raw = [_kernels.ptr(a) if a is None or isinstance(a, torch.Tensor) else a for a in args]
-        return (getattr(mod.testing, name) if name in EXTENSION_LOOP else getattr(mod, "cpu_" + name))(*raw)
+        for field in OVERWRITTEN.get(name, ()):
+            if isinstance(getattr(args, field), torch.Tensor):
+                getattr(args, field).fill_(float("nan"))
+        kernel = getattr(mod.testing, name) if name in EXTENSION_LOOP else getattr(mod, "cpu_" + name)
+        return kernel(kernel_abi.addresses(args))
 
     monkeypatch.setattr(conftest, "backend_device", lambda backend: "cpu")
     monkeypatch.setattr(registry, "_usable", lambda backend, dev: backend == "cuda" or usable(backend, dev))
-    monkeypatch.setattr(_kernels, "call", call)
+    monkeypatch.setattr(kernel_abi, "call", call)
     yield calls
     # A linear-op test that never reached the extension's loop would pass without testing it.
     name = request.node.name

@@ -1,8 +1,8 @@
 """Helpers of the kernel-level tests (test_kernel_contracts.py, test_native_build.py, test_triton_kernels.py):
 dtype tags and tolerances, NaN-poisoned buffers, the float64 softmax reference and the chunked vocabulary walk.
 
-Kernels are called through ``ra3.ops._kernels.call(backend, name, device, *args)``, the one call site ra3/ops
-uses: the C ABI's arguments with a tensor (or None) wherever the ABI takes a pointer.
+Kernels are called through ``ra3.ops.kernel_abi.call(backend, device, args)``, the one call site ra3/ops uses,
+with the kernel's argument NamedTuple: a tensor (or None) wherever the C struct holds a pointer.
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import math
 
 import torch
 
-from ra3.ops import _kernels
+from ra3.ops import kernel_abi as abi
+from ra3.ops.kernel_abi import DTYPE_CODE as CODE  # noqa: F401  (re-exported for the kernel tests)
+from ra3.ops.kernel_abi import ENTROPY, EXACT_KL, LOGPROB  # noqa: F401  (ENTROPY re-exported)
 
 DTYPES = (torch.float32, torch.float64)
-CODE = {torch.float32: 0, torch.float64: 1}
 # Tolerances against a float64 reference; float32 kernels accumulate in float32 (as the contract says).
 TOL = {torch.float32: dict(rtol=3e-5, atol=3e-5), torch.float64: dict(rtol=1e-11, atol=1e-12)}
-LOGPROB, ENTROPY, EXACT_KL = 0, 1, 2
 
 
 def close(actual, expected, dtype, **kw):
@@ -66,9 +66,10 @@ def run_stats(backend, mode, dtype, z, r, targets, inv_temp, vc):
         v1 = min(v, v0 + vc)
         zc = z[:, v0:v1]
         rc = r[:, v0:v1] if r is not None else None
-        _kernels.call(backend, "vocab_softmax_fwd", dev, mode, CODE[dtype], zc, zc.stride(0), rc,
-                      0 if rc is None else rc.stride(0), n, v1 - v0, v0, inv_temp, targets, m, s,
-                      a if mode != LOGPROB else None, mr, sr, tgt)
+        abi.call(backend, dev, abi.VocabSoftmaxFwdArgs(
+            mode=mode, dtype=CODE[dtype], z=zc, ldz=zc.stride(0), r=rc, ldr=0 if rc is None else rc.stride(0), n=n,
+            vc=v1 - v0, v_offset=v0, inv_temp=inv_temp, targets=targets, m=m, s=s, a=a if mode != LOGPROB else None,
+            mr=mr, sr=sr, tgt=tgt))
     return m, s, a, mr, sr, tgt
 
 

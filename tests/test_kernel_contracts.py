@@ -1,7 +1,7 @@
 """The kernel contract, once for every native backend: each kernel of ra3._C (``cpu``, and ``cuda`` where a GPU
 is present) and of ra3.kernels (``triton``; without a GPU in Triton's interpreter, tests/conftest.py sets
 TRITON_INTERPRET=1) against a float64 PyTorch formula, called exactly as ra3/ops calls it:
-``ra3.ops._kernels.call(backend, name, device, *args)`` with the C ABI's arguments, tensors for pointers.
+``ra3.ops.kernel_abi.call(backend, device, args)`` with the kernel's argument NamedTuple, tensors for pointers.
 
 Each test poisons the output buffers with NaN first and checks that every element was written, and uses
 strided chunks of wider matrices (pointer offsets, ``ld*`` != chunk width), in-place chunks, targets outside the
@@ -22,18 +22,18 @@ from conftest import require_backend
 from kernel_helpers import (CODE, DTYPES, ENTROPY, EXACT_KL, LOGPROB, close, grad_state, nan_like, run_stats,
                             shrink_triton_blocks, softmax_reference)
 
-from ra3.ops import _kernels
+from ra3.ops import kernel_abi as abi
 
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 
 
 class Kernels(NamedTuple):
-    """The kernels of one backend on its device: ``kern(name, *args)`` is ``_kernels.call``."""
+    """The kernels of one backend on its device: ``kern(args)`` is ``kernel_abi.call``."""
     backend: str
     device: torch.device
 
-    def __call__(self, name, *args):
-        return _kernels.call(self.backend, name, self.device, *args)
+    def __call__(self, args):
+        return abi.call(self.backend, self.device, args)
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
@@ -110,8 +110,8 @@ def test_vocab_softmax_fwd_all_neg_inf_chunk_leaves_state(kern, dtype, width):
     m = torch.tensor([-math.inf, 1.5], dtype=dtype, device=dev)
     s = torch.tensor([0.0, 2.0], dtype=dtype, device=dev)
     a = torch.tensor([0.0, 3.0], dtype=dtype, device=dev)
-    kern("vocab_softmax_fwd", ENTROPY, CODE[dtype], z, width, None, 0, 2, width, 0, 1.0, None, m, s, a, None, None,
-         None)
+    kern(abi.VocabSoftmaxFwdArgs(mode=ENTROPY, dtype=CODE[dtype], z=z, ldz=width, r=None, ldr=0, n=2, vc=width,
+                                 v_offset=0, inv_temp=1.0, targets=None, m=m, s=s, a=a, mr=None, sr=None, tgt=None))
     assert m[0] == -math.inf and s.tolist() == [0.0, 2.0] and a.tolist() == [0.0, 3.0] and m[1] == 1.5
 
 
@@ -123,8 +123,9 @@ def _run_grad(kern, mode, dtype, z_wide, r_wide, targets, inv_temp, vc, m, logs,
         z = (out_wide if in_place else z_wide)[:, PAD + v0:PAD + v1]
         out = z if in_place else out_wide[:, 2 * PAD + v0:2 * PAD + v1]
         r = r_wide[:, PAD + v0:PAD + v1] if r_wide is not None else None
-        kern("vocab_softmax_grad", mode, CODE[dtype], z, z.stride(0), r, 0 if r is None else r.stride(0), out,
-             out.stride(0), N, v1 - v0, v0, inv_temp, targets, m, logs, q, g)
+        kern(abi.VocabSoftmaxGradArgs(mode=mode, dtype=CODE[dtype], z=z, ldz=z.stride(0), r=r,
+                                      ldr=0 if r is None else r.stride(0), out=out, ldo=out.stride(0), n=N, vc=v1 - v0,
+                                      v_offset=v0, inv_temp=inv_temp, targets=targets, m=m, logs=logs, q=q, g=g))
     off = PAD if in_place else 2 * PAD
     return out_wide, out_wide[:, off:off + V]
 
@@ -188,7 +189,8 @@ def test_segment_sum_fwd_bwd(kern, dtype):
     ids = torch.randint(-2, num_segments, (n,), generator=gen)  # -2, -1: no segment
     ids[ids == 4] = 7  # segment 4 stays empty
     out = nan_like((num_segments,), dtype, kern.device)
-    kern("segment_sum_fwd", CODE[dtype], values.to(kern.device), ids.to(kern.device), n, num_segments, out)
+    kern(abi.SegmentSumFwdArgs(dtype=CODE[dtype], values=values.to(kern.device), ids=ids.to(kern.device), n=n,
+                               num_segments=num_segments, out=out))
     keep = ids >= 0
     expected = torch.zeros(num_segments, dtype=torch.float64).index_add_(0, ids[keep], values[keep].double())
     close(out, expected, dtype)
@@ -196,7 +198,8 @@ def test_segment_sum_fwd_bwd(kern, dtype):
 
     grad_out = torch.randn(num_segments, generator=gen, dtype=torch.float64).to(dtype)
     grad = nan_like((n,), dtype, kern.device)
-    kern("segment_sum_bwd", CODE[dtype], grad_out.to(kern.device), ids.to(kern.device), n, grad)
+    kern(abi.SegmentSumBwdArgs(dtype=CODE[dtype], grad_out=grad_out.to(kern.device), ids=ids.to(kern.device), n=n,
+                               grad_values=grad))
     expected = torch.where(keep, grad_out[ids.clamp_min(0)], torch.zeros((), dtype=dtype))
     assert torch.equal(grad.cpu(), expected)
 
@@ -206,7 +209,7 @@ def test_segment_sum_fwd_no_tokens_zero_fills(kern, dtype):
     out = nan_like((3,), dtype, kern.device)
     empty_v = torch.zeros(0, dtype=dtype, device=kern.device)
     empty_i = torch.zeros(0, dtype=torch.int64, device=kern.device)
-    kern("segment_sum_fwd", CODE[dtype], empty_v, empty_i, 0, 3, out)
+    kern(abi.SegmentSumFwdArgs(dtype=CODE[dtype], values=empty_v, ids=empty_i, n=0, num_segments=3, out=out))
     assert out.eq(0).all()
 
 
@@ -229,7 +232,8 @@ def test_kl_estimator_fwd_bwd(kern, dtype, estimator):
     lp64 = lp.double().requires_grad_()
     k = KL_FORMULAS[estimator](lp64 - ref.double())
     out = nan_like((n,), dtype, kern.device)
-    kern("kl_estimator_fwd", CODE[dtype], estimator, lp.to(kern.device), ref.to(kern.device), n, out)
+    kern(abi.KlEstimatorFwdArgs(dtype=CODE[dtype], estimator=estimator, lp=lp.to(kern.device), ref=ref.to(kern.device),
+                                n=n, out=out))
     close(out, k.detach(), dtype, atol=1e-6 if dtype == torch.float32 else 1e-14)
     assert out[:4].eq(0).all()
     if estimator == 3:  # relative accuracy where d is tiny: expm1(-d) + d, not exp(-d) - 1 + d (off by ~10%)
@@ -239,14 +243,15 @@ def test_kl_estimator_fwd_bwd(kern, dtype, estimator):
     g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     (expected,) = torch.autograd.grad((k * g.double()).sum(), lp64)
     grad = nan_like((n,), dtype, kern.device)
-    kern("kl_estimator_bwd", CODE[dtype], estimator, lp.to(kern.device), ref.to(kern.device), g.to(kern.device), n,
-         grad)
+    kern(abi.KlEstimatorBwdArgs(dtype=CODE[dtype], estimator=estimator, lp=lp.to(kern.device), ref=ref.to(kern.device),
+                                g=g.to(kern.device), n=n, grad_lp=grad))
     close(grad, expected, dtype)
 
 
 # --- group advantages ------------------------------------------------------------------------------------------
 
-NORMALIZE = {"none": 0, "mean": 1, "std": 2, "rloo": 3, "batch-std": 4}
+NORMALIZE = {"none": abi.NORM_NONE, "mean": abi.NORM_MEAN, "std": abi.NORM_STD, "rloo": abi.NORM_RLOO,
+             "batch-std": abi.NORM_BATCH_STD}
 
 
 def _group_adv_reference(r, gids, num_groups, normalize, eps):
@@ -297,8 +302,8 @@ def test_group_adv_fwd_bwd(kern, dtype, normalize):
     dev = kern.device
     out, mean, std = nan_like((n,), dtype, dev), nan_like((num_groups,), dtype, dev), \
         nan_like((num_groups,), dtype, dev)
-    kern("group_adv_fwd", CODE[dtype], rewards.to(dev), gids.to(dev), n, num_groups, NORMALIZE[normalize], eps, out,
-         mean, std)
+    kern(abi.GroupAdvFwdArgs(dtype=CODE[dtype], rewards=rewards.to(dev), gids=gids.to(dev), n=n, num_groups=num_groups,
+                             normalize=NORMALIZE[normalize], eps=eps, out=out, mean=mean, std_dev=std))
     close(out, expected.detach(), dtype)
     close(mean, means, dtype)
     close(std, stds, dtype)
@@ -307,8 +312,8 @@ def test_group_adv_fwd_bwd(kern, dtype, normalize):
     g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
     (expected_grad,) = torch.autograd.grad((expected * g.double()).sum(), r64)
     grad = nan_like((n,), dtype, dev)
-    kern("group_adv_bwd", CODE[dtype], rewards.to(dev), gids.to(dev), n, num_groups, NORMALIZE[normalize], eps, mean,
-         std, g.to(dev), grad)
+    kern(abi.GroupAdvBwdArgs(dtype=CODE[dtype], rewards=rewards.to(dev), gids=gids.to(dev), n=n, num_groups=num_groups,
+                             normalize=NORMALIZE[normalize], eps=eps, mean=mean, std_dev=std, g=g.to(dev), grad_r=grad))
     # The sd = 0 group's autograd gradient goes through std's undefined derivative at 0; the contract drops it.
     ok = (gids != 3) | (normalize == "batch-std")
     close(grad.cpu()[ok], expected_grad[ok], dtype, rtol=1e-4 if dtype == torch.float32 else 1e-10)
@@ -320,7 +325,8 @@ def test_group_adv_fwd_bwd(kern, dtype, normalize):
 
 # --- policy loss -----------------------------------------------------------------------------------------------
 
-AGGREGATION = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "token-sum-norm": 3}
+AGGREGATION = {"token-mean": abi.TOKEN_MEAN, "seq-mean-token-sum": abi.SEQ_MEAN_TOKEN_SUM,
+               "seq-mean-token-mean": abi.SEQ_MEAN_TOKEN_MEAN, "token-sum-norm": abi.TOKEN_SUM_NORM}
 AGG_NORM = 17.5  # the divisor of aggregation 3
 # (ratio_level, surrogate) -> (clip_low, clip_high): token / sequence (GSPO) ratios, PPO / CISPO surrogates; the
 # sequence ratios get a narrow range, so some sequences are clipped.
@@ -404,8 +410,12 @@ def test_policy_loss_fwd(kern, dtype, aggregation, adv_per_token, with_ref, esti
     grad_expected = torch.where(mask > 0, grad_expected, torch.zeros_like(grad_expected))
     dev = kern.device
     loss_out, grad, stats_out = nan_like((1,), dtype, dev), nan_like((B, T), dtype, dev), nan_like((4,), dtype, dev)
-    kern("policy_loss_fwd", CODE[dtype], B, T, lp_d, old_d, adv_d, int(adv_per_token), mask_d, ref_d, kl_coef,
-         estimator, clip_low, clip_high, *variant, AGGREGATION[aggregation], AGG_NORM, loss_out, grad, stats_out)
+    ratio_level, surrogate = variant
+    kern(abi.PolicyLossFwdArgs(dtype=CODE[dtype], B=B, T=T, lp=lp_d, old=old_d, adv=adv_d,
+                               adv_per_token=int(adv_per_token), mask=mask_d, ref=ref_d, kl_coef=kl_coef,
+                               kl_estimator=estimator, clip_low=clip_low, clip_high=clip_high, ratio_level=ratio_level,
+                               surrogate=surrogate, aggregation=AGGREGATION[aggregation], agg_norm=AGG_NORM,
+                               loss_out=loss_out, grad_lp=grad, stats_out=stats_out))
     assert 0 < float(stats.detach()[0]) < 1  # both branches of the clip run
     close(loss_out[0], loss.detach(), dtype)
     close(grad, grad_expected, dtype)
@@ -421,8 +431,11 @@ def test_policy_loss_fwd_all_masked_is_zero(kern, dtype, aggregation):
     lp, old = torch.zeros(B, T, dtype=dtype, device=dev), torch.zeros(B, T, dtype=dtype, device=dev)
     adv, mask = torch.ones(B, dtype=dtype, device=dev), torch.zeros(B, T, dtype=dtype, device=dev)
     loss, grad, stats = nan_like((1,), dtype, dev), nan_like((B, T), dtype, dev), nan_like((4,), dtype, dev)
-    kern("policy_loss_fwd", CODE[dtype], B, T, lp, old, adv, 0, mask, None, 0.0, 3, 0.2, 0.2, 1, 0,
-         AGGREGATION[aggregation], 0.0, loss, grad, stats)
+    kern(abi.PolicyLossFwdArgs(dtype=CODE[dtype], B=B, T=T, lp=lp, old=old, adv=adv, adv_per_token=0, mask=mask,
+                               ref=None, kl_coef=0.0, kl_estimator=3, clip_low=0.2, clip_high=0.2,
+                               ratio_level=abi.RATIO_SEQUENCE, surrogate=abi.SURROGATE_PPO,
+                               aggregation=AGGREGATION[aggregation], agg_norm=0.0, loss_out=loss, grad_lp=grad,
+                               stats_out=stats))
     assert loss[0] == 0 and grad.eq(0).all() and stats.eq(0).all()
 
 
@@ -431,19 +444,25 @@ def test_policy_loss_fwd_all_masked_is_zero(kern, dtype, aggregation):
 
 def test_bad_tags_raise_value_error_naming_the_argument(kern):
     x = torch.zeros(4, device=kern.device)
+    kl = abi.KlEstimatorFwdArgs(dtype=abi.FLOAT32, estimator=1, lp=x, ref=x, n=4, out=x)
     with pytest.raises(ValueError, match="dtype"):
-        kern("kl_estimator_fwd", 2, 1, x, x, 4, x)
+        kern(kl._replace(dtype=abi.BFLOAT16))  # not a compute dtype
     with pytest.raises(ValueError, match="estimator"):
-        kern("kl_estimator_fwd", 0, 4, x, x, 4, x)
+        kern(kl._replace(estimator=4))
     with pytest.raises(ValueError, match="mode"):
-        kern("vocab_softmax_fwd", 3, 0, x[None], 4, None, 0, 1, 4, 0, 1.0, None, x[:1], x[:1], x[:1], None, None,
-             None)
+        kern(abi.VocabSoftmaxFwdArgs(mode=3, dtype=abi.FLOAT32, z=x[None], ldz=4, r=None, ldr=0, n=1, vc=4, v_offset=0,
+                                     inv_temp=1.0, targets=None, m=x[:1], s=x[:1], a=x[:1], mr=None, sr=None, tgt=None))
     with pytest.raises(ValueError, match="normalize"):
-        kern("group_adv_fwd", 0, x, None, 0, 1, 7, 1e-6, x, x, x)
+        kern(abi.GroupAdvFwdArgs(dtype=abi.FLOAT32, rewards=x, gids=None, n=0, num_groups=1, normalize=7, eps=1e-6,
+                                 out=x, mean=x, std_dev=x))
     with pytest.raises(ValueError, match="normalize"):
-        kern("group_adv_bwd", 0, x, None, 0, 1, 5, 1e-6, x, x, x, x)
-    for ratio_level, surrogate, aggregation, name in ((0, 0, 5, "aggregation"), (2, 0, 0, "ratio_level"),
-                                                      (0, 2, 0, "surrogate")):
-        with pytest.raises(ValueError, match=name):
-            kern("policy_loss_fwd", 0, 1, 4, x[None], x[None], x[:1], 0, x[None], None, 0.0, 3, 0.2, 0.2, ratio_level,
-                 surrogate, aggregation, 1.0, x[:1], x[None], x)
+        kern(abi.GroupAdvBwdArgs(dtype=abi.FLOAT32, rewards=x, gids=None, n=0, num_groups=1, normalize=5, eps=1e-6,
+                                 mean=x, std_dev=x, g=x, grad_r=x))
+    policy = abi.PolicyLossFwdArgs(dtype=abi.FLOAT32, B=1, T=4, lp=x[None], old=x[None], adv=x[:1], adv_per_token=0,
+                                   mask=x[None], ref=None, kl_coef=0.0, kl_estimator=3, clip_low=0.2, clip_high=0.2,
+                                   ratio_level=abi.RATIO_TOKEN, surrogate=abi.SURROGATE_PPO,
+                                   aggregation=abi.TOKEN_MEAN, agg_norm=1.0, loss_out=x[:1], grad_lp=x[None],
+                                   stats_out=x)
+    for bad in (dict(aggregation=5), dict(ratio_level=2), dict(surrogate=2)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            kern(policy._replace(**bad))

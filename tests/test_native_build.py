@@ -1,5 +1,6 @@
 """Kernel-level tests of the native extension ``ra3._C`` that only it has: build info, the exported entry
-points, the accuracy of the vectorised exp of the CPU kernels, and the raw-address boundary.
+points, the argument structs against their Python mirror (ra3/ops/kernel_abi.py), the accuracy of the vectorised
+exp of the CPU kernels, and the raw-address boundary.
 
 The contract of every ``cpu_*`` (and ``cuda_*``) kernel, shared with the Triton backend, is tested once for all
 backends in test_kernel_contracts.py; the op-level tests (autograd, dispatch, CUDA) live in test_ops_*.py.
@@ -18,7 +19,7 @@ if importlib.util.find_spec("ra3._C") is None:
 from kernel_helpers import CODE, DTYPES, LOGPROB, nan_like  # noqa: E402
 
 from ra3 import _C  # noqa: E402  (a built module that fails to import must fail the tests, not skip them)
-from ra3.ops._kernels import ptr  # noqa: E402
+from ra3.ops import kernel_abi as abi  # noqa: E402
 
 
 # --- build ----------------------------------------------------------------------------------------------------
@@ -47,6 +48,51 @@ def test_every_contract_function_is_exported():
         assert callable(getattr(_C, "cpu_" + name)), name
 
 
+# --- the argument structs and constants: one C++ struct, one Python NamedTuple ---------------------------------
+
+
+def _python_mirrors() -> dict:
+    return {name: cls for name, cls in vars(abi).items()
+            if isinstance(cls, type) and issubclass(cls, tuple) and name.endswith("Args")}
+
+
+def test_every_struct_has_its_python_mirror_field_for_field():
+    structs = _C.abi()["structs"]
+    mirrors = _python_mirrors()
+    native = {name: cls for name, cls in mirrors.items() if not name.startswith("VocabSoftmaxFused")}  # Triton's own
+    assert sorted(structs) == sorted(native), "C++ structs and Python NamedTuples differ in name"
+    for name, fields in structs.items():
+        assert list(mirrors[name]._fields) == fields, name
+
+
+def test_every_kernel_entry_point_is_named_by_its_struct():
+    prefixes = ("cpu_", "cuda_") if _C.has_cuda() else ("cpu_",)
+    exported = {n.split("_", 1)[1] for n in dir(_C) if n.startswith(prefixes) and n != "cuda_usable"}
+    kernels = {abi.kernel_name(cls) for name, cls in _python_mirrors().items()
+               if name != "LinearSourceArgs" and not name.startswith("VocabSoftmaxFused")}
+    expected = kernels if _C.has_cuda() else {k for k in kernels if "_loop" not in k}
+    assert exported == expected
+
+
+def test_constants_match_the_c_enums():
+    constants = _C.abi()["constants"]
+    assert constants == {name: getattr(abi, name) for name in constants}
+    assert abi.DTYPE_CODE == {torch.float32: constants["FLOAT32"], torch.float64: constants["FLOAT64"],
+                              torch.bfloat16: constants["BFLOAT16"], torch.float16: constants["FLOAT16"]}
+
+
+def test_a_field_missing_or_of_the_wrong_type_is_a_type_error_naming_it():
+    x, ids, out = torch.arange(3.0), torch.tensor([0, 1, 1]), torch.empty(2)
+    good = abi.SegmentSumFwdArgs(dtype=abi.FLOAT32, values=x, ids=ids, n=3, num_segments=2, out=out)
+    _C.cpu_segment_sum_fwd(abi.addresses(good))
+    assert out.tolist() == [0.0, 3.0]
+    missing = abi.SegmentSumBwdArgs(dtype=abi.FLOAT32, grad_out=out, ids=ids, n=3, grad_values=x)
+    with pytest.raises(TypeError, match="SegmentSumFwdArgs has no field 'values'"):
+        _C.cpu_segment_sum_fwd(abi.addresses(missing))
+    with pytest.raises(TypeError, match=r"SegmentSumFwdArgs\.n: cannot take 'three'"):
+        _C.cpu_segment_sum_fwd(abi.addresses(good._replace(n="three")))
+
+
 # --- the vectorised exp of the CPU kernels -------------------------------------------------------------------
 
 
@@ -61,8 +107,9 @@ def test_vectorised_exp_is_accurate_over_its_range(dtype):
     out = nan_like((1, n), dtype)
     one = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
     zero, g, t = one(0.0), one(-1.0), torch.tensor([-1], dtype=torch.int64)
-    _C.cpu_vocab_softmax_grad(LOGPROB, CODE[dtype], ptr(z), n, 0, 0, ptr(out), n, 1, n, 0, 1.0, ptr(t), ptr(zero),
-                              ptr(zero), 0, ptr(g))
+    _C.cpu_vocab_softmax_grad(abi.addresses(abi.VocabSoftmaxGradArgs(
+        mode=LOGPROB, dtype=CODE[dtype], z=z, ldz=n, r=None, ldr=0, out=out, ldo=n, n=1, vc=n, v_offset=0,
+        inv_temp=1.0, targets=t, m=zero, logs=zero, q=None, g=g)))
     expected = z.double().exp()
     tiny = torch.finfo(dtype).tiny
     normal = (expected >= tiny * 2) & expected.isfinite()
@@ -81,4 +128,5 @@ def test_vectorised_exp_is_accurate_over_its_range(dtype):
 def test_negative_address_is_not_a_pointer():
     x = torch.zeros(4)
     with pytest.raises(TypeError):
-        _C.cpu_segment_sum_fwd(0, -1, 0, 0, 1, ptr(x))  # a negative address is not a pointer
+        _C.cpu_segment_sum_fwd(abi.SegmentSumFwdArgs(dtype=abi.FLOAT32, values=-1, ids=0, n=0, num_segments=1,
+                                                     out=x.data_ptr()))  # a negative address is not a pointer

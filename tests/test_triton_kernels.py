@@ -27,6 +27,7 @@ from conftest import assert_close, require_backend  # noqa: E402
 from kernel_helpers import (CODE, DTYPES, ENTROPY, EXACT_KL, LOGPROB, close, grad_state, nan_like,  # noqa: E402
                             run_stats, shrink_triton_blocks)
 from ra3 import ops  # noqa: E402
+from ra3.ops import kernel_abi as abi  # noqa: E402
 from ra3.ops import reference  # noqa: E402
 
 
@@ -41,8 +42,8 @@ def test_launchers_reject_unknown_names_and_mismatched_dtypes(device):
     x = torch.zeros(4, device=device)
     with pytest.raises(ValueError, match="launcher"):
         launcher("no_such_kernel")
-    with pytest.raises(TypeError, match="dtype"):
-        launcher("kl_estimator_fwd")(1, 3, x, x, 4, x)  # float32 tensors under the float64 tag
+    with pytest.raises(TypeError, match="dtype"):  # float32 tensors under the float64 tag
+        launcher("kl_estimator_fwd")(abi.KlEstimatorFwdArgs(dtype=abi.FLOAT64, estimator=3, lp=x, ref=x, n=4, out=x))
 
 
 # --- the fused-matmul design -------------------------------------------------------------------------------------
@@ -142,10 +143,11 @@ def test_fused_stats_write_every_output_and_match_chunks(small_tiles, device, mo
     inv_temp = 1 / 0.8
     kl = mode == EXACT_KL
     state = [nan_like((n,), dtype, device) for _ in range(6)]
-    vocab_softmax_fused.vocab_softmax_fused_fwd(mode, CODE[dtype], hidden, weight, bias, ref_hidden if kl else None,
-                                          ref_weight if kl else None, None, targets, inv_temp, *state,
-                                          splits=splits)
     m, s, a, mr, sr, tgt = state
+    vocab_softmax_fused.vocab_softmax_fused_fwd(abi.VocabSoftmaxFusedFwdArgs(
+        mode=mode, dtype=CODE[dtype], hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden if kl else None,
+        ref_weight=ref_weight if kl else None, ref_bias=None, targets=targets, inv_temp=inv_temp, m=m, s=s, a=a, mr=mr,
+        sr=sr, tgt=tgt), splits=splits)
     want = dict(zip("m s a mr sr tgt".split(), run_stats("triton", mode, dtype, hidden @ weight.T + bias,
                                                           ref_hidden @ ref_weight.T if kl else None, targets,
                                                           inv_temp, vc=10)))
@@ -178,9 +180,10 @@ def test_fused_grad_writes_every_output(small_tiles, device, mode):
     f = lambda t: None if t is None else t.float().to(device)  # noqa: E731
     gh, gw, gb = nan_like((n, h), torch.float32, device), nan_like((v, h), torch.float32, device), \
         nan_like((v,), torch.float32, device)
-    vocab_softmax_fused.vocab_softmax_fused_grad(mode, 0, hidden, weight, bias, ref_hidden if kl else None,
-                                     ref_weight if kl else None, None, targets, 1.0, f(m), f(logs), f(q),
-                                     torch.ones(n, device=device), gh, gw, gb)
+    vocab_softmax_fused.vocab_softmax_fused_grad(abi.VocabSoftmaxFusedGradArgs(
+        mode=mode, dtype=abi.FLOAT32, hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden if kl else None,
+        ref_weight=ref_weight if kl else None, ref_bias=None, targets=targets, inv_temp=1.0, m=f(m), logs=f(logs),
+        q=f(q), g=torch.ones(n, device=device), grad_hidden=gh, grad_weight=gw, grad_bias=gb))
     assert gh.isfinite().all() and gw.isfinite().all() and gb.isfinite().all()
     h64, w64, b64 = (t.double().cpu().requires_grad_() for t in (hidden, weight, bias))
     z64 = h64 @ w64.T + b64

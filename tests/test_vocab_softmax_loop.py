@@ -24,6 +24,7 @@ import torch
 from conftest import assert_close
 
 from ra3 import _native, ops
+from ra3.ops import kernel_abi as abi
 from ra3.ops import reference
 
 TESTS = Path(__file__).parent
@@ -270,11 +271,12 @@ def test_the_loop_refuses_bad_arguments_before_any_gemm(change, message):
     """The extension's own checks (the Python side never sends such calls): a ValueError naming the argument,
     raised before cuBLAS is needed, so they hold on any machine."""
     buf = torch.zeros(64)
-    args = dict(mode=0, dtype=0, n=2, vocab=5, chunk=3, in_dtype=2, hidden=buf, weight=buf, bias=None, h=4,
-                ref_in_dtype=0, ref_hidden=None, ref_weight=None, ref_bias=None, ref_h=0, inv_temp=1.0,
-                targets=None, m=buf, logs=buf, q=None, g=buf, ones=None, tile=buf, ref_tile=None, tile16=buf,
-                bf16_terms=2, grad_hidden=buf, grad_weight=None, grad_bias=None)
-    args.update({k: buf if v == "buffer" else v for k, v in change.items()})
-    raw = {k: (v.data_ptr() if isinstance(v, torch.Tensor) else 0 if v is None else v) for k, v in args.items()}
+    change = {k: buf if v == "buffer" else v for k, v in change.items()}
+    source = abi.LinearSourceArgs(in_dtype=abi.BFLOAT16, hidden=buf, weight=buf, bias=None, h=4)
+    source = source._replace(**{k: change.pop(k) for k in source._fields if k in change})
+    args = abi.VocabSoftmaxLoopGradArgs(
+        mode=abi.LOGPROB, dtype=abi.FLOAT32, n=2, vocab=5, chunk=3, source=source, ref_source=abi.NO_SOURCE,
+        inv_temp=1.0, targets=None, m=buf, logs=buf, q=None, g=buf, ones=None, tile=buf, ref_tile=None, tile16=buf,
+        bf16_terms=2, grad_hidden=buf, grad_weight=None, grad_bias=None)._replace(**change)
     with pytest.raises(ValueError, match=re.escape(message)):
-        _native.load().testing.vocab_softmax_loop_grad(**raw)
+        _native.load().testing.vocab_softmax_loop_grad(abi.addresses(args))

@@ -127,21 +127,21 @@ void adv_bwd(const T* r, const int64_t* gid, int64_t n, int64_t num_groups, int 
 
 }  // namespace
 
-void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD) {
-  check_normalize(normalize);
-  dispatch_dtype(dtype, [&](auto tag) {
+void group_adv_fwd(const GroupAdvFwdArgs& a) {
+  check_normalize(a.normalize);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    adv_fwd<T>(cptr<T>(rewards), cptr<int64_t>(gids), n, num_groups, normalize, T(eps), mptr<T>(out),
-               mptr<T>(mean), mptr<T>(std_out));
+    adv_fwd<T>(cptr<T>(a.rewards), cptr<int64_t>(a.gids), a.n, a.num_groups, a.normalize, T(a.eps), mptr<T>(a.out),
+               mptr<T>(a.mean), mptr<T>(a.std_dev));
   });
 }
 
-void group_adv_bwd(RA3_KERNEL_ARGS_GROUP_ADV_BWD) {
-  check_normalize(normalize);
-  dispatch_dtype(dtype, [&](auto tag) {
+void group_adv_bwd(const GroupAdvBwdArgs& a) {
+  check_normalize(a.normalize);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    adv_bwd<T>(cptr<T>(rewards), cptr<int64_t>(gids), n, num_groups, normalize, T(eps), cptr<T>(mean),
-               cptr<T>(std_in), cptr<T>(g), mptr<T>(grad_r));
+    adv_bwd<T>(cptr<T>(a.rewards), cptr<int64_t>(a.gids), a.n, a.num_groups, a.normalize, T(a.eps), cptr<T>(a.mean),
+               cptr<T>(a.std_dev), cptr<T>(a.g), mptr<T>(a.grad_r));
   });
 }
 

@@ -73,26 +73,26 @@ void for_blocks(int64_t n, F&& body) {
 }
 }  // namespace
 
-void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD) {
-  check_estimator(estimator);
-  dispatch_dtype(dtype, [&](auto tag) {
+void kl_estimator_fwd(const KlEstimatorFwdArgs& a) {
+  check_estimator(a.estimator);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* p = cptr<T>(lp);
-    const T* q = cptr<T>(ref);
-    T* o = mptr<T>(out);
-    for_blocks(n, [&](int64_t i0, int64_t i1) { fwd_span(estimator, p + i0, q + i0, o + i0, i1 - i0); });
+    const T* p = cptr<T>(a.lp);
+    const T* q = cptr<T>(a.ref);
+    T* o = mptr<T>(a.out);
+    for_blocks(a.n, [&](int64_t i0, int64_t i1) { fwd_span(a.estimator, p + i0, q + i0, o + i0, i1 - i0); });
   });
 }
 
-void kl_estimator_bwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD) {
-  check_estimator(estimator);
-  dispatch_dtype(dtype, [&](auto tag) {
+void kl_estimator_bwd(const KlEstimatorBwdArgs& a) {
+  check_estimator(a.estimator);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* p = cptr<T>(lp);
-    const T* q = cptr<T>(ref);
-    const T* go = cptr<T>(g);
-    T* o = mptr<T>(grad_lp);
-    for_blocks(n, [&](int64_t i0, int64_t i1) { bwd_span(estimator, p + i0, q + i0, go + i0, o + i0, i1 - i0); });
+    const T* p = cptr<T>(a.lp);
+    const T* q = cptr<T>(a.ref);
+    const T* go = cptr<T>(a.g);
+    T* o = mptr<T>(a.grad_lp);
+    for_blocks(a.n, [&](int64_t i0, int64_t i1) { bwd_span(a.estimator, p + i0, q + i0, go + i0, o + i0, i1 - i0); });
   });
 }
 

@@ -190,17 +190,17 @@ void ppo(int64_t B, int64_t T, const Tp* lp, const Tp* old, const Tp* adv, bool 
 
 }  // namespace
 
-void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD) {
-  check_estimator(kl_estimator);
-  check_ratio_level(ratio_level);
-  check_surrogate(surrogate);
-  check_aggregation(aggregation);
-  dispatch_dtype(dtype, [&](auto tag) {
+void policy_loss_fwd(const PolicyLossFwdArgs& a) {
+  check_estimator(a.kl_estimator);
+  check_ratio_level(a.ratio_level);
+  check_surrogate(a.surrogate);
+  check_aggregation(a.aggregation);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using Tp = decltype(tag);
-    ppo<Tp>(B, T, cptr<Tp>(lp), cptr<Tp>(old), cptr<Tp>(adv), adv_per_token != 0, cptr<Tp>(mask), cptr<Tp>(ref),
-            Tp(kl_coef), kl_estimator, Tp(clip_low), Tp(clip_high), ratio_level == kRatioSequence,
-            surrogate == kSurrogateCispo, aggregation, Tp(agg_norm), mptr<Tp>(loss_out), mptr<Tp>(grad_lp),
-            mptr<Tp>(stats_out));
+    ppo<Tp>(a.B, a.T, cptr<Tp>(a.lp), cptr<Tp>(a.old), cptr<Tp>(a.adv), a.adv_per_token != 0, cptr<Tp>(a.mask),
+            cptr<Tp>(a.ref), Tp(a.kl_coef), a.kl_estimator, Tp(a.clip_low), Tp(a.clip_high),
+            a.ratio_level == kRatioSequence, a.surrogate == kSurrogateCispo, a.aggregation, Tp(a.agg_norm),
+            mptr<Tp>(a.loss_out), mptr<Tp>(a.grad_lp), mptr<Tp>(a.stats_out));
   });
 }
 

@@ -181,23 +181,24 @@ void grad(int mode, const T* z, int64_t ldz, const T* r, int64_t ldr, T* out, in
 
 }  // namespace
 
-void vocab_softmax_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD) {
-  check_softmax_mode(mode);
-  if (n <= 0 || vc <= 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+void vocab_softmax_fwd(const VocabSoftmaxFwdArgs& a) {
+  check_softmax_mode(a.mode);
+  if (a.n <= 0 || a.vc <= 0) return;
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    stats_fwd<T>(mode, cptr<T>(z), ldz, cptr<T>(r), ldr, n, vc, v_offset, T(inv_temp), cptr<int64_t>(targets),
-                 mptr<T>(m), mptr<T>(s), mptr<T>(a), mptr<T>(mr), mptr<T>(sr), mptr<T>(tgt));
+    stats_fwd<T>(a.mode, cptr<T>(a.z), a.ldz, cptr<T>(a.r), a.ldr, a.n, a.vc, a.v_offset, T(a.inv_temp),
+                 cptr<int64_t>(a.targets), mptr<T>(a.m), mptr<T>(a.s), mptr<T>(a.a), mptr<T>(a.mr), mptr<T>(a.sr),
+                 mptr<T>(a.tgt));
   });
 }
 
-void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD) {
-  check_softmax_mode(mode);
-  if (n <= 0 || vc <= 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+void vocab_softmax_grad(const VocabSoftmaxGradArgs& a) {
+  check_softmax_mode(a.mode);
+  if (a.n <= 0 || a.vc <= 0) return;
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    grad<T>(mode, cptr<T>(z), ldz, cptr<T>(r), ldr, mptr<T>(out), ldo, n, vc, v_offset, T(inv_temp),
-            cptr<int64_t>(targets), cptr<T>(m), cptr<T>(logs), cptr<T>(q), cptr<T>(g));
+    grad<T>(a.mode, cptr<T>(a.z), a.ldz, cptr<T>(a.r), a.ldr, mptr<T>(a.out), a.ldo, a.n, a.vc, a.v_offset,
+            T(a.inv_temp), cptr<int64_t>(a.targets), cptr<T>(a.m), cptr<T>(a.logs), cptr<T>(a.q), cptr<T>(a.g));
   });
 }
 

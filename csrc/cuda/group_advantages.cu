@@ -150,15 +150,15 @@ __global__ void adv_grad_kernel(const T* __restrict__ r, const int64_t* __restri
 
 }  // namespace
 
-void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD, uintptr_t stream) {
-  check_normalize(normalize);
-  check_dtype(dtype);
-  if (num_groups <= 0 && n <= 0) return;
-  DeviceGuard guard(out != 0 ? out : mean);
+void group_adv_fwd(const GroupAdvFwdArgs& a, uintptr_t stream) {
+  check_normalize(a.normalize);
+  check_dtype(a.dtype);
+  if (a.num_groups <= 0 && a.n <= 0) return;
+  DeviceGuard guard(a.out != 0 ? a.out : a.mean);
   const cudaStream_t st = as_stream(stream);
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t G = num_groups > 0 ? num_groups : 0;
+    const int64_t G = a.num_groups > 0 ? a.num_groups : 0;
     // Per-group count and squared deviations, then the batch's count, reward sum and squared deviations.
     const size_t slots = size_t(G) + 1;
     Scratch scratch(slots * sizeof(Count) + (slots + 1) * sizeof(T), st);
@@ -167,53 +167,53 @@ void group_adv_fwd(RA3_KERNEL_ARGS_GROUP_ADV_FWD, uintptr_t stream) {
     Count* batch_count = count + G;
     T *batch_ss = ss + G, *batch_sum = ss + G + 1;
     check(cudaMemsetAsync(count, 0, slots * sizeof(Count) + (slots + 1) * sizeof(T), st), "cudaMemsetAsync");
-    if (G > 0) check(cudaMemsetAsync(reinterpret_cast<void*>(mean), 0, G * sizeof(T), st), "cudaMemsetAsync");
-    const unsigned gn = grid_for(n, kThreads), gg = grid_for(G, kThreads);
-    const T* r = cptr<T>(rewards);
-    const int64_t* gid = cptr<int64_t>(gids);
-    if (n > 0 && G > 0) {
-      count_sum_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, n, G, false, count, mptr<T>(mean));
-      sq_dev_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, n, G, false, count, mptr<T>(mean), ss);
+    if (G > 0) check(cudaMemsetAsync(reinterpret_cast<void*>(a.mean), 0, G * sizeof(T), st), "cudaMemsetAsync");
+    const unsigned gn = grid_for(a.n, kThreads), gg = grid_for(G, kThreads);
+    const T* r = cptr<T>(a.rewards);
+    const int64_t* gid = cptr<int64_t>(a.gids);
+    if (a.n > 0 && G > 0) {
+      count_sum_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, a.n, G, false, count, mptr<T>(a.mean));
+      sq_dev_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, a.n, G, false, count, mptr<T>(a.mean), ss);
     }
-    if (G > 0) finish_moments_kernel<T><<<gg, kThreads, 0, st>>>(G, count, mptr<T>(mean), ss, mptr<T>(std_out));
-    if (normalize == kNormBatchStd && G > 0) {
-      if (n > 0) {
-        count_sum_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, n, G, true, batch_count, batch_sum);
-        sq_dev_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, n, G, true, batch_count, batch_sum, batch_ss);
+    if (G > 0) finish_moments_kernel<T><<<gg, kThreads, 0, st>>>(G, count, mptr<T>(a.mean), ss, mptr<T>(a.std_dev));
+    if (a.normalize == kNormBatchStd && G > 0) {
+      if (a.n > 0) {
+        count_sum_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, a.n, G, true, batch_count, batch_sum);
+        sq_dev_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, a.n, G, true, batch_count, batch_sum, batch_ss);
       }
-      batch_std_kernel<T><<<gg, kThreads, 0, st>>>(G, batch_count, batch_ss, mptr<T>(std_out));
+      batch_std_kernel<T><<<gg, kThreads, 0, st>>>(G, batch_count, batch_ss, mptr<T>(a.std_dev));
     }
-    if (n > 0)
-      adv_out_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, n, G, normalize, T(eps), count, cptr<T>(mean),
-                                                 cptr<T>(std_out), mptr<T>(out));
+    if (a.n > 0)
+      adv_out_kernel<T><<<gn, kThreads, 0, st>>>(r, gid, a.n, G, a.normalize, T(a.eps), count, cptr<T>(a.mean),
+                                                 cptr<T>(a.std_dev), mptr<T>(a.out));
     check_launch("group_adv_fwd");
   });
 }
 
-void group_adv_bwd(RA3_KERNEL_ARGS_GROUP_ADV_BWD, uintptr_t stream) {
-  check_normalize(normalize);
-  check_dtype(dtype);
-  if (n <= 0) return;
-  DeviceGuard guard(grad_r);
+void group_adv_bwd(const GroupAdvBwdArgs& a, uintptr_t stream) {
+  check_normalize(a.normalize);
+  check_dtype(a.dtype);
+  if (a.n <= 0) return;
+  DeviceGuard guard(a.grad_r);
   const cudaStream_t st = as_stream(stream);
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t G = num_groups > 0 ? num_groups : 0;
+    const int64_t G = a.num_groups > 0 ? a.num_groups : 0;
     const int64_t slots = G + 1;  // the groups, then the batch (BatchSlot)
-    const BatchSlot batch{normalize == kNormBatchStd, G};
+    const BatchSlot batch{a.normalize == kNormBatchStd, G};
     Scratch scratch(slots * (sizeof(Count) + 2 * sizeof(T)), st);
     Count* count = scratch.as<Count>();
     T* gsum = reinterpret_cast<T*>(count + slots);
     T* cov = gsum + slots;
-    const unsigned gn = grid_for(n, kThreads);
+    const unsigned gn = grid_for(a.n, kThreads);
     if (G > 0) {
       check(cudaMemsetAsync(count, 0, slots * (sizeof(Count) + 2 * sizeof(T)), st), "cudaMemsetAsync");
-      grad_moments_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(rewards), cptr<int64_t>(gids), n, G, cptr<T>(mean),
-                                                      cptr<T>(g), batch, count, gsum, cov);
+      grad_moments_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(a.rewards), cptr<int64_t>(a.gids), a.n, G,
+                                                      cptr<T>(a.mean), cptr<T>(a.g), batch, count, gsum, cov);
     }
-    adv_grad_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(rewards), cptr<int64_t>(gids), n, G, normalize, T(eps),
-                                                cptr<T>(mean), cptr<T>(std_in), cptr<T>(g), batch, count, gsum, cov,
-                                                mptr<T>(grad_r));
+    adv_grad_kernel<T><<<gn, kThreads, 0, st>>>(cptr<T>(a.rewards), cptr<int64_t>(a.gids), a.n, G, a.normalize,
+                                                T(a.eps), cptr<T>(a.mean), cptr<T>(a.std_dev), cptr<T>(a.g), batch,
+                                                count, gsum, cov, mptr<T>(a.grad_r));
     check_launch("group_adv_bwd");
   });
 }

@@ -24,28 +24,28 @@ __global__ void kl_bwd_kernel(int estimator, const T* __restrict__ lp, const T* 
 
 }  // namespace
 
-void kl_estimator_fwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_FWD, uintptr_t stream) {
-  check_estimator(estimator);
-  check_dtype(dtype);
-  if (n <= 0) return;
-  DeviceGuard guard(out);
-  dispatch_dtype(dtype, [&](auto tag) {
+void kl_estimator_fwd(const KlEstimatorFwdArgs& a, uintptr_t stream) {
+  check_estimator(a.estimator);
+  check_dtype(a.dtype);
+  if (a.n <= 0) return;
+  DeviceGuard guard(a.out);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    kl_fwd_kernel<T><<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(estimator, cptr<T>(lp),
-                                                                                 cptr<T>(ref), n, mptr<T>(out));
+    kl_fwd_kernel<T><<<grid_for(a.n, kThreads), kThreads, 0, as_stream(stream)>>>(
+        a.estimator, cptr<T>(a.lp), cptr<T>(a.ref), a.n, mptr<T>(a.out));
   });
   check_launch("kl_estimator_fwd");
 }
 
-void kl_estimator_bwd(RA3_KERNEL_ARGS_KL_ESTIMATOR_BWD, uintptr_t stream) {
-  check_estimator(estimator);
-  check_dtype(dtype);
-  if (n <= 0) return;
-  DeviceGuard guard(grad_lp);
-  dispatch_dtype(dtype, [&](auto tag) {
+void kl_estimator_bwd(const KlEstimatorBwdArgs& a, uintptr_t stream) {
+  check_estimator(a.estimator);
+  check_dtype(a.dtype);
+  if (a.n <= 0) return;
+  DeviceGuard guard(a.grad_lp);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    kl_bwd_kernel<T><<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(
-        estimator, cptr<T>(lp), cptr<T>(ref), cptr<T>(g), n, mptr<T>(grad_lp));
+    kl_bwd_kernel<T><<<grid_for(a.n, kThreads), kThreads, 0, as_stream(stream)>>>(
+        a.estimator, cptr<T>(a.lp), cptr<T>(a.ref), cptr<T>(a.g), a.n, mptr<T>(a.grad_lp));
   });
   check_launch("kl_estimator_bwd");
 }

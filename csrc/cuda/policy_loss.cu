@@ -129,29 +129,29 @@ __global__ void __launch_bounds__(kRowThreads) scale_kernel(int64_t T_, const T*
 
 }  // namespace
 
-void policy_loss_fwd(RA3_KERNEL_ARGS_POLICY_LOSS_FWD, uintptr_t stream) {
-  check_estimator(kl_estimator);
-  check_ratio_level(ratio_level);
-  check_surrogate(surrogate);
-  check_aggregation(aggregation);
-  check_dtype(dtype);
-  if (B > int64_t(0x7fffffff)) throw std::invalid_argument("B must be < 2^31, got " + std::to_string(B));
-  DeviceGuard guard(loss_out);
+void policy_loss_fwd(const PolicyLossFwdArgs& a, uintptr_t stream) {
+  check_estimator(a.kl_estimator);
+  check_ratio_level(a.ratio_level);
+  check_surrogate(a.surrogate);
+  check_aggregation(a.aggregation);
+  check_dtype(a.dtype);
+  if (a.B > int64_t(0x7fffffff)) throw std::invalid_argument("B must be < 2^31, got " + std::to_string(a.B));
+  DeviceGuard guard(a.loss_out);
   const cudaStream_t st = as_stream(stream);
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using Tp = decltype(tag);
-    const int64_t rows_n = B > 0 ? B : 0;
+    const int64_t rows_n = a.B > 0 ? a.B : 0;
     Scratch scratch(rows_n * kNumRowSums * sizeof(Tp), st);
     Tp* rows = scratch.as<Tp>();
     if (rows_n > 0)
       rows_kernel<Tp><<<static_cast<unsigned>(rows_n), kRowThreads, 0, st>>>(
-          T, cptr<Tp>(lp), cptr<Tp>(old), cptr<Tp>(adv), adv_per_token != 0, cptr<Tp>(mask), cptr<Tp>(ref),
-          Tp(kl_coef), kl_estimator, Tp(clip_low), Tp(clip_high), ratio_level == kRatioSequence,
-          surrogate == kSurrogateCispo, mptr<Tp>(grad_lp), rows);
-    totals_kernel<Tp><<<1, kReduceThreads, 0, st>>>(rows_n, aggregation, Tp(agg_norm), rows, mptr<Tp>(loss_out),
-                                                    mptr<Tp>(stats_out));
-    if (rows_n > 0 && T > 0)
-      scale_kernel<Tp><<<static_cast<unsigned>(rows_n), kRowThreads, 0, st>>>(T, rows, mptr<Tp>(grad_lp));
+          a.T, cptr<Tp>(a.lp), cptr<Tp>(a.old), cptr<Tp>(a.adv), a.adv_per_token != 0, cptr<Tp>(a.mask),
+          cptr<Tp>(a.ref), Tp(a.kl_coef), a.kl_estimator, Tp(a.clip_low), Tp(a.clip_high),
+          a.ratio_level == kRatioSequence, a.surrogate == kSurrogateCispo, mptr<Tp>(a.grad_lp), rows);
+    totals_kernel<Tp><<<1, kReduceThreads, 0, st>>>(rows_n, a.aggregation, Tp(a.agg_norm), rows,
+                                                    mptr<Tp>(a.loss_out), mptr<Tp>(a.stats_out));
+    if (rows_n > 0 && a.T > 0)
+      scale_kernel<Tp><<<static_cast<unsigned>(rows_n), kRowThreads, 0, st>>>(a.T, rows, mptr<Tp>(a.grad_lp));
     check_launch("policy_loss_fwd");
   });
 }

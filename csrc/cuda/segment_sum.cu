@@ -28,30 +28,31 @@ __global__ void segment_sum_bwd_kernel(const T* __restrict__ grad_out, const int
 
 }  // namespace
 
-void segment_sum_fwd(RA3_KERNEL_ARGS_SEGMENT_SUM_FWD, uintptr_t stream) {
-  check_dtype(dtype);
-  if (num_segments <= 0) return;
-  DeviceGuard guard(out);
-  const size_t elem = dtype == 0 ? sizeof(float) : sizeof(double);
+void segment_sum_fwd(const SegmentSumFwdArgs& a, uintptr_t stream) {
+  check_dtype(a.dtype);
+  if (a.num_segments <= 0) return;
+  DeviceGuard guard(a.out);
+  const size_t elem = a.dtype == kFloat32 ? sizeof(float) : sizeof(double);
   // All-zero bytes are +0.0 in both float formats.
-  check(cudaMemsetAsync(reinterpret_cast<void*>(out), 0, elem * num_segments, as_stream(stream)), "cudaMemsetAsync");
-  if (n <= 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  check(cudaMemsetAsync(reinterpret_cast<void*>(a.out), 0, elem * a.num_segments, as_stream(stream)),
+        "cudaMemsetAsync");
+  if (a.n <= 0) return;
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    segment_sum_fwd_kernel<T><<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(
-        cptr<T>(values), cptr<int64_t>(ids), n, num_segments, mptr<T>(out));
+    segment_sum_fwd_kernel<T><<<grid_for(a.n, kThreads), kThreads, 0, as_stream(stream)>>>(
+        cptr<T>(a.values), cptr<int64_t>(a.ids), a.n, a.num_segments, mptr<T>(a.out));
   });
   check_launch("segment_sum_fwd");
 }
 
-void segment_sum_bwd(RA3_KERNEL_ARGS_SEGMENT_SUM_BWD, uintptr_t stream) {
-  check_dtype(dtype);
-  if (n <= 0) return;
-  DeviceGuard guard(grad_values);
-  dispatch_dtype(dtype, [&](auto tag) {
+void segment_sum_bwd(const SegmentSumBwdArgs& a, uintptr_t stream) {
+  check_dtype(a.dtype);
+  if (a.n <= 0) return;
+  DeviceGuard guard(a.grad_values);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    segment_sum_bwd_kernel<T><<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(
-        cptr<T>(grad_out), cptr<int64_t>(ids), n, mptr<T>(grad_values));
+    segment_sum_bwd_kernel<T><<<grid_for(a.n, kThreads), kThreads, 0, as_stream(stream)>>>(
+        cptr<T>(a.grad_out), cptr<int64_t>(a.ids), a.n, mptr<T>(a.grad_values));
   });
   check_launch("segment_sum_bwd");
 }

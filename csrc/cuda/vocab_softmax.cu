@@ -164,21 +164,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int MODE>
-void launch_stats(uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, int64_t n, int64_t vc, int64_t v_offset,
-                  double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t s, uintptr_t a, uintptr_t mr,
-                  uintptr_t sr, uintptr_t tgt, cudaStream_t stream) {
-  stats_fwd_kernel<T, MODE><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-      cptr<T>(z), ldz, cptr<T>(r), ldr, vc, v_offset, T(inv_temp), cptr<int64_t>(targets), mptr<T>(m), mptr<T>(s),
-      mptr<T>(a), mptr<T>(mr), mptr<T>(sr), mptr<T>(tgt));
+void launch_stats(const VocabSoftmaxFwdArgs& a, cudaStream_t stream) {
+  stats_fwd_kernel<T, MODE><<<static_cast<unsigned>(a.n), kThreads, 0, stream>>>(
+      cptr<T>(a.z), a.ldz, cptr<T>(a.r), a.ldr, a.vc, a.v_offset, T(a.inv_temp), cptr<int64_t>(a.targets),
+      mptr<T>(a.m), mptr<T>(a.s), mptr<T>(a.a), mptr<T>(a.mr), mptr<T>(a.sr), mptr<T>(a.tgt));
 }
 
 template <typename T, int MODE>
-void launch_grad(uintptr_t z, int64_t ldz, uintptr_t r, int64_t ldr, uintptr_t out, int64_t ldo, int64_t n,
-                 int64_t vc, int64_t v_offset, double inv_temp, uintptr_t targets, uintptr_t m, uintptr_t logs,
-                 uintptr_t q, uintptr_t g, cudaStream_t stream) {
-  grad_kernel<T, MODE><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-      cptr<T>(z), ldz, cptr<T>(r), ldr, mptr<T>(out), ldo, vc, v_offset, T(inv_temp), cptr<int64_t>(targets),
-      cptr<T>(m), cptr<T>(logs), cptr<T>(q), cptr<T>(g));
+void launch_grad(const VocabSoftmaxGradArgs& a, cudaStream_t stream) {
+  grad_kernel<T, MODE><<<static_cast<unsigned>(a.n), kThreads, 0, stream>>>(
+      cptr<T>(a.z), a.ldz, cptr<T>(a.r), a.ldr, mptr<T>(a.out), a.ldo, a.vc, a.v_offset, T(a.inv_temp),
+      cptr<int64_t>(a.targets), cptr<T>(a.m), cptr<T>(a.logs), cptr<T>(a.q), cptr<T>(a.g));
 }
 
 // One grid row per logits row: grid.x is limited to 2^31 - 1 blocks.
@@ -188,32 +184,32 @@ void check_rows(int64_t n) {
 
 }  // namespace
 
-void vocab_softmax_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t stream) {
-  check_softmax_mode(mode);
-  check_rows(n);
-  if (n <= 0 || vc <= 0) return;
-  DeviceGuard guard(m);
-  dispatch_dtype(dtype, [&](auto tag) {
+void vocab_softmax_fwd(const VocabSoftmaxFwdArgs& a, uintptr_t stream) {
+  check_softmax_mode(a.mode);
+  check_rows(a.n);
+  if (a.n <= 0 || a.vc <= 0) return;
+  DeviceGuard guard(a.m);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* fn = mode == kLogprob ? &launch_stats<T, kLogprob>
-               : mode == kEntropy ? &launch_stats<T, kEntropy>
-                                  : &launch_stats<T, kExactKl>;
-    fn(z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt, as_stream(stream));
+    auto* fn = a.mode == kLogprob ? &launch_stats<T, kLogprob>
+               : a.mode == kEntropy ? &launch_stats<T, kEntropy>
+                                    : &launch_stats<T, kExactKl>;
+    fn(a, as_stream(stream));
   });
   check_launch("vocab_softmax_fwd");
 }
 
-void vocab_softmax_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t stream) {
-  check_softmax_mode(mode);
-  check_rows(n);
-  if (n <= 0 || vc <= 0) return;
-  DeviceGuard guard(out);
-  dispatch_dtype(dtype, [&](auto tag) {
+void vocab_softmax_grad(const VocabSoftmaxGradArgs& a, uintptr_t stream) {
+  check_softmax_mode(a.mode);
+  check_rows(a.n);
+  if (a.n <= 0 || a.vc <= 0) return;
+  DeviceGuard guard(a.out);
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* fn = mode == kLogprob ? &launch_grad<T, kLogprob>
-               : mode == kEntropy ? &launch_grad<T, kEntropy>
-                                  : &launch_grad<T, kExactKl>;
-    fn(z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, m, logs, q, g, as_stream(stream));
+    auto* fn = a.mode == kLogprob ? &launch_grad<T, kLogprob>
+               : a.mode == kEntropy ? &launch_grad<T, kEntropy>
+                                    : &launch_grad<T, kExactKl>;
+    fn(a, as_stream(stream));
   });
   check_launch("vocab_softmax_grad");
 }

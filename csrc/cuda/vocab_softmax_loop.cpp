@@ -30,8 +30,6 @@ namespace {
 using blas::kNoTrans;
 using blas::kTrans;
 
-enum InDtype : int { kInF32 = 0, kInF64 = 1, kInBF16 = 2, kInF16 = 3 };
-
 struct Operand {
   cudaDataType type;
   int64_t bytes;
@@ -39,10 +37,10 @@ struct Operand {
 
 Operand operand(int in_dtype) {
   switch (in_dtype) {
-    case kInF32: return {CUDA_R_32F, 4};
-    case kInF64: return {CUDA_R_64F, 8};
-    case kInBF16: return {CUDA_R_16BF, 2};
-    case kInF16: return {CUDA_R_16F, 2};
+    case kFloat32: return {CUDA_R_32F, 4};
+    case kFloat64: return {CUDA_R_64F, 8};
+    case kBFloat16: return {CUDA_R_16BF, 2};
+    case kFloat16: return {CUDA_R_16F, 2};
     default:
       throw std::invalid_argument("in_dtype must be 0 (float32), 1 (float64), 2 (bfloat16) or 3 (float16), got " +
                                   std::to_string(in_dtype));
@@ -59,8 +57,8 @@ struct Source {
 
 // Where the loop's tile work runs: the CUDA kernels on a stream, or (tests) the CPU kernels on host buffers.
 struct Tiles {
-  void (*stats)(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t stream);
-  void (*grad)(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t stream);
+  void (*stats)(const VocabSoftmaxFwdArgs& a, uintptr_t stream);
+  void (*grad)(const VocabSoftmaxGradArgs& a, uintptr_t stream);
   void (*round_bf16)(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, cudaStream_t stream);
   void (*log)(int dtype, uintptr_t s, uintptr_t logs, int64_t n, cudaStream_t stream);
 };
@@ -90,12 +88,8 @@ void host_round_bf16(uintptr_t src, uintptr_t hi, uintptr_t lo, int64_t count, c
 }
 
 const Tiles kHostTiles{
-    [](RA3_KERNEL_ARGS_VOCAB_SOFTMAX_FWD, uintptr_t) {
-      cpu::vocab_softmax_fwd(mode, dtype, z, ldz, r, ldr, n, vc, v_offset, inv_temp, targets, m, s, a, mr, sr, tgt);
-    },
-    [](RA3_KERNEL_ARGS_VOCAB_SOFTMAX_GRAD, uintptr_t) {
-      cpu::vocab_softmax_grad(mode, dtype, z, ldz, r, ldr, out, ldo, n, vc, v_offset, inv_temp, targets, m, logs, q, g);
-    },
+    [](const VocabSoftmaxFwdArgs& a, uintptr_t) { cpu::vocab_softmax_fwd(a); },
+    [](const VocabSoftmaxGradArgs& a, uintptr_t) { cpu::vocab_softmax_grad(a); },
     &host_round_bf16,
     [](int dtype, uintptr_t s, uintptr_t logs, int64_t n, cudaStream_t) {
       dispatch_dtype(dtype, [&](auto tag) {
@@ -114,15 +108,16 @@ struct Compute {
   const Tiles* tiles;
 };
 
-Source source(const char* name, int in_dtype, uintptr_t hidden, uintptr_t weight, uintptr_t bias, int64_t h,
-              int dtype) {
-  Source s{name, operand(in_dtype), hidden, weight, bias, h};
-  if (hidden == 0 || weight == 0) throw std::invalid_argument(s.name + " and its weight are required");
-  if (h <= 0) throw std::invalid_argument(s.name + ": the hidden size must be > 0, got " + std::to_string(h));
+// The checked Source of `a`, called `name` in error messages; `dtype` is the compute dtype.
+Source source(const char* name, const LinearSourceArgs& a, int dtype) {
+  Source s{name, operand(a.in_dtype), a.hidden, a.weight, a.bias, a.h};
+  if (a.hidden == 0 || a.weight == 0) throw std::invalid_argument(s.name + " and its weight are required");
+  if (a.h <= 0) throw std::invalid_argument(s.name + ": the hidden size must be > 0, got " + std::to_string(a.h));
   // cuBLAS multiplies two operands of one type into a float32 or float64 result, not float64 from narrower ones.
-  if ((dtype == 1) != (in_dtype == kInF64))
-    throw std::invalid_argument(s.name + ": in_dtype " + std::to_string(in_dtype) + " does not go with compute dtype " +
-                                std::to_string(dtype) + " (float64 operands exactly when computing in float64)");
+  if ((dtype == kFloat64) != (a.in_dtype == kFloat64))
+    throw std::invalid_argument(s.name + ": in_dtype " + std::to_string(a.in_dtype) +
+                                " does not go with compute dtype " + std::to_string(dtype) +
+                                " (float64 operands exactly when computing in float64)");
   return s;
 }
 
@@ -194,7 +189,7 @@ void check_terms(const Source& src, int bf16_terms, uintptr_t tile16) {
 void check_not_f16(int in_dtype) {
   // A float16 gradient tile would underflow (upstream gradients of 1/n times probabilities of 1/vocab): the
   // caller runs float16 gradients on float32 operands instead.
-  if (in_dtype == kInF16)
+  if (in_dtype == kFloat16)
     throw std::invalid_argument("hidden: float16 operands are not taken where gradients are formed (in_dtype 3)");
 }
 
@@ -206,7 +201,7 @@ void check_common(int mode, int dtype, int64_t n, int64_t chunk) {
 }
 
 Compute compute(int dtype, uintptr_t stream, int device, const Tiles& tiles) {
-  if (dtype == 1) return {CUDA_R_64F, 8, blas::kCompute64F, as_stream(stream), device, &tiles};
+  if (dtype == kFloat64) return {CUDA_R_64F, 8, blas::kCompute64F, as_stream(stream), device, &tiles};
   return {CUDA_R_32F, 4, blas::kCompute32F, as_stream(stream), device, &tiles};
 }
 
@@ -220,95 +215,101 @@ void require(uintptr_t p, const char* name) {
   if (p == 0) throw std::invalid_argument(std::string(name) + " is required");
 }
 
-void run_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD, const Compute& c) {
-  const bool kl = mode == kExactKl;
-  const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
-  const Source ref = kl ? source("ref_hidden", ref_in_dtype, ref_hidden, ref_weight, ref_bias, ref_h, dtype) : Source{};
-  require(tile, "tile");
-  if (kl) require(ref_tile, "ref_tile");
-  if (bias != 0 || (kl && ref_bias != 0)) require(ones, "ones (with a bias)");
+void run_fwd(const VocabSoftmaxLoopFwdArgs& a, const Compute& c) {
+  const bool kl = a.mode == kExactKl;
+  const Source src = source("hidden", a.source, a.dtype);
+  const Source ref = kl ? source("ref_hidden", a.ref_source, a.dtype) : Source{};
+  require(a.tile, "tile");
+  if (kl) require(a.ref_tile, "ref_tile");
+  if (a.source.bias != 0 || (kl && a.ref_source.bias != 0)) require(a.ones, "ones (with a bias)");
   const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
-  for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
-    const int64_t w = std::min(chunk, vocab - v0);
-    logits_tile(c, src, n, v0, w, ones, tile);
-    if (kl) logits_tile(c, ref, n, v0, w, ones, ref_tile);
-    c.tiles->stats(mode, dtype, tile, w, kl ? ref_tile : 0, w, n, w, v0, inv_temp, targets, m, s, a, mr, sr, tgt,
+  for (int64_t v0 = 0; v0 < a.vocab; v0 += a.chunk) {
+    const int64_t w = std::min(a.chunk, a.vocab - v0);
+    logits_tile(c, src, a.n, v0, w, a.ones, a.tile);
+    if (kl) logits_tile(c, ref, a.n, v0, w, a.ones, a.ref_tile);
+    c.tiles->stats(VocabSoftmaxFwdArgs{.mode = a.mode, .dtype = a.dtype, .z = a.tile, .ldz = w,
+                                       .r = kl ? a.ref_tile : 0, .ldr = w, .n = a.n, .vc = w, .v_offset = v0,
+                                       .inv_temp = a.inv_temp, .targets = a.targets, .m = a.m, .s = a.s, .a = a.a,
+                                       .mr = a.mr, .sr = a.sr, .tgt = a.tgt},
                    stream);
   }
 }
 
-void run_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, const Compute& c) {
-  const bool kl = mode == kExactKl;
-  const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
-  const Source ref = kl ? source("ref_hidden", ref_in_dtype, ref_hidden, ref_weight, ref_bias, ref_h, dtype) : Source{};
-  check_not_f16(in_dtype);
-  check_terms(src, bf16_terms, tile16);
-  require(tile, "tile");
-  require(grad_hidden, "grad_hidden");
-  if (kl) require(ref_tile, "ref_tile");
-  if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
-  if (grad_bias != 0 || (kl && ref_bias != 0)) require(ones, "ones (with a bias)");
+void run_grad(const VocabSoftmaxLoopGradArgs& a, const Compute& c) {
+  const bool kl = a.mode == kExactKl;
+  const Source src = source("hidden", a.source, a.dtype);
+  const Source ref = kl ? source("ref_hidden", a.ref_source, a.dtype) : Source{};
+  check_not_f16(a.source.in_dtype);
+  check_terms(src, a.bf16_terms, a.tile16);
+  require(a.tile, "tile");
+  require(a.grad_hidden, "grad_hidden");
+  if (kl) require(a.ref_tile, "ref_tile");
+  if (a.grad_bias != 0 && a.source.bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
+  if (a.grad_bias != 0 || (kl && a.ref_source.bias != 0)) require(a.ones, "ones (with a bias)");
   const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
-  for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
-    const int64_t w = std::min(chunk, vocab - v0);
-    logits_tile(c, src, n, v0, w, ones, tile);
-    if (kl) logits_tile(c, ref, n, v0, w, ones, ref_tile);
-    c.tiles->grad(mode, dtype, tile, w, kl ? ref_tile : 0, w, tile, w, n, w, v0, inv_temp, targets, m, logs, q, g,
+  for (int64_t v0 = 0; v0 < a.vocab; v0 += a.chunk) {
+    const int64_t w = std::min(a.chunk, a.vocab - v0);
+    logits_tile(c, src, a.n, v0, w, a.ones, a.tile);
+    if (kl) logits_tile(c, ref, a.n, v0, w, a.ones, a.ref_tile);
+    // in place: the gradient overwrites the logits tile
+    c.tiles->grad(VocabSoftmaxGradArgs{.mode = a.mode, .dtype = a.dtype, .z = a.tile, .ldz = w,
+                                       .r = kl ? a.ref_tile : 0, .ldr = w, .out = a.tile, .ldo = w, .n = a.n,
+                                       .vc = w, .v_offset = v0, .inv_temp = a.inv_temp, .targets = a.targets,
+                                       .m = a.m, .logs = a.logs, .q = a.q, .g = a.g},
                   stream);
-    if (grad_bias != 0) grad_bias_gemm(c, tile, ones, n, v0, w, grad_bias, false);
-    const Terms d = gradient_terms(c, src, tile, tile16, bf16_terms, n * w);
-    grad_hidden_gemm(c, src, d, n, v0, w, grad_hidden, v0 > 0);  // summed over the vocabulary chunks
-    if (grad_weight != 0) grad_weight_gemm(c, src, src.hidden, d, n, v0, w, grad_weight, false);
+    if (a.grad_bias != 0) grad_bias_gemm(c, a.tile, a.ones, a.n, v0, w, a.grad_bias, false);
+    const Terms d = gradient_terms(c, src, a.tile, a.tile16, a.bf16_terms, a.n * w);
+    grad_hidden_gemm(c, src, d, a.n, v0, w, a.grad_hidden, v0 > 0);  // summed over the vocabulary chunks
+    if (a.grad_weight != 0) grad_weight_gemm(c, src, src.hidden, d, a.n, v0, w, a.grad_weight, false);
   }
 }
 
 // Token chunks of whole vocabulary rows: each tile's log-sum-exp is final at once, so its gradient is formed
 // while it is still in memory (3 GEMMs in all, against 4 for a per-token op with its backward pass).
-void run_ce(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, const Compute& c) {
-  const Source src = source("hidden", in_dtype, hidden, weight, bias, h, dtype);
-  const bool grads = grad_hidden != 0 || grad_weight != 0 || grad_bias != 0;
+void run_ce(const VocabSoftmaxLoopCrossEntropyArgs& a, const Compute& c) {
+  const Source src = source("hidden", a.source, a.dtype);
+  const bool grads = a.grad_hidden != 0 || a.grad_weight != 0 || a.grad_bias != 0;
   if (grads) {
-    check_not_f16(in_dtype);
-    check_terms(src, bf16_terms, tile16);
-    require(g, "g (with gradients)");
+    check_not_f16(a.source.in_dtype);
+    check_terms(src, a.bf16_terms, a.tile16);
+    require(a.g, "g (with gradients)");
   }
-  require(tile, "tile");
-  require(m, "m");
-  require(s, "s");
-  require(tgt, "tgt");
-  require(logs, "logs");
-  if (grad_bias != 0 && bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
-  if (bias != 0) require(ones, "ones (with a bias)");
+  require(a.tile, "tile");
+  require(a.m, "m");
+  require(a.s, "s");
+  require(a.tgt, "tgt");
+  require(a.logs, "logs");
+  if (a.grad_bias != 0 && a.source.bias == 0) throw std::invalid_argument("grad_bias is given but bias is not");
+  if (a.source.bias != 0) require(a.ones, "ones (with a bias)");
   const uintptr_t stream = reinterpret_cast<uintptr_t>(c.stream);
-  for (int64_t i0 = 0; i0 < n; i0 += rows) {
-    const int64_t r = std::min(rows, n - i0);
+  for (int64_t i0 = 0; i0 < a.n; i0 += a.rows) {
+    const int64_t r = std::min(a.rows, a.n - i0);
     Source part = src;
-    part.hidden = offset(hidden, i0 * h, src.op.bytes);
-    const uintptr_t t_i = offset(targets, i0, 8);
-    logits_tile(c, part, r, 0, vocab, ones, tile);
-    c.tiles->stats(kLogprob, dtype, tile, vocab, 0, 0, r, vocab, 0, inv_temp, t_i, offset(m, i0, c.bytes),
-                   offset(s, i0, c.bytes), 0, 0, 0, offset(tgt, i0, c.bytes), stream);
-    c.tiles->log(dtype, offset(s, i0, c.bytes), offset(logs, i0, c.bytes), r, c.stream);
+    part.hidden = offset(a.source.hidden, i0 * a.source.h, src.op.bytes);
+    const uintptr_t t_i = offset(a.targets, i0, 8);
+    logits_tile(c, part, r, 0, a.vocab, a.ones, a.tile);
+    // the fields left out (r, ldr, a, mr, sr) stay 0: mode 0 reads none of them
+    c.tiles->stats(VocabSoftmaxFwdArgs{.mode = kLogprob, .dtype = a.dtype, .z = a.tile, .ldz = a.vocab, .n = r,
+                                       .vc = a.vocab, .v_offset = 0, .inv_temp = a.inv_temp, .targets = t_i,
+                                       .m = offset(a.m, i0, c.bytes), .s = offset(a.s, i0, c.bytes),
+                                       .tgt = offset(a.tgt, i0, c.bytes)},
+                   stream);
+    c.tiles->log(a.dtype, offset(a.s, i0, c.bytes), offset(a.logs, i0, c.bytes), r, c.stream);
     if (!grads) continue;
-    c.tiles->grad(kLogprob, dtype, tile, vocab, 0, 0, tile, vocab, r, vocab, 0, inv_temp, t_i,
-                  offset(m, i0, c.bytes), offset(logs, i0, c.bytes), 0, offset(g, i0, c.bytes), stream);
-    if (grad_bias != 0) grad_bias_gemm(c, tile, ones, r, 0, vocab, grad_bias, i0 > 0);
-    const Terms d = gradient_terms(c, src, tile, tile16, bf16_terms, r * vocab);
-    if (grad_hidden != 0) grad_hidden_gemm(c, src, d, r, 0, vocab, offset(grad_hidden, i0 * h, c.bytes), false);
-    if (grad_weight != 0) grad_weight_gemm(c, src, part.hidden, d, r, 0, vocab, grad_weight, i0 > 0);  // over chunks
+    // in place, as in run_grad; r, ldr and q stay 0 (mode 0)
+    c.tiles->grad(VocabSoftmaxGradArgs{.mode = kLogprob, .dtype = a.dtype, .z = a.tile, .ldz = a.vocab,
+                                       .out = a.tile, .ldo = a.vocab, .n = r, .vc = a.vocab, .v_offset = 0,
+                                       .inv_temp = a.inv_temp, .targets = t_i, .m = offset(a.m, i0, c.bytes),
+                                       .logs = offset(a.logs, i0, c.bytes), .g = offset(a.g, i0, c.bytes)},
+                  stream);
+    if (a.grad_bias != 0) grad_bias_gemm(c, a.tile, a.ones, r, 0, a.vocab, a.grad_bias, i0 > 0);
+    const Terms d = gradient_terms(c, src, a.tile, a.tile16, a.bf16_terms, r * a.vocab);
+    if (a.grad_hidden != 0)
+      grad_hidden_gemm(c, src, d, r, 0, a.vocab, offset(a.grad_hidden, i0 * a.source.h, c.bytes), false);
+    if (a.grad_weight != 0)
+      grad_weight_gemm(c, src, part.hidden, d, r, 0, a.vocab, a.grad_weight, i0 > 0);  // over chunks
   }
 }
-
-#define RA3_FWD_ARGS                                                                                            \
-  mode, dtype, n, vocab, chunk, in_dtype, hidden, weight, bias, h, ref_in_dtype, ref_hidden, ref_weight, ref_bias, \
-      ref_h, inv_temp, targets, ones, tile, ref_tile, m, s, a, mr, sr, tgt
-#define RA3_GRAD_ARGS                                                                                           \
-  mode, dtype, n, vocab, chunk, in_dtype, hidden, weight, bias, h, ref_in_dtype, ref_hidden, ref_weight, ref_bias, \
-      ref_h, inv_temp, targets, m, logs, q, g, ones, tile, ref_tile, tile16, bf16_terms, grad_hidden,            \
-      grad_weight, grad_bias
-#define RA3_CE_ARGS                                                                                             \
-  dtype, n, vocab, rows, in_dtype, hidden, weight, bias, h, inv_temp, targets, g, ones, tile, tile16, bf16_terms, m, \
-      s, tgt, logs, grad_hidden, grad_weight, grad_bias
 
 }  // namespace
 
@@ -317,43 +318,43 @@ CublasInfo cublas_info() {
   return {lib.path, lib.major, lib.minor, lib.patch};
 }
 
-void vocab_softmax_loop_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD, uintptr_t stream) {
-  check_common(mode, dtype, n, chunk);
-  if (n <= 0 || vocab <= 0) return;
-  DeviceGuard guard(m);
-  run_fwd(RA3_FWD_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
+void vocab_softmax_loop_fwd(const VocabSoftmaxLoopFwdArgs& a, uintptr_t stream) {
+  check_common(a.mode, a.dtype, a.n, a.chunk);
+  if (a.n <= 0 || a.vocab <= 0) return;
+  DeviceGuard guard(a.m);
+  run_fwd(a, compute(a.dtype, stream, current_device(), kCudaTiles));
 }
 
-void vocab_softmax_loop_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD, uintptr_t stream) {
-  check_common(mode, dtype, n, chunk);
-  if (n <= 0 || vocab <= 0) return;
-  DeviceGuard guard(grad_hidden);
-  run_grad(RA3_GRAD_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
+void vocab_softmax_loop_grad(const VocabSoftmaxLoopGradArgs& a, uintptr_t stream) {
+  check_common(a.mode, a.dtype, a.n, a.chunk);
+  if (a.n <= 0 || a.vocab <= 0) return;
+  DeviceGuard guard(a.grad_hidden);
+  run_grad(a, compute(a.dtype, stream, current_device(), kCudaTiles));
 }
 
-void host_vocab_softmax_loop_fwd(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_FWD) {
-  check_common(mode, dtype, n, chunk);
-  if (n <= 0 || vocab <= 0) return;
-  run_fwd(RA3_FWD_ARGS, compute(dtype, 0, -1, kHostTiles));
+void host_vocab_softmax_loop_fwd(const VocabSoftmaxLoopFwdArgs& a) {
+  check_common(a.mode, a.dtype, a.n, a.chunk);
+  if (a.n <= 0 || a.vocab <= 0) return;
+  run_fwd(a, compute(a.dtype, 0, -1, kHostTiles));
 }
 
-void host_vocab_softmax_loop_grad(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_GRAD) {
-  check_common(mode, dtype, n, chunk);
-  if (n <= 0 || vocab <= 0) return;
-  run_grad(RA3_GRAD_ARGS, compute(dtype, 0, -1, kHostTiles));
+void host_vocab_softmax_loop_grad(const VocabSoftmaxLoopGradArgs& a) {
+  check_common(a.mode, a.dtype, a.n, a.chunk);
+  if (a.n <= 0 || a.vocab <= 0) return;
+  run_grad(a, compute(a.dtype, 0, -1, kHostTiles));
 }
 
-void vocab_softmax_loop_cross_entropy(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY, uintptr_t stream) {
-  check_common(kLogprob, dtype, n, rows);
-  if (n <= 0 || vocab <= 0) return;
-  DeviceGuard guard(logs);
-  run_ce(RA3_CE_ARGS, compute(dtype, stream, current_device(), kCudaTiles));
+void vocab_softmax_loop_cross_entropy(const VocabSoftmaxLoopCrossEntropyArgs& a, uintptr_t stream) {
+  check_common(kLogprob, a.dtype, a.n, a.rows);
+  if (a.n <= 0 || a.vocab <= 0) return;
+  DeviceGuard guard(a.logs);
+  run_ce(a, compute(a.dtype, stream, current_device(), kCudaTiles));
 }
 
-void host_vocab_softmax_loop_cross_entropy(RA3_KERNEL_ARGS_VOCAB_SOFTMAX_LOOP_CROSS_ENTROPY) {
-  check_common(kLogprob, dtype, n, rows);
-  if (n <= 0 || vocab <= 0) return;
-  run_ce(RA3_CE_ARGS, compute(dtype, 0, -1, kHostTiles));
+void host_vocab_softmax_loop_cross_entropy(const VocabSoftmaxLoopCrossEntropyArgs& a) {
+  check_common(kLogprob, a.dtype, a.n, a.rows);
+  if (a.n <= 0 || a.vocab <= 0) return;
+  run_ce(a, compute(a.dtype, 0, -1, kHostTiles));
 }
 
 }  // namespace ra3::cuda

@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
+from ra3.ops import kernel_abi as abi
+from ra3.ops import registry, reference
 
-_NORMALIZE_CODE = {"none": 0, "mean": 1, "std": 2, "rloo": 3, "batch-std": 4}
+_NORMALIZE_CODE = {"none": abi.NORM_NONE, "mean": abi.NORM_MEAN, "std": abi.NORM_STD, "rloo": abi.NORM_RLOO,
+                   "batch-std": abi.NORM_BATCH_STD}
 
 
 # ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernels the op body calls.
@@ -17,8 +19,9 @@ def _group_adv_op(backend: str, rewards: Tensor, group_ids: Tensor, num_groups: 
     out = torch.empty_like(rewards)
     mean = torch.empty(num_groups, dtype=rewards.dtype, device=rewards.device)
     std = torch.empty_like(mean)
-    _kernels.call(backend, "group_adv_fwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards, group_ids,
-                  rewards.numel(), num_groups, normalize, eps, out, mean, std)
+    abi.call(backend, rewards.device, abi.GroupAdvFwdArgs(
+        dtype=abi.dtype_code(rewards.dtype), rewards=rewards, gids=group_ids, n=rewards.numel(), num_groups=num_groups,
+        normalize=normalize, eps=eps, out=out, mean=mean, std_dev=std))
     return out, mean, std
 
 
@@ -31,8 +34,9 @@ def _(backend, rewards, group_ids, num_groups, normalize, eps):
 def _group_adv_backward_op(backend: str, rewards: Tensor, group_ids: Tensor, num_groups: int, normalize: int,
                            eps: float, mean: Tensor, std: Tensor, grad_out: Tensor) -> Tensor:
     grad = torch.empty_like(rewards)
-    _kernels.call(backend, "group_adv_bwd", rewards.device, _kernels.dtype_code(rewards.dtype), rewards, group_ids,
-                  rewards.numel(), num_groups, normalize, eps, mean, std, grad_out, grad)
+    abi.call(backend, rewards.device, abi.GroupAdvBwdArgs(
+        dtype=abi.dtype_code(rewards.dtype), rewards=rewards, gids=group_ids, n=rewards.numel(), num_groups=num_groups,
+        normalize=normalize, eps=eps, mean=mean, std_dev=std, g=grad_out, grad_r=grad))
     return grad
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
+from ra3.ops import kernel_abi as abi
+from ra3.ops import registry, reference
 
 ESTIMATOR_CODE = {"k1": 1, "k2": 2, "k3": 3}
 
@@ -14,8 +15,9 @@ ESTIMATOR_CODE = {"k1": 1, "k2": 2, "k3": 3}
 @torch.library.custom_op("ra3::kl_estimator", mutates_args=())
 def _kl_op(backend: str, logprobs: Tensor, ref_logprobs: Tensor, estimator: int) -> Tensor:
     out = torch.empty_like(logprobs)
-    _kernels.call(backend, "kl_estimator_fwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
-                  logprobs, ref_logprobs, logprobs.numel(), out)
+    abi.call(backend, logprobs.device, abi.KlEstimatorFwdArgs(
+        dtype=abi.dtype_code(logprobs.dtype), estimator=estimator, lp=logprobs, ref=ref_logprobs, n=logprobs.numel(),
+        out=out))
     return out
 
 
@@ -27,8 +29,9 @@ def _(backend, logprobs, ref_logprobs, estimator):
 @torch.library.custom_op("ra3::kl_estimator_backward", mutates_args=())
 def _kl_backward_op(backend: str, logprobs: Tensor, ref_logprobs: Tensor, grad_out: Tensor, estimator: int) -> Tensor:
     grad = torch.empty_like(logprobs)
-    _kernels.call(backend, "kl_estimator_bwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), estimator,
-                  logprobs, ref_logprobs, grad_out, logprobs.numel(), grad)
+    abi.call(backend, logprobs.device, abi.KlEstimatorBwdArgs(
+        dtype=abi.dtype_code(logprobs.dtype), estimator=estimator, lp=logprobs, ref=ref_logprobs, g=grad_out,
+        n=logprobs.numel(), grad_lp=grad))
     return grad
 
 

@@ -7,14 +7,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
+from ra3.ops import kernel_abi as abi
+from ra3.ops import registry, reference
 from ra3.ops.kl import ESTIMATOR_CODE
 
 # aggregation -> the kernels' code; 'dr-grpo' and 'dapo' are both the token sum over a normaliser (code 3).
-AGGREGATION_CODE = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "dr-grpo": 3, "dapo": 3}
-RATIO_LEVEL_CODE = {"token": 0, "sequence": 1}
-SURROGATE_CODE = {"ppo": 0, "cispo": 1}
+AGGREGATION_CODE = {"token-mean": abi.TOKEN_MEAN, "seq-mean-token-sum": abi.SEQ_MEAN_TOKEN_SUM,
+                    "seq-mean-token-mean": abi.SEQ_MEAN_TOKEN_MEAN, "dr-grpo": abi.TOKEN_SUM_NORM,
+                    "dapo": abi.TOKEN_SUM_NORM}
+RATIO_LEVEL_CODE = {"token": abi.RATIO_TOKEN, "sequence": abi.RATIO_SEQUENCE}
+SURROGATE_CODE = {"ppo": abi.SURROGATE_PPO, "cispo": abi.SURROGATE_CISPO}
 
 
 class PolicyLoss(NamedTuple):
@@ -35,9 +38,12 @@ def _policy_loss_op(backend: str, logprobs: Tensor, old_logprobs: Tensor, advant
     loss = torch.empty(1, dtype=logprobs.dtype, device=logprobs.device)
     grad = torch.empty_like(logprobs)
     stats = torch.empty(4, dtype=logprobs.dtype, device=logprobs.device)
-    _kernels.call(backend, "policy_loss_fwd", logprobs.device, _kernels.dtype_code(logprobs.dtype), B, T,
-                  logprobs, old_logprobs, advantages, int(advantages.dim() == 2), mask, ref_logprobs, kl_coef,
-                  kl_estimator, clip_low, clip_high, ratio_level, surrogate, aggregation, agg_norm, loss, grad, stats)
+    abi.call(backend, logprobs.device, abi.PolicyLossFwdArgs(
+        dtype=abi.dtype_code(logprobs.dtype), B=B, T=T, lp=logprobs, old=old_logprobs, adv=advantages,
+        adv_per_token=int(advantages.dim() == 2), mask=mask, ref=ref_logprobs, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, ratio_level=ratio_level,
+        surrogate=surrogate, aggregation=aggregation, agg_norm=agg_norm, loss_out=loss, grad_lp=grad,
+        stats_out=stats))
     return loss[0], grad, stats
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ra3.ops import _kernels, registry, reference
 from ra3.ops import _validate as check
+from ra3.ops import kernel_abi as abi
+from ra3.ops import registry, reference
 
 
 # ``backend`` is the resolved native backend ('cpu', 'cuda' or 'triton') whose kernels the op body calls.
 @torch.library.custom_op("ra3::segment_sum", mutates_args=())
 def _segment_sum_op(backend: str, values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
     out = torch.empty(num_segments, dtype=values.dtype, device=values.device)
-    _kernels.call(backend, "segment_sum_fwd", values.device, _kernels.dtype_code(values.dtype), values,
-                  segment_ids, values.numel(), num_segments, out)
+    abi.call(backend, values.device, abi.SegmentSumFwdArgs(
+        dtype=abi.dtype_code(values.dtype), values=values, ids=segment_ids, n=values.numel(), num_segments=num_segments,
+        out=out))
     return out
 
 
@@ -25,8 +27,9 @@ def _(backend, values, segment_ids, num_segments):
 @torch.library.custom_op("ra3::segment_sum_backward", mutates_args=())
 def _segment_sum_backward_op(backend: str, grad_out: Tensor, segment_ids: Tensor) -> Tensor:
     grad = torch.empty(segment_ids.numel(), dtype=grad_out.dtype, device=grad_out.device)
-    _kernels.call(backend, "segment_sum_bwd", grad_out.device, _kernels.dtype_code(grad_out.dtype), grad_out,
-                  segment_ids, segment_ids.numel(), grad)
+    abi.call(backend, grad_out.device, abi.SegmentSumBwdArgs(
+        dtype=abi.dtype_code(grad_out.dtype), grad_out=grad_out, ids=segment_ids, n=segment_ids.numel(),
+        grad_values=grad))
     return grad
 
 

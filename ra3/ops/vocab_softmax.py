@@ -27,7 +27,8 @@ from torch import Tensor
 from ra3.ops import _validate as check
 from ra3.ops import registry, reference
 from ra3.ops.segment_sum import segment_sum
-from ra3.ops.vocab_softmax_walk import DESIGNS, ENTROPY, EXACT_KL, LOGPROB, Head, Logits
+from ra3.ops.kernel_abi import ENTROPY, EXACT_KL, LOGPROB
+from ra3.ops.vocab_softmax_walk import DESIGNS, Head, Logits
 
 PRECISIONS = ("default", "high")
 REDUCTIONS = ("mean", "sum")

@@ -42,10 +42,9 @@ import torch
 from torch import Tensor
 
 from ra3 import _native
-from ra3.ops import _kernels
+from ra3.ops import kernel_abi as abi
 from ra3.ops._validate import compute_dtype
-
-LOGPROB, ENTROPY, EXACT_KL = 0, 1, 2  # csrc/ra3_native.h SoftmaxMode
+from ra3.ops.kernel_abi import BFLOAT16, ENTROPY, EXACT_KL, LOGPROB, dtype_code
 
 # Elements of one logits tile per device type. CPU: 4M float32 = 16 MiB keeps the tile near the last-level cache
 # while the GEMMs stay large enough to run at full rate. GPU: 64M (256 MiB float32) so a step is tens of chunks,
@@ -66,10 +65,6 @@ CE_MIN_ROWS = 256
 # process, once a GEMM has 192 rows or more. Other devices take ``ce_rows``.
 POLICY_TILE_ELEMENTS = {"cpu": 5 << 20}
 POLICY_MIN_ROWS = 128
-
-# GEMM operand dtypes of the extension loop (csrc/ra3_native.h, in_dtype); 2 is bfloat16.
-GEMM_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-BF16 = GEMM_DTYPE[torch.bfloat16]
 
 
 class Head(NamedTuple):
@@ -215,21 +210,33 @@ class ChunkedWalk:
     def __init__(self, kernels: str):
         self.kernels = kernels
 
-    def _call(self, name: str, dev, *args):
-        return _kernels.call(self.kernels, name, dev, *args)
+    def _fold(self, mode: int, z: Tensor, *, state, targets, inv_temp: float, r: Optional[Tensor] = None,
+              v_offset: int = 0) -> None:
+        """Folds the tile z [rows, vc] (row-strided; r the reference's, EXACT_KL) into ``state`` (m, s, a, mr, sr,
+        tgt; None where unused)."""
+        m, s, a, mr, sr, tgt = state
+        abi.call(self.kernels, z.device, abi.VocabSoftmaxFwdArgs(
+            mode=mode, dtype=dtype_code(z.dtype), z=z, ldz=_ld(z), r=r, ldr=_ld(r), n=z.shape[0], vc=z.shape[1],
+            v_offset=v_offset, inv_temp=inv_temp, targets=targets, m=m, s=s, a=a, mr=mr, sr=sr, tgt=tgt))
+
+    def _grad(self, mode: int, z: Tensor, *, out: Tensor, targets, inv_temp: float, m: Tensor, logs: Tensor,
+              q: Optional[Tensor], g: Tensor, r: Optional[Tensor] = None, v_offset: int = 0) -> None:
+        """Writes g * d(value)/dz of the tile z [rows, vc] into out (may be z)."""
+        abi.call(self.kernels, z.device, abi.VocabSoftmaxGradArgs(
+            mode=mode, dtype=dtype_code(z.dtype), z=z, ldz=_ld(z), r=r, ldr=_ld(r), out=out, ldo=_ld(out),
+            n=z.shape[0], vc=z.shape[1], v_offset=v_offset, inv_temp=inv_temp, targets=targets, m=m, logs=logs, q=q,
+            g=g))
 
     def forward(self, mode: int, head: Head, ref: Optional[Head], targets, logits: Logits):
         dt, state = _forward_state(mode, head, ref)
         n, dev, vocab = head.hidden.shape[0], head.hidden.device, head.vocab
         kl = mode == EXACT_KL
         src, ref_src = _Tiles(head, dt, logits), _Tiles(ref, dt, logits) if kl else None
-        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
         step = chunk_size(n, vocab, dev)
         for v0 in range(0, vocab if n else 0, step):
             v1 = min(vocab, v0 + step)
             z, r = src.tile(v0, v1), ref_src.tile(v0, v1) if kl else None
-            self._call("vocab_softmax_fwd", dev, mode, code, z, _ld(z), r, _ld(r), n, v1 - v0, v0, inv, targets,
-                       *state)
+            self._fold(mode, z, r=r, v_offset=v0, state=state, targets=targets, inv_temp=logits.kernel_inv_temp)
         return _finish(mode, targets, *state)
 
     def backward(self, mode: int, grad_out, m, logs, q, head: Head, ref: Optional[Head], targets,
@@ -246,15 +253,14 @@ class ChunkedWalk:
         q = q if mode != LOGPROB else None
         kl = mode == EXACT_KL
         src, ref_src = _Tiles(head, dt, logits), _Tiles(ref, dt, logits) if kl else None
-        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
         grad_hidden, grad_weight, grad_bias = grads
         step = chunk_size(n, vocab, dev)
         for v0 in range(0, vocab, step):
             v1 = min(vocab, v0 + step)
             z, r = src.tile(v0, v1), ref_src.tile(v0, v1) if kl else None
             dst = z if linear else grad_hidden[:, v0:v1]
-            self._call("vocab_softmax_grad", dev, mode, code, z, _ld(z), r, _ld(r), dst, _ld(dst), n, v1 - v0, v0, inv,
-                       targets, m, logs, q, g)
+            self._grad(mode, z, r=r, v_offset=v0, out=dst, targets=targets, inv_temp=logits.kernel_inv_temp, m=m,
+                       logs=logs, q=q, g=g)
             src.chain(dst)
             if linear:
                 grad_hidden.addmm_(dst, head.weight[v0:v1].to(dt))
@@ -268,7 +274,7 @@ class ChunkedWalk:
         """(sum over kept rows of -log p) * scale, and its gradients (empty when not ``need_grad``)."""
         dt = compute_dtype(*head)
         n, vocab, dev = head.hidden.shape[0], head.vocab, head.hidden.device
-        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
+        inv = logits.kernel_inv_temp
         src = _Tiles(head, dt, logits)
         w = head.weight.to(dt)
         loss = torch.zeros((), dtype=dt, device=dev)
@@ -280,15 +286,13 @@ class ChunkedWalk:
             rows, t = i1 - i0, targets[i0:i1]
             z = src.tile(0, vocab, i0, i1)
             m, s, _a, _mr, _sr, tgt = _zeros_state(rows, dt, dev, kl=False)
-            self._call("vocab_softmax_fwd", dev, LOGPROB, code, z, vocab, None, 0, rows, vocab, 0, inv, t, m, s,
-                       None, None, None, tgt)
+            self._fold(LOGPROB, z, state=(m, s, None, None, None, tgt), targets=t, inv_temp=inv)
             logs = torch.log(s)
             loss -= torch.where(t >= 0, (tgt - m) - logs, torch.zeros_like(logs)).sum()
             if need_grad:
                 # d(-scale * logp)/dz: the log-prob gradient with upstream -scale, written over the tile in place.
                 g = torch.where(t >= 0, torch.full_like(logs, -scale), torch.zeros_like(logs))
-                self._call("vocab_softmax_grad", dev, LOGPROB, code, z, vocab, None, 0, z, vocab, rows, vocab, 0, inv, t,
-                           m, logs, None, g)
+                self._grad(LOGPROB, z, out=z, targets=t, inv_temp=inv, m=m, logs=logs, q=None, g=g)
                 src.chain(z)
                 torch.mm(z, w, out=grad_hidden[i0:i1])
                 grad_weight.addmm_(z.T, src.hidden[i0:i1])
@@ -314,7 +318,7 @@ class ChunkedWalk:
         """
         dt = compute_dtype(*head)
         n, vocab, dev = head.hidden.shape[0], head.vocab, head.hidden.device
-        code, inv = _kernels.dtype_code(dt), logits.kernel_inv_temp
+        inv = logits.kernel_inv_temp
         if head.weight.dtype != dt:  # once, not per tile (``_Tiles`` converts each tile's rows otherwise)
             head = Head(head.hidden, head.weight.to(dt), head.bias)
         src = _Tiles(head, dt, logits)
@@ -329,8 +333,7 @@ class ChunkedWalk:
             rows, t = i1 - i0, targets[i0:i1]
             z = src.tile(0, vocab, i0, i1)
             m, s, a, _mr, _sr, _tgt = _zeros_state(rows, dt, dev, kl=False)
-            self._call("vocab_softmax_fwd", dev, ENTROPY, code, z, vocab, None, 0, rows, vocab, 0, inv, t, m, s, a,
-                       None, None, None)
+            self._fold(ENTROPY, z, state=(m, s, a, None, None, None), targets=t, inv_temp=inv)
             mx[i0:i1] = m
             torch.log(s, out=logs[i0:i1])
             torch.div(a, s, out=q[i0:i1])  # the ENTROPY mode's a is relative to the max
@@ -353,16 +356,15 @@ class ChunkedWalk:
             # an ignored target's log-prob is the constant 0 (the kernel's -c p part would reach its row otherwise)
             d_lp = torch.where(t >= 0, d_lp.to(dt), torch.zeros((), dtype=dt, device=dev))
             if not d_ent:
-                self._call("vocab_softmax_grad", dev, LOGPROB, code, z, vocab, None, 0, z, vocab, rows, vocab, 0,
-                           inv, t, mx[i0:i1], logs[i0:i1], None, (weight.to(dt) * d_lp).contiguous())
+                self._grad(LOGPROB, z, out=z, targets=t, inv_temp=inv, m=mx[i0:i1], logs=logs[i0:i1], q=None,
+                           g=(weight.to(dt) * d_lp).contiguous())
             else:
                 # Both terms in one pass over the tile: the entropy mode writes -c p ((x - m) - q) = -c p (log p + H)
                 # for q = a / s, so upstream c = weight * d_ent with q - d_lp / d_ent adds the log-prob's
                 # -weight * d_lp * p; its +weight * d_lp at the target is added after. The rounding of that q costs
                 # the log-prob part about one ulp of itself, whatever d_ent is.
-                self._call("vocab_softmax_grad", dev, ENTROPY, code, z, vocab, None, 0, z, vocab, rows, vocab, 0,
-                           inv, t, mx[i0:i1], logs[i0:i1], (q[i0:i1] - d_lp / d_ent).contiguous(),
-                           (weight.to(dt) * d_ent).contiguous())
+                self._grad(ENTROPY, z, out=z, targets=t, inv_temp=inv, m=mx[i0:i1], logs=logs[i0:i1],
+                           q=(q[i0:i1] - d_lp / d_ent).contiguous(), g=(weight.to(dt) * d_ent).contiguous())
                 at = torch.arange(rows, device=dev) * vocab + t.clamp_min(0)
                 z.view(-1).index_add_(0, at, weight.to(dt) * d_lp * inv)
             src.chain(z)
@@ -404,11 +406,13 @@ def bf16_scratch(terms: int, elements: int, device: torch.device) -> Tensor:
     return torch.empty(terms * (-(-elements // 8) * 8), dtype=torch.bfloat16, device=device)
 
 
-def gemm_operands(hidden: Tensor, weight: Tensor, dt: torch.dtype):
-    """(hidden, weight, in_dtype) as cuBLAS takes them: contiguous and of one dtype; a float64 computation, or
-    two different dtypes, promote both to the compute dtype."""
-    kind = hidden.dtype if hidden.dtype == weight.dtype and dt != torch.float64 else dt
-    return hidden.to(kind).contiguous(), weight.to(kind).contiguous(), GEMM_DTYPE[kind]
+def gemm_source(head: Head, dt: torch.dtype) -> abi.LinearSourceArgs:
+    """A linear head as the extension loop's cuBLAS GEMMs take it: hidden and weight contiguous and of one dtype
+    (a float64 computation, or two different dtypes, promote both to the compute dtype ``dt``), the bias in ``dt``."""
+    kind = head.hidden.dtype if head.hidden.dtype == head.weight.dtype and dt != torch.float64 else dt
+    hidden = head.hidden.to(kind).contiguous()
+    return abi.LinearSourceArgs(in_dtype=dtype_code(kind), hidden=hidden, weight=head.weight.to(kind).contiguous(),
+                                bias=None if head.bias is None else head.bias.to(dt).contiguous(), h=hidden.shape[1])
 
 
 class ExtensionLoop:
@@ -425,21 +429,17 @@ class ExtensionLoop:
         return _cublas_loads()
 
     @staticmethod
-    def _sources(dt, n, step, head: Head, ref: Optional[Head]):
-        """The sources' arguments of vocab_softmax_loop_fwd / _grad, plus (ones, tile, ref_tile) scratch."""
-        h, w, code = gemm_operands(head.hidden, head.weight, dt)
-        args = [code, h, w, None if head.bias is None else head.bias.to(dt).contiguous(), h.shape[1]]
-        if ref is not None:
-            rh, rw, rcode = gemm_operands(ref.hidden, ref.weight, dt)
-            args += [rcode, rh, rw, None if ref.bias is None else ref.bias.to(dt).contiguous(), rh.shape[1]]
-        else:
-            args += [0, None, None, None, 0]
+    def _loop_fields(dt, n, step, head: Head, ref: Optional[Head]) -> dict:
+        """The fields vocab_softmax_loop_fwd and _grad share: sizes, sources and the scratch (ones, tile,
+        ref_tile)."""
+        source = gemm_source(head, dt)
+        ref_source = gemm_source(ref, dt) if ref is not None else abi.NO_SOURCE
         dev = head.hidden.device
-        with_bias = head.bias is not None or (ref is not None and ref.bias is not None)
-        ones = torch.ones(n, dtype=dt, device=dev) if with_bias else None
-        tile = torch.empty(n * step, dtype=dt, device=dev)
-        ref_tile = torch.empty(n * step, dtype=dt, device=dev) if ref is not None else None
-        return args, (ones, tile, ref_tile)
+        with_bias = source.bias is not None or ref_source.bias is not None
+        return dict(dtype=dtype_code(dt), n=n, vocab=head.vocab, chunk=step, source=source, ref_source=ref_source,
+                    ones=torch.ones(n, dtype=dt, device=dev) if with_bias else None,
+                    tile=torch.empty(n * step, dtype=dt, device=dev),
+                    ref_tile=torch.empty(n * step, dtype=dt, device=dev) if ref is not None else None)
 
     @staticmethod
     def _terms(logits: Logits) -> int:
@@ -455,9 +455,10 @@ class ExtensionLoop:
             return _finish(mode, targets, *state)
         kl = mode == EXACT_KL
         step = chunk_size(n, vocab, dev)
-        sources, (ones, tile, ref_tile) = self._sources(dt, n, step, head, ref if kl else None)
-        _kernels.call("cuda", "vocab_softmax_loop_fwd", dev, mode, _kernels.dtype_code(dt), n, vocab, step, *sources,
-                      logits.kernel_inv_temp, targets, ones, tile, ref_tile, *state)
+        m, s, a, mr, sr, tgt = state
+        abi.call("cuda", dev, abi.VocabSoftmaxLoopFwdArgs(
+            mode=mode, **self._loop_fields(dt, n, step, head, ref if kl else None), inv_temp=logits.kernel_inv_temp,
+            targets=targets, m=m, s=s, a=a, mr=mr, sr=sr, tgt=tgt))
         return _finish(mode, targets, *state)
 
     def backward(self, mode, grad_out, m, logs, q, head: Head, ref: Optional[Head], targets, logits: Logits,
@@ -471,14 +472,15 @@ class ExtensionLoop:
             return grads
         kl = mode == EXACT_KL
         step = chunk_size(n, vocab, dev)
-        sources, (ones, tile, ref_tile) = self._sources(dt, n, step, head, ref if kl else None)
+        fields = self._loop_fields(dt, n, step, head, ref if kl else None)
         terms = self._terms(logits)
-        tile16 = bf16_scratch(terms, n * step, dev) if sources[0] == BF16 else None
         gh, gw, gb = grads
-        _kernels.call("cuda", "vocab_softmax_loop_grad", dev, mode, _kernels.dtype_code(dt), n, vocab, step, *sources,
-                      logits.kernel_inv_temp, targets, m, logs, q if mode != LOGPROB else None,
-                      _upstream(mode, grad_out, targets, dt), ones,
-                      tile, ref_tile, tile16, terms, gh, gw if gw.numel() else None, gb if gb.numel() else None)
+        abi.call("cuda", dev, abi.VocabSoftmaxLoopGradArgs(
+            mode=mode, **fields, inv_temp=logits.kernel_inv_temp, targets=targets, m=m, logs=logs,
+            q=q if mode != LOGPROB else None, g=_upstream(mode, grad_out, targets, dt),
+            tile16=bf16_scratch(terms, n * step, dev) if fields["source"].in_dtype == BFLOAT16 else None,
+            bf16_terms=terms, grad_hidden=gh, grad_weight=gw if gw.numel() else None,
+            grad_bias=gb if gb.numel() else None))
         return grads
 
     def policy_loss(self, head: Head, targets, logits: Logits, terms, need_grad: bool, need_weight_grad: bool = True):
@@ -491,20 +493,21 @@ class ExtensionLoop:
         dt = compute_dtype(*head)
         n, vocab, dev = head.hidden.shape[0], head.vocab, head.hidden.device
         rows = min(n, ce_rows(vocab, dev))
-        h, w, code = gemm_operands(head.hidden, head.weight, dt)
-        b = None if head.bias is None else head.bias.to(dt).contiguous()
+        source = gemm_source(head, dt)
         m, s, _a, _mr, _sr, tgt = _zeros_state(n, dt, dev, kl=False)
         logs = torch.zeros(n, dtype=dt, device=dev)
         g = torch.where(targets >= 0, torch.full_like(logs, -scale), torch.zeros_like(logs))
         terms = self._terms(logits)
-        tile16 = bf16_scratch(terms, rows * vocab, dev) if (need_grad and code == BF16) else None
         gh, gw, gb = _zero_grads(head, dt, need_grad, overwrite=True) if need_grad \
             else (_empty(dt, dev), _empty(dt, dev), _empty(dt, dev))
-        _kernels.call("cuda", "vocab_softmax_loop_cross_entropy", dev, _kernels.dtype_code(dt), n, vocab, rows, code, h, w, b,
-                      h.shape[1], logits.kernel_inv_temp, targets, g if need_grad else None,
-                      torch.ones(rows, dtype=dt, device=dev) if b is not None else None,
-                      torch.empty(rows * vocab, dtype=dt, device=dev), tile16, terms, m, s, tgt, logs,
-                      gh if need_grad else None, gw if need_grad else None, gb if gb.numel() else None)
+        abi.call("cuda", dev, abi.VocabSoftmaxLoopCrossEntropyArgs(
+            dtype=dtype_code(dt), n=n, vocab=vocab, rows=rows, source=source, inv_temp=logits.kernel_inv_temp,
+            targets=targets, g=g if need_grad else None,
+            ones=torch.ones(rows, dtype=dt, device=dev) if source.bias is not None else None,
+            tile=torch.empty(rows * vocab, dtype=dt, device=dev),
+            tile16=bf16_scratch(terms, rows * vocab, dev) if (need_grad and source.in_dtype == BFLOAT16) else None,
+            bf16_terms=terms, m=m, s=s, tgt=tgt, logs=logs, grad_hidden=gh if need_grad else None,
+            grad_weight=gw if need_grad else None, grad_bias=gb if gb.numel() else None))
         loss = -torch.where(targets >= 0, (tgt - m) - logs, torch.zeros_like(logs)).sum()
         return loss * scale, gh, gw, gb
 
@@ -523,8 +526,10 @@ class TritonFused:
             return _finish(mode, targets, *state)
         kl = mode == EXACT_KL
         dev = head.hidden.device
-        _kernels.call("triton", "vocab_softmax_fused_fwd", dev, mode, _kernels.dtype_code(dt), *_fused_heads(head, ref, kl),
-                      targets, logits.kernel_inv_temp, *state)
+        m, s, a, mr, sr, tgt = state
+        abi.call("triton", dev, abi.VocabSoftmaxFusedFwdArgs(
+            mode=mode, dtype=dtype_code(dt), **_fused_heads(head, ref, kl), targets=targets,
+            inv_temp=logits.kernel_inv_temp, m=m, s=s, a=a, mr=mr, sr=sr, tgt=tgt))
         return _finish(mode, targets, *state)
 
     def backward(self, mode, grad_out, m, logs, q, head: Head, ref: Optional[Head], targets, logits: Logits,
@@ -537,10 +542,11 @@ class TritonFused:
             return grads
         kl = mode == EXACT_KL
         gh, gw, gb = grads
-        _kernels.call("triton", "vocab_softmax_fused_grad", dev, mode, _kernels.dtype_code(dt), *_fused_heads(head, ref, kl),
-                      targets, logits.kernel_inv_temp, m, logs, q if mode != LOGPROB else None,
-                      _upstream(mode, grad_out, targets, dt), gh,
-                      gw if gw.numel() else None, gb if gb.numel() else None)
+        abi.call("triton", dev, abi.VocabSoftmaxFusedGradArgs(
+            mode=mode, dtype=dtype_code(dt), **_fused_heads(head, ref, kl), targets=targets,
+            inv_temp=logits.kernel_inv_temp, m=m, logs=logs, q=q if mode != LOGPROB else None,
+            g=_upstream(mode, grad_out, targets, dt), grad_hidden=gh, grad_weight=gw if gw.numel() else None,
+            grad_bias=gb if gb.numel() else None))
         return grads
 
     def cross_entropy(self, head: Head, targets, logits: Logits, scale: float, need_grad: bool):
@@ -550,10 +556,11 @@ class TritonFused:
         return self.fallback.policy_loss(head, targets, logits, terms, need_grad, need_weight_grad)
 
 
-def _fused_heads(head: Head, ref: Optional[Head], kl: bool):
-    return (head.hidden.contiguous(), head.weight.contiguous(), head.bias,
-            ref.hidden.contiguous() if kl else None, ref.weight.contiguous() if kl else None,
-            ref.bias if kl else None)
+def _fused_heads(head: Head, ref: Optional[Head], kl: bool) -> dict:
+    """The operand fields of the fused kernels' arguments: the heads, contiguous (the reference for EXACT_KL)."""
+    return dict(hidden=head.hidden.contiguous(), weight=head.weight.contiguous(), bias=head.bias,
+                ref_hidden=ref.hidden.contiguous() if kl else None, ref_weight=ref.weight.contiguous() if kl else None,
+                ref_bias=ref.bias if kl else None)
 
 
 # Backend name (as ra3.ops.registry resolves it) -> the design that runs the vocabulary-softmax ops there.
