@@ -1,12 +1,15 @@
 // The pybind11 module ra3._C: thin wrappers that release the GIL and forward integer addresses to the kernels.
 //
-// Nothing here includes torch: the Python side (ra3/ops/_kernels.py) passes tensor.data_ptr() values, sizes,
-// dtype tags and the CUDA stream handle, so one build of this module works with any torch version.
+// Nothing here includes torch: the Python side (ra3/ops/kernel_abi.py) passes each kernel's argument NamedTuple
+// (tensors are read through their data_ptr() method) and the CUDA stream handle, so one build of this module works
+// with any torch version.
 // C++ exceptions become Python exceptions: std::invalid_argument -> ValueError, std::runtime_error -> RuntimeError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
+#include <type_traits>
+#include <unordered_set>
 #include <vector>
 
 #include "ra3_native.h"
@@ -17,29 +20,62 @@
 
 namespace py = pybind11;
 
-// An argument struct from any Python object with its fields as attributes (the NamedTuples of
-// ra3/ops/kernel_abi.py, pointers already turned into integers): read by name, so a field the two sides spell
-// differently is a TypeError naming it, never a value landing in the wrong place.
+// An argument struct from its NamedTuple (ra3/ops/kernel_abi.py). The tuple's type is checked once, by field name
+// and order against the struct's (a field the two sides spell or order differently is a TypeError naming it, never
+// a value landing in the wrong place); after that the fields are read by position, which keeps a call's overhead
+// to about a microsecond. A pointer field takes a tensor (its data_ptr()), None (0) or an integer address.
 namespace pybind11::detail {
 template <typename T>
-T args_field(handle src, const char* owner, const char* name) {
-  if (!hasattr(src, name)) throw type_error(std::string(owner) + " has no field '" + name + "'");
-  object value = src.attr(name);
+T args_field(handle value, const char* owner, const char* name) {
   try {
+    if constexpr (std::is_same_v<T, uintptr_t>) {
+      if (value.is_none()) return 0;
+      if (!PyLong_Check(value.ptr()) && hasattr(value, "data_ptr")) return value.attr("data_ptr")().cast<T>();
+    }
     return value.cast<T>();
   } catch (const cast_error&) {
     throw type_error(std::string(owner) + "." + name + ": cannot take " + std::string(repr(value)) + " (" +
                      std::string(str(type::handle_of(value).attr("__name__"))) + ")");
   }
 }
+
+// Throws unless src is a tuple whose type's _fields are `names`, in order; remembers the types that passed.
+inline void check_args_type(handle src, const char* owner, std::initializer_list<const char*> names,
+                            std::unordered_set<PyTypeObject*>& checked) {
+  PyTypeObject* type = Py_TYPE(src.ptr());
+  if (checked.count(type)) return;
+  if (!PyTuple_Check(src.ptr()) || !hasattr(src, "_fields"))
+    throw type_error(std::string(owner) + ": expected the NamedTuple ra3.ops.kernel_abi." + owner + ", got " +
+                     std::string(str(type::handle_of(src).attr("__name__"))));
+  const tuple fields = src.attr("_fields");
+  size_t i = 0;
+  for (const char* name : names) {
+    const std::string got = i < fields.size() ? fields[i].cast<std::string>() : std::string("nothing");
+    if (got != name)
+      throw type_error(std::string(owner) + " has no field '" + name + "' at position " + std::to_string(i) +
+                       " (its tuple has '" + got + "' there)");
+    ++i;
+  }
+  if (fields.size() != names.size())
+    throw type_error(std::string(owner) + " has " + std::to_string(names.size()) + " fields, its tuple " +
+                     std::to_string(fields.size()));
+  Py_INCREF(type);  // a checked type stays alive, so its address is never reused by another
+  checked.insert(type);
+}
+
 // (the field's type from the struct itself: the FIELDS lists name ra3's types unqualified, e.g. LinearSourceArgs)
-#define RA3_ARGS_LOAD(type, name) value.name = args_field<decltype(value.name)>(src, kName, #name);
+#define RA3_ARGS_NAME(type, name) #name,
+#define RA3_ARGS_LOAD(type, name) \
+  value.name = args_field<decltype(value.name)>(PyTuple_GET_ITEM(src.ptr(), i++), kName, #name);
 #define RA3_ARGS_CASTER(Struct, FIELDS)                                                                        \
   template <>                                                                                                  \
   struct type_caster<ra3::Struct> {                                                                            \
     PYBIND11_TYPE_CASTER(ra3::Struct, const_name(#Struct));                                                    \
     static constexpr const char* kName = #Struct;                                                              \
     bool load(handle src, bool) {                                                                              \
+      static std::unordered_set<PyTypeObject*> checked;  /* guarded by the GIL */                              \
+      check_args_type(src, kName, {FIELDS(RA3_ARGS_NAME)}, checked);                                           \
+      Py_ssize_t i = 0;                                                                                        \
       FIELDS(RA3_ARGS_LOAD)                                                                                    \
       return true;                                                                                             \
     }                                                                                                          \
@@ -48,6 +84,7 @@ T args_field(handle src, const char* owner, const char* name) {
 RA3_ARGS_STRUCTS(RA3_ARGS_CASTER)
 #undef RA3_ARGS_CASTER
 #undef RA3_ARGS_LOAD
+#undef RA3_ARGS_NAME
 }  // namespace pybind11::detail
 
 #ifndef RA3_CUDA_ARCHS

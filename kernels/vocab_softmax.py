@@ -143,7 +143,7 @@ def _grad_kernel(z_ptr, ldz, r_ptr, ldr, out_ptr, ldo, vc, v_offset, inv_temp: t
 # add into one fma, and then `z * inv_temp - m` is the exact product minus m, whose rounding error does not cancel at
 # the row max (csrc/cpu: -ffp-contract=off; csrc/cuda: __fmul_rn). These kernels are memory-bound: nothing is lost.
 # scripts/check_triton_compile.py fails if their PTX holds an fma.
-def _check_mode(mode: int) -> None:
+def check_mode(mode: int) -> None:
     if mode not in (LOGPROB, ENTROPY, EXACT_KL):
         raise ValueError(f"mode must be 0 (logprob), 1 (entropy) or 2 (exact KL), got {mode}")
 
@@ -155,7 +155,7 @@ def vocab_softmax_fwd(a: VocabSoftmaxFwdArgs) -> None:
     read/written in mode 0 only, a in modes 1-2, mr and sr in mode 2. v_offset is the chunk's first column.
     """
     mode = a.mode
-    _check_mode(mode)
+    check_mode(mode)
     dt = check_dtype(a.dtype, a.z, a.r, a.m, a.s, a.a, a.mr, a.sr, a.tgt)
     if a.n <= 0 or a.vc <= 0:
         return
@@ -175,7 +175,7 @@ def vocab_softmax_grad(a: VocabSoftmaxGradArgs) -> None:
     forward's max and log-sum of x = z * inv_temp and q = a / s [n] (modes 1-2).
     """
     mode = a.mode
-    _check_mode(mode)
+    check_mode(mode)
     dt = check_dtype(a.dtype, a.z, a.r, a.out, a.m, a.logs, a.q, a.g)
     if a.n <= 0 or a.vc <= 0:
         return

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ra3.kernels._common import block, check_dtype, scalar_as
-from ra3.kernels.vocab_softmax import _check_mode
+from ra3.kernels.vocab_softmax import check_mode
 from ra3.ops.kernel_abi import ENTROPY, EXACT_KL, LOGPROB, VocabSoftmaxFusedFwdArgs, VocabSoftmaxFusedGradArgs
 
 # Tile shapes; float64 tiles are smaller (twice the registers per element).
@@ -259,7 +259,7 @@ def vocab_softmax_fused_fwd(args: VocabSoftmaxFusedFwdArgs, *, splits: int | Non
     (mode, dtype, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp, m, s, a, mr, sr,
      tgt) = (args.mode, args.dtype, args.hidden, args.weight, args.bias, args.ref_hidden, args.ref_weight,
              args.ref_bias, args.targets, args.inv_temp, args.m, args.s, args.a, args.mr, args.sr, args.tgt)
-    _check_mode(mode)
+    check_mode(mode)
     dt = check_dtype(dtype, m, s, a if mode != LOGPROB else None, mr, sr, tgt if mode == LOGPROB else None)
     needed = {LOGPROB: (tgt,), ENTROPY: (a,), EXACT_KL: (a, mr, sr, ref_hidden, ref_weight)}[mode]
     if any(t is None for t in needed):
@@ -313,7 +313,7 @@ def vocab_softmax_fused_grad(args: VocabSoftmaxFusedGradArgs) -> None:
                                              args.ref_hidden, args.ref_weight, args.ref_bias, args.targets,
                                              args.inv_temp, args.m, args.logs, args.q, args.g, args.grad_hidden,
                                              args.grad_weight, args.grad_bias)
-    _check_mode(mode)
+    check_mode(mode)
     dt = check_dtype(dtype, m, logs, q, g, grad_hidden, grad_weight, grad_bias)
     n, hdim = hidden.shape
     vocab = weight.shape[0]

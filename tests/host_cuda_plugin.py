@@ -38,7 +38,7 @@ def host_cuda(monkeypatch, request):
             if isinstance(getattr(args, field), torch.Tensor):
                 getattr(args, field).fill_(float("nan"))
         kernel = getattr(mod.testing, name) if name in EXTENSION_LOOP else getattr(mod, "cpu_" + name)
-        return kernel(kernel_abi.addresses(args))
+        return kernel(args)
 
     monkeypatch.setattr(conftest, "backend_device", lambda backend: "cpu")
     monkeypatch.setattr(registry, "_usable", lambda backend, dev: backend == "cuda" or usable(backend, dev))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections import namedtuple
 
 import pytest
 import torch
@@ -81,16 +82,28 @@ def test_constants_match_the_c_enums():
                               torch.bfloat16: constants["BFLOAT16"], torch.float16: constants["FLOAT16"]}
 
 
-def test_a_field_missing_or_of_the_wrong_type_is_a_type_error_naming_it():
+def test_a_field_missing_misplaced_or_of_the_wrong_type_is_a_type_error_naming_it():
     x, ids, out = torch.arange(3.0), torch.tensor([0, 1, 1]), torch.empty(2)
     good = abi.SegmentSumFwdArgs(dtype=abi.FLOAT32, values=x, ids=ids, n=3, num_segments=2, out=out)
-    _C.cpu_segment_sum_fwd(abi.addresses(good))
+    _C.cpu_segment_sum_fwd(good)
     assert out.tolist() == [0.0, 3.0]
-    missing = abi.SegmentSumBwdArgs(dtype=abi.FLOAT32, grad_out=out, ids=ids, n=3, grad_values=x)
-    with pytest.raises(TypeError, match="SegmentSumFwdArgs has no field 'values'"):
-        _C.cpu_segment_sum_fwd(abi.addresses(missing))
+    _C.cpu_segment_sum_fwd(good._replace(values=x.data_ptr(), ids=ids.data_ptr(), out=out.data_ptr()))  # addresses
+    assert out.tolist() == [0.0, 3.0]
+    other = abi.SegmentSumBwdArgs(dtype=abi.FLOAT32, grad_out=out, ids=ids, n=3, grad_values=x)
+    with pytest.raises(TypeError, match="SegmentSumFwdArgs has no field 'values' at position 1 .*'grad_out'"):
+        _C.cpu_segment_sum_fwd(other)
+    swapped = namedtuple("SegmentSumFwdArgs", "dtype ids values n num_segments out")(*good)
+    with pytest.raises(TypeError, match="SegmentSumFwdArgs has no field 'values' at position 1 .*'ids'"):
+        _C.cpu_segment_sum_fwd(swapped)  # same names, another order: refused, never read by position
+    longer = namedtuple("SegmentSumFwdArgs", "dtype values ids n num_segments out extra")(*good, 0)
+    with pytest.raises(TypeError, match="SegmentSumFwdArgs has 6 fields, its tuple 7"):
+        _C.cpu_segment_sum_fwd(longer)
+    with pytest.raises(TypeError, match="expected the NamedTuple ra3.ops.kernel_abi.SegmentSumFwdArgs, got tuple"):
+        _C.cpu_segment_sum_fwd(tuple(good))
     with pytest.raises(TypeError, match=r"SegmentSumFwdArgs\.n: cannot take 'three'"):
-        _C.cpu_segment_sum_fwd(abi.addresses(good._replace(n="three")))
+        _C.cpu_segment_sum_fwd(good._replace(n="three"))
+    with pytest.raises(TypeError, match=r"SegmentSumFwdArgs\.values: cannot take 2.5"):
+        _C.cpu_segment_sum_fwd(good._replace(values=2.5))  # a pointer is a tensor, None or an address
 
 
 # --- the vectorised exp of the CPU kernels -------------------------------------------------------------------
@@ -107,9 +120,9 @@ def test_vectorised_exp_is_accurate_over_its_range(dtype):
     out = nan_like((1, n), dtype)
     one = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
     zero, g, t = one(0.0), one(-1.0), torch.tensor([-1], dtype=torch.int64)
-    _C.cpu_vocab_softmax_grad(abi.addresses(abi.VocabSoftmaxGradArgs(
+    _C.cpu_vocab_softmax_grad(abi.VocabSoftmaxGradArgs(
         mode=LOGPROB, dtype=CODE[dtype], z=z, ldz=n, r=None, ldr=0, out=out, ldo=n, n=1, vc=n, v_offset=0,
-        inv_temp=1.0, targets=t, m=zero, logs=zero, q=None, g=g)))
+        inv_temp=1.0, targets=t, m=zero, logs=zero, q=None, g=g))
     expected = z.double().exp()
     tiny = torch.finfo(dtype).tiny
     normal = (expected >= tiny * 2) & expected.isfinite()

@@ -279,4 +279,4 @@ def test_the_loop_refuses_bad_arguments_before_any_gemm(change, message):
         inv_temp=1.0, targets=None, m=buf, logs=buf, q=None, g=buf, ones=None, tile=buf, ref_tile=None, tile16=buf,
         bf16_terms=2, grad_hidden=buf, grad_weight=None, grad_bias=None)._replace(**change)
     with pytest.raises(ValueError, match=re.escape(message)):
-        _native.load().testing.vocab_softmax_loop_grad(abi.addresses(args))
+        _native.load().testing.vocab_softmax_loop_grad(args)

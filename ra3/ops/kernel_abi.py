@@ -3,15 +3,16 @@
 Each ``<Name>Args`` mirrors the struct of that name in csrc/ra3_native.h field for field (``ra3._C.abi()`` lists
 them; tests/test_kernel_contracts.py holds the two sides together), with a tensor (or None) wherever the struct
 holds a pointer. The kernel is the struct's name without "Args", in snake case: ``SegmentSumFwdArgs`` runs
-``segment_sum_fwd``. Every backend takes the same tuple: ``call('cpu' | 'cuda', device, args)`` turns tensors into
-addresses (0 for None) for ``ra3._C``'s ``cpu_<kernel>`` / ``cuda_<kernel>`` (the latter on ``device``'s current
-stream), and ``call('triton', device, args)`` hands the tuple to the Triton launcher ``ra3.kernels.launcher(kernel)``,
+``segment_sum_fwd``. Every backend takes the same tuple: ``call('cpu' | 'cuda', device, args)`` hands it to
+``ra3._C``'s ``cpu_<kernel>`` / ``cuda_<kernel>`` (the latter on ``device``'s current stream), which reads a tensor's
+address through its ``data_ptr()`` (0 for None), and ``call('triton', device, args)`` hands the tuple to the Triton launcher ``ra3.kernels.launcher(kernel)``,
 imported only then (``import ra3.ops`` never imports triton). The Triton-only fused kernels have tuples here too.
 
 Build arguments by keyword: a field's position is not part of the contract.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple, Optional
 
@@ -305,20 +306,10 @@ class VocabSoftmaxFusedGradArgs(NamedTuple):
     grad_bias: Optional[Tensor]
 
 
+@functools.cache
 def kernel_name(args_type: type) -> str:
     """The kernel an argument tuple type runs: its name without "Args", in snake case."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", args_type.__name__.removesuffix("Args")).lower()
-
-
-def ptr(t: Optional[Tensor]) -> int:
-    """The address the kernel reads, 0 for an absent optional tensor."""
-    return 0 if t is None else t.data_ptr()
-
-
-def addresses(args: NamedTuple) -> NamedTuple:
-    """``args`` with every tensor (or None) as its address, nested argument tuples too: what ``ra3._C`` reads."""
-    return type(args)(*(ptr(v) if v is None or isinstance(v, Tensor) else addresses(v) if isinstance(v, tuple)
-                        else v for v in args))
 
 
 def call(backend: str, device: torch.device, args: NamedTuple):
@@ -335,8 +326,9 @@ def call(backend: str, device: torch.device, args: NamedTuple):
     mod = _native.load()
     if mod is None:
         raise RuntimeError(f"ra3._C is not available; {_native.REBUILD_HINT}")
+    # ra3._C reads each pointer field's address from the tensor itself (data_ptr()).
     if backend == "cuda":
-        return getattr(mod, "cuda_" + name)(addresses(args), torch.cuda.current_stream(device).cuda_stream)
+        return getattr(mod, "cuda_" + name)(args, torch.cuda.current_stream(device).cuda_stream)
     if backend == "cpu":
-        return getattr(mod, "cpu_" + name)(addresses(args))
+        return getattr(mod, "cpu_" + name)(args)
     raise ValueError(f"no kernels for backend {backend!r}")
