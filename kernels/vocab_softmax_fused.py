@@ -247,7 +247,7 @@ def _splits(n_tiles: int, vocab_tiles: int, device: torch.device) -> int:
     return max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, n_tiles)))
 
 
-def vocab_softmax_fused_fwd(args: VocabSoftmaxFusedFwdArgs, *, splits: int | None = None) -> None:
+def vocab_softmax_fused_fwd(a: VocabSoftmaxFusedFwdArgs, *, splits: int | None = None) -> None:
     """The softmax state of logits = hidden @ weight.T (+ bias) over the whole vocabulary, written to [n] tensors.
 
     hidden [n, H], weight [V, H], bias [V] | None: any float dtype; ref_* likewise (mode 2, H_ref may differ);
@@ -256,85 +256,71 @@ def vocab_softmax_fused_fwd(args: VocabSoftmaxFusedFwdArgs, *, splits: int | Non
     The state tensors have the compute dtype (tag ``dtype``). ``splits``: vocabulary splits (default: enough
     programs for the GPU; 1 off it).
     """
-    (mode, dtype, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp, m, s, a, mr, sr,
-     tgt) = (args.mode, args.dtype, args.hidden, args.weight, args.bias, args.ref_hidden, args.ref_weight,
-             args.ref_bias, args.targets, args.inv_temp, args.m, args.s, args.a, args.mr, args.sr, args.tgt)
-    check_mode(mode)
-    dt = check_dtype(dtype, m, s, a if mode != LOGPROB else None, mr, sr, tgt if mode == LOGPROB else None)
-    needed = {LOGPROB: (tgt,), ENTROPY: (a,), EXACT_KL: (a, mr, sr, ref_hidden, ref_weight)}[mode]
+    check_mode(a.mode)
+    kl, lp = a.mode == EXACT_KL, a.mode == LOGPROB
+    # the state this mode writes, in the kernels' order (m, s, a, mr, sr, tgt); None where the mode has none
+    state = (a.m, a.s, None if lp else a.a, a.mr if kl else None, a.sr if kl else None, a.tgt if lp else None)
+    dt = check_dtype(a.dtype, *state)
+    needed = {LOGPROB: (a.tgt,), ENTROPY: (a.a,), EXACT_KL: (a.a, a.mr, a.sr, a.ref_hidden, a.ref_weight)}[a.mode]
     if any(t is None for t in needed):
-        raise ValueError(f"mode {mode} needs tgt (0), a (1-2), and mr, sr, ref_hidden, ref_weight (2)")
-    n, hdim = hidden.shape
-    vocab = weight.shape[0]
+        raise ValueError(f"mode {a.mode} needs tgt (0), a (1-2), and mr, sr, ref_hidden, ref_weight (2)")
+    n, hdim = a.hidden.shape
+    vocab = a.weight.shape[0]
     if n == 0:
         return
-    kl = mode == EXACT_KL
-    hidden, weight = _rows(hidden), _rows(weight)
-    ref_hidden, ref_weight = (_rows(ref_hidden), _rows(ref_weight)) if kl else (None, None)
+    hidden, weight = _rows(a.hidden), _rows(a.weight)
+    ref_hidden, ref_weight = (_rows(a.ref_hidden), _rows(a.ref_weight)) if kl else (None, None)
     tiles = TILES[dt]
     bn, bv = tiles["BLOCK_N"], tiles["BLOCK_V"]
     n_tiles, vocab_tiles = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     splits = _splits(n_tiles, vocab_tiles, hidden.device) if splits is None else max(1, min(splits, vocab_tiles))
     v_per_split = triton.cdiv(vocab_tiles, splits) * bv
     splits = triton.cdiv(vocab, v_per_split)
-    if splits == 1:
-        state = (m, s, a, mr, sr, tgt)
-    else:
-        def part(t, on):
-            return torch.empty(splits, n, dtype=dt, device=m.device) if on else None
-        state = (part(m, True), part(s, True), part(a, mode != LOGPROB), part(mr, kl), part(sr, kl),
-                 part(tgt, mode == LOGPROB))
-    has_targets = mode == LOGPROB and targets is not None
-    pm, ps, pa, pmr, psr, ptgt = state
+    # with vocabulary splits, each split writes its own partial state, merged after
+    parts = state if splits == 1 else tuple(
+        None if t is None else torch.empty(splits, n, dtype=dt, device=a.m.device) for t in state)
+    has_targets = lp and a.targets is not None
     _linear_stats_kernel[(n_tiles, splits)](
-        hidden, _ld(hidden), weight, _ld(weight), bias, ref_hidden, _ld(ref_hidden), ref_weight, _ld(ref_weight),
-        ref_bias if kl else None, targets if has_targets else None, n, hdim, ref_hidden.shape[1] if kl else 0, vocab,
-        v_per_split, inv_temp, pm, ps, pa if mode != LOGPROB else None, pmr if kl else None, psr if kl else None,
-        ptgt if mode == LOGPROB else None, MODE=mode, HAS_BIAS=bias is not None,
-        HAS_REF_BIAS=kl and ref_bias is not None, HAS_TARGETS=has_targets,
+        hidden, _ld(hidden), weight, _ld(weight), a.bias, ref_hidden, _ld(ref_hidden), ref_weight, _ld(ref_weight),
+        a.ref_bias if kl else None, a.targets if has_targets else None, n, hdim, ref_hidden.shape[1] if kl else 0,
+        vocab, v_per_split, a.inv_temp, *parts, MODE=a.mode, HAS_BIAS=a.bias is not None,
+        HAS_REF_BIAS=kl and a.ref_bias is not None, HAS_TARGETS=has_targets,
         NATIVE_DOT=_native_dot(hidden, weight, dt), REF_NATIVE_DOT=kl and _native_dot(ref_hidden, ref_weight, dt),
         **tiles)
     if splits > 1:
         rows = block(n, 256)
-        _merge_splits_kernel[(triton.cdiv(n, rows),)](
-            *state, n, splits, m, s, a if mode != LOGPROB else None,
-            mr if kl else None, sr if kl else None, tgt if mode == LOGPROB else None, MODE=mode, BLOCK=rows)
+        _merge_splits_kernel[(triton.cdiv(n, rows),)](*parts, n, splits, *state, MODE=a.mode, BLOCK=rows)
 
 
-def vocab_softmax_fused_grad(args: VocabSoftmaxFusedGradArgs) -> None:
+def vocab_softmax_fused_grad(a: VocabSoftmaxFusedGradArgs) -> None:
     """Gradients of sum_i g[i] * value_i (log-prob of the target, entropy or KL) w.r.t. hidden, weight and bias.
 
     Inputs as vocab_softmax_fused_fwd; m, logs [n] the forward's max and log-sum, q = a / s [n] (modes 1-2),
     g [n] the upstream gradient (0 on ignored rows in mode 0). Writes grad_hidden [n, H] and, when given,
     grad_weight [V, H] and grad_bias [V], contiguous in the compute dtype.
     """
-    (mode, dtype, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_temp, m, logs, q, g,
-     grad_hidden, grad_weight, grad_bias) = (args.mode, args.dtype, args.hidden, args.weight, args.bias,
-                                             args.ref_hidden, args.ref_weight, args.ref_bias, args.targets,
-                                             args.inv_temp, args.m, args.logs, args.q, args.g, args.grad_hidden,
-                                             args.grad_weight, args.grad_bias)
-    check_mode(mode)
-    dt = check_dtype(dtype, m, logs, q, g, grad_hidden, grad_weight, grad_bias)
-    n, hdim = hidden.shape
-    vocab = weight.shape[0]
-    grad_hidden.zero_()  # the kernel accumulates with atomic adds
-    for t in (grad_weight, grad_bias):
+    check_mode(a.mode)
+    dt = check_dtype(a.dtype, a.m, a.logs, a.q, a.g, a.grad_hidden, a.grad_weight, a.grad_bias)
+    n, hdim = a.hidden.shape
+    vocab = a.weight.shape[0]
+    a.grad_hidden.zero_()  # the kernel accumulates with atomic adds
+    for t in (a.grad_weight, a.grad_bias):
         if t is not None:
             t.zero_()
     if n == 0:
         return
-    kl = mode == EXACT_KL
-    hidden, weight = _rows(hidden), _rows(weight)
-    ref_hidden, ref_weight = (_rows(ref_hidden), _rows(ref_weight)) if kl else (None, None)
+    kl = a.mode == EXACT_KL
+    hidden, weight = _rows(a.hidden), _rows(a.weight)
+    ref_hidden, ref_weight = (_rows(a.ref_hidden), _rows(a.ref_weight)) if kl else (None, None)
     tiles = TILES[dt]
-    need_w = grad_weight is not None
-    has_targets = mode == LOGPROB and targets is not None
+    need_w = a.grad_weight is not None
+    has_targets = a.mode == LOGPROB and a.targets is not None
     _linear_grad_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), triton.cdiv(vocab, tiles["BLOCK_V"]))](
-        hidden, _ld(hidden), weight, _ld(weight), bias, ref_hidden, _ld(ref_hidden), ref_weight, _ld(ref_weight),
-        ref_bias if kl else None, targets if has_targets else None, m, logs,
-        q if mode != LOGPROB else None, g, n, hdim, ref_hidden.shape[1] if kl else 0, vocab, inv_temp, grad_hidden,
-        grad_weight, grad_bias if need_w else None, MODE=mode, HAS_BIAS=bias is not None,
-        HAS_REF_BIAS=kl and ref_bias is not None, HAS_TARGETS=has_targets, NEED_WEIGHT_GRAD=need_w,
+        hidden, _ld(hidden), weight, _ld(weight), a.bias, ref_hidden, _ld(ref_hidden), ref_weight, _ld(ref_weight),
+        a.ref_bias if kl else None, a.targets if has_targets else None, a.m, a.logs,
+        a.q if a.mode != LOGPROB else None, a.g, n, hdim, ref_hidden.shape[1] if kl else 0, vocab, a.inv_temp,
+        a.grad_hidden, a.grad_weight, a.grad_bias if need_w else None, MODE=a.mode, HAS_BIAS=a.bias is not None,
+        HAS_REF_BIAS=kl and a.ref_bias is not None, HAS_TARGETS=has_targets, NEED_WEIGHT_GRAD=need_w,
         NATIVE_DOT=_native_dot(hidden, weight, dt), REF_NATIVE_DOT=kl and _native_dot(ref_hidden, ref_weight, dt),
         **tiles)
 
