@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks._report import RESULTS, command, device_name, versions, write_report
 
-KEYS = ("reward_mean", "pass_rate", "kl", "entropy", "response_length")
+KEYS = ("reward_mean", "pass_rate", "ref_kl", "entropy", "response_length")
 WINDOW = 5  # steps averaged at the start and at the end
 
 
@@ -49,7 +49,7 @@ def _markdown(report: dict) -> str:
     for r in report["runs"]:
         f, la = r["first"], r["last"]
         lines.append(f"| {r['label']} (`{r['model']}`) | {len(r['steps'])} | {f['reward_mean']:.3f} -> "
-                     f"{la['reward_mean']:.3f} | {f['pass_rate']:.3f} -> {la['pass_rate']:.3f} | {la['kl']:.3f} | "
+                     f"{la['reward_mean']:.3f} | {f['pass_rate']:.3f} -> {la['pass_rate']:.3f} | {la['ref_kl']:.3f} | "
                      f"{f['entropy']:.2f} -> {la['entropy']:.2f} | {f['response_length']:.2f} -> "
                      f"{la['response_length']:.2f} |")
     lines += ["", f"![RLVR demo curves]({report['png']})", ""]

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RLVR_METRICS = ("reward_mean", "pass_rate", "kl", "entropy", "response_length", "clip_fraction")
+RLVR_METRICS = ("reward_mean", "pass_rate", "ref_kl", "entropy", "response_length", "clip_fraction")
 MIDTRAIN_METRICS = ("elbo@iteration", "thinks_per_100_lines@iteration", "heldout_code_loss@iteration",
                     "loss@m_step")
 DEFAULT_METRICS = {"rlvr": RLVR_METRICS, "midtrain": MIDTRAIN_METRICS}
@@ -37,11 +37,16 @@ TITLES = {  # panel titles of the metrics people plot most; others are titled by
     ("return_mean", "e_step"): "E-step return",
     ("reward_mean", "step"): "mean reward",
     ("pass_rate", "step"): "pass rate",
-    ("kl", "step"): "KL to the initial policy",
+    ("ref_kl", "step"): "KL to the initial policy",
     ("entropy", "step"): "entropy (nats/token)",
     ("response_length", "step"): "response length (tokens)",
     ("clip_fraction", "step"): "clip fraction",
 }
+
+
+# An RLVR record's old metric names -> the names the E-step's records share (ra3/train/update.py).
+_RLVR_RENAMED = {"kl": "ref_kl", "loss": "policy_loss", "seconds_generation": "rollout_s", "seconds_reward": "reward_s",
+                 "seconds_step": "time_s", "generation_tokens_per_s": "rollout_tokens_per_s"}
 
 
 def read_metrics(run) -> list[dict]:
@@ -61,6 +66,8 @@ def read_metrics(run) -> list[dict]:
             raise ValueError(f"{path}:{lineno} is not valid JSON: {exc}") from None
         if not isinstance(row, dict) or "step" not in row:
             raise ValueError(f"{path}:{lineno} has no 'step'")
+        if row.get("objective") == "grpo":  # RLVR records written before 2026-12-02 named some metrics otherwise
+            row = {_RLVR_RENAMED.get(k, k): v for k, v in row.items()}
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} is empty")

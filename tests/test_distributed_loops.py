@@ -310,7 +310,7 @@ def test_rlvr_ddp_finishes_resumes_and_keeps_ranks_identical(rlvr_runs):
     assert rank0["codes"] == rank1["codes"] == {"ddp": 0, "stopped": 0, "resumed": 0, "fsdp": 0}
     rows = _rows(out / "ddp" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, RLVR_STEPS + 1))  # one writer
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["entropy"]])).all() for r in rows)
+    assert all(torch.isfinite(torch.tensor([r["policy_loss"], r["ref_kl"], r["entropy"]])).all() for r in rows)
     assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
     # checkpoints: a loadable save_pretrained model and the sharded trainer state
     for step in (2, 4):
@@ -324,7 +324,7 @@ def test_rlvr_ddp_finishes_resumes_and_keeps_ranks_identical(rlvr_runs):
     assert [r["step"] for r in resumed] == list(range(1, RLVR_STEPS + 1))
     for got, want in zip(resumed, rows):
         assert got["reward_mean"] == want["reward_mean"], got["step"]
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-6)
+        assert got["policy_loss"] == pytest.approx(want["policy_loss"], rel=1e-4, abs=1e-6)
     logs = [(out / f"stdout{r}.txt").read_text() for r in range(2)]
     assert '"reward_mean"' in logs[0] and logs[1] == ""
 
@@ -335,7 +335,7 @@ def test_rlvr_fsdp_computes_what_ddp_computes(rlvr_runs):
     assert [r["step"] for r in fsdp] == list(range(1, RLVR_STEPS + 1))
     for a, b in zip(ddp, fsdp):
         assert b["reward_mean"] == a["reward_mean"] and b["response_length"] == a["response_length"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["policy_loss"] == pytest.approx(a["policy_loss"], rel=1e-4, abs=1e-6)
         assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-4)
     from ra3.models import load_model
 

@@ -44,7 +44,7 @@ def midtrain_run(tmp_path):
 
 @pytest.fixture
 def rlvr_run(tmp_path):
-    return _write(tmp_path / "rlvr", [{"step": s, "reward_mean": 0.1 * s, "pass_rate": 0.05 * s, "kl": 0.01 * s}
+    return _write(tmp_path / "rlvr", [{"step": s, "reward_mean": 0.1 * s, "pass_rate": 0.05 * s, "ref_kl": 0.01 * s}
                                       for s in range(1, 6)])
 
 
@@ -90,12 +90,22 @@ def test_several_runs_name_run_and_objective(midtrain_run, tmp_path):
 def test_an_rlvr_run_gets_rlvr_panels(rlvr_run, midtrain_run):
     assert run_kind(json.loads(line) for line in (rlvr_run / "metrics.jsonl").read_text().splitlines()) == "rlvr"
     panels = build_panels([rlvr_run])
-    assert [p.metric for p in panels] == [m for m in RLVR_METRICS if m in ("reward_mean", "pass_rate", "kl")]
+    assert [p.metric for p in panels] == [m for m in RLVR_METRICS if m in ("reward_mean", "pass_rate", "ref_kl")]
     assert all(p.xlabel == "step" and [line.label for line in p.lines] == ["rlvr"] for p in panels)
     with pytest.raises(ValueError, match="different kinds.*midtrain.*rlvr"):
         build_panels([midtrain_run, rlvr_run])
     with pytest.raises(ValueError, match="NAME@RECORDS"):
         build_panels([midtrain_run], metrics=["loss@epoch"])
+
+
+def test_an_older_rlvr_record_is_read_under_the_shared_names(tmp_path):
+    """RLVR records from before the E-step and RLVR shared their update's metric names still plot."""
+    old = _write(tmp_path / "old", [{"kind": "step", "objective": "grpo", "step": s, "reward_mean": 0.1 * s,
+                                     "kl": 0.01 * s, "loss": 1.0, "seconds_step": 2.0} for s in range(1, 4)])
+    panels = {p.metric: p for p in build_panels([old])}
+    assert list(panels) == ["reward_mean", "ref_kl"] and panels["ref_kl"].lines[0].ys == [0.01, 0.02, 0.03]
+    loss, seconds = build_panels([old], metrics=["policy_loss", "time_s"])
+    assert loss.lines[0].ys == [1.0, 1.0, 1.0] and seconds.lines[0].ys == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize("kind", ["midtrain", "rlvr"])

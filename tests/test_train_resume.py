@@ -168,8 +168,8 @@ def test_policy_gradient_update_is_ppo_steps_over_minibatches(aggregation, minib
             want_opt.step()
             losses.append(float(out.loss.detach()))
     torch.testing.assert_close(model.weight, want_model.weight)
-    assert stats["loss"] == pytest.approx(sum(losses) / len(losses))
-    assert not torch.equal(model.weight, start) and 0 <= stats["clip_fraction"] <= 1 and stats["kl"] > 0
+    assert stats["policy_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert not torch.equal(model.weight, start) and 0 <= stats["clip_fraction"] <= 1 and stats["ref_kl"] > 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -226,5 +226,5 @@ def test_fused_head_update_takes_the_same_steps(backend, aggregation):
     torch.testing.assert_close(fused.proj, unfused.proj)
     torch.testing.assert_close(fused.head, unfused.head)
     assert not torch.equal(fused.head, start_head)
-    for key in ("loss", "clip_fraction", "kl", "ratio_mean", "grad_norm"):
+    for key in ("policy_loss", "clip_fraction", "ref_kl", "ratio_mean", "grad_norm"):
         assert s1[key] == pytest.approx(s0[key], rel=1e-9, abs=1e-12), key

@@ -19,7 +19,7 @@ from ra3.midtrain.batch import pack
 from ra3.midtrain.config import MidtrainConfig
 from ra3.midtrain.elbo import elbo, line_rewards, returns
 from ra3.midtrain.scoring import PolicyHead, hidden_states, output_head, policy_logprobs, score_rollouts
-from ra3.train.update import PolicyTokens, UpdateConfig, policy_gradient_update
+from ra3.train.update import PER_TOKEN_METRICS, PolicyTokens, UpdateConfig, policy_gradient_update
 
 
 def advantages(rewards: torch.Tensor, valid: torch.Tensor, boundary: torch.Tensor, mask: torch.Tensor, *,
@@ -115,8 +115,7 @@ def e_step(policy, ref, optimizer, docs: list[Document], generator, head: Policy
         "expert_loglik": float(parts["expert_loglik"].mean()), "elbo": float(parts[f"elbo_{cfg.kl_form}"].mean()),
         "thinks_per_100_lines": 100.0 * n_thinks / max(n_lines, 1.0),
         "rationale_len_mean": float(scores.comment_len.sum()) / max(n_thinks, 1.0),
-        "policy_loss": stats["loss"], "clip_fraction": stats["clip_fraction"], "ref_kl": stats["kl"],
-        "ratio_mean": stats["ratio_mean"], "grad_norm": stats["grad_norm"],
+        **stats,
         "tokens": batch.num_tokens, "tokens_per_s": batch.num_tokens / max(elapsed, 1e-9),
         "rollout_s": t_rollout, "time_s": elapsed,
     }
@@ -129,10 +128,9 @@ def _over_ranks(m: dict, ret: torch.Tensor, *, n_lines, n_thinks, n_adv, n_token
     if not ranks.get_info().distributed:
         return m
     n = len(ret)
-    per_token = ("policy_loss", "clip_fraction", "ref_kl", "ratio_mean")
     weights = {"return_mean": n, "expert_loglik": n, "elbo": n, "advantage_abs_mean": n_adv, "think_rate": n,
                "think_q_mean": n, "informative_groups": n, "thinks_per_100_lines": n_lines,
-               "rationale_len_mean": n_thinks, **{k: n_tokens for k in per_token}}
+               "rationale_len_mean": n_thinks, **{k: n_tokens for k in PER_TOKEN_METRICS}}
     g = ranks.reduce_metrics(m, weights=weights, sums=("tokens",), maxes=("rollout_s", "time_s"),
                              stds={"return_std": ret})
     g["tokens_per_s"] = g["tokens"] / max(g["time_s"], 1e-9)

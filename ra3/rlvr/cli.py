@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(cfg)
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 reports (every rank has the same metrics)
             if metrics:
-                print(json.dumps({k: metrics[k] for k in ("step", "reward_mean", "pass_rate", "kl", "entropy")}))
+                print(json.dumps({k: metrics[k] for k in ("step", "reward_mean", "pass_rate", "ref_kl", "entropy")}))
             print(f"metrics: {cfg.out}/metrics.jsonl, checkpoints: {cfg.out}/checkpoints")
         return metrics
 

@@ -38,7 +38,7 @@ from ra3.rlvr.rewards import UnitTestReward
 from ra3.rlvr.toy import toy_tasks
 from ra3.train.run import (MetricsWriter, check_resumable, checkpoint_path, load_checkpoint, read_checkpoint,
                            save_checkpoint, write_config)
-from ra3.train.update import HeadInputs, PolicyTokens, UpdateConfig, policy_gradient_update
+from ra3.train.update import PER_TOKEN_METRICS, HeadInputs, PolicyTokens, UpdateConfig, policy_gradient_update
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -290,18 +290,14 @@ def _train(cfg: RLVRConfig) -> dict:
                 "reward_mean": sum(rewards) / len(rewards),
                 "reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
                 "pass_rate": sum(r.passed for r in results) / len(results),
-                "kl": stats["kl"],
+                **stats,
                 "entropy": entropy,
                 "response_length": n_gen_tokens / len(samples),
-                "clip_fraction": stats["clip_fraction"],
-                "ratio_mean": stats["ratio_mean"],
-                "loss": stats["loss"],
-                "grad_norm": stats["grad_norm"],
                 "tokens_per_s": n_gen_tokens / max(seconds, 1e-9),  # sampled tokens per second of the step
-                "generation_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
-                "seconds_generation": t_gen,
-                "seconds_reward": t_reward,
-                "seconds_step": seconds,
+                "rollout_tokens_per_s": n_gen_tokens / max(t_gen, 1e-9),
+                "rollout_s": t_gen,
+                "reward_s": t_reward,
+                "time_s": seconds,
                 "lr": cfg.lr,
             }
             metrics = _over_ranks(metrics, rewards, n_tokens=int(batch.mask.sum()), n_gen_tokens=n_gen_tokens)
@@ -320,11 +316,11 @@ def _over_ranks(m: dict, rewards: list[float], *, n_tokens: int, n_gen_tokens: i
         return m
     n = len(rewards)
     weights = {"reward_mean": n, "pass_rate": n, "response_length": n,
-               **{k: n_tokens for k in ("kl", "entropy", "clip_fraction", "ratio_mean", "loss")}}
+               **{k: n_tokens for k in ("entropy", *PER_TOKEN_METRICS)}}
     g = ranks.reduce_metrics({**m, "gen_tokens": n_gen_tokens}, weights=weights, sums=("gen_tokens",),
-                             maxes=("step", "seconds_generation", "seconds_reward", "seconds_step"),
+                             maxes=("step", "rollout_s", "reward_s", "time_s"),
                              stds={"reward_std": rewards})
     tokens = g.pop("gen_tokens")
-    g["tokens_per_s"] = tokens / max(g["seconds_step"], 1e-9)
-    g["generation_tokens_per_s"] = tokens / max(g["seconds_generation"], 1e-9)
+    g["tokens_per_s"] = tokens / max(g["time_s"], 1e-9)
+    g["rollout_tokens_per_s"] = tokens / max(g["rollout_s"], 1e-9)
     return g

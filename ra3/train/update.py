@@ -81,18 +81,25 @@ class UpdateConfig:
     backend: str = "auto"
 
 
+# What an update reports, by the names of the E-step's and RLVR's step records: the clipped loss, the share of
+# clipped tokens, the KL estimate to the reference, the mean importance ratio (per token) and the gradient norm.
+UPDATE_METRICS = ("policy_loss", "clip_fraction", "ref_kl", "ratio_mean", "grad_norm")
+# Those that are means over tokens (the rest is per optimizer step).
+PER_TOKEN_METRICS = ("policy_loss", "clip_fraction", "ref_kl", "ratio_mean")
+
+
 def policy_gradient_update(policy, optimizer, tokens: PolicyTokens, cfg: UpdateConfig) -> dict:
     """Train ``policy`` (wrapped by ``ra3.distributed.wrap_model`` or plain) on ``tokens``: ``cfg.epochs`` passes,
     each over minibatches of ``cfg.minibatch_size`` sequences (shuffled by torch's global RNG when there are
     several; in order otherwise).
 
-    Returns the means over optimizer steps of {'loss', 'clip_fraction', 'kl', 'ratio_mean', 'grad_norm'} (floats,
-    this rank's). Leaves ``policy`` in eval mode.
+    Returns the means over optimizer steps of ``UPDATE_METRICS`` (floats, this rank's), under the names both
+    trainers' records use. Leaves ``policy`` in eval mode.
     """
     B = tokens.size
     device = tokens.old_logprobs.device
     mb = cfg.minibatch_size or B
-    stats = {"loss": [], "clip_fraction": [], "kl": [], "ratio_mean": [], "grad_norm": []}
+    stats = {name: [] for name in UPDATE_METRICS}
     policy.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(B, device=device) if mb < B else torch.arange(B, device=device)
@@ -104,8 +111,9 @@ def policy_gradient_update(policy, optimizer, tokens: PolicyTokens, cfg: UpdateC
             ranks.scale_for_global_mean(result.loss, count).backward()
             grad_norm = ranks.clip_grad_norm_(policy, cfg.grad_clip)
             optimizer.step()
-            for key, value in (("loss", result.loss), ("clip_fraction", result.clip_fraction),
-                               ("kl", result.kl_mean), ("ratio_mean", result.ratio_mean), ("grad_norm", grad_norm)):
+            for key, value in (("policy_loss", result.loss), ("clip_fraction", result.clip_fraction),
+                               ("ref_kl", result.kl_mean), ("ratio_mean", result.ratio_mean),
+                               ("grad_norm", grad_norm)):
                 stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
     policy.eval()
     return {k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()}
