@@ -159,6 +159,10 @@ class HFRollout:
             if not writing:
                 break
             nxt = torch.full((n,), vocab.pad_id, dtype=torch.long)
+            # the rows that sample this step, their logits moved to the host in one transfer (sampling stays on the
+            # CPU generator, so a run draws the same tokens on any device)
+            sampling = [i for i in writing if not queue[i] and sampled[i] < self.max_rationale_tokens]
+            host = dict(zip(sampling, logits[sampling].float().cpu())) if sampling else {}
             for i in writing:
                 if queue[i]:
                     nxt[i] = queue[i].pop(0)
@@ -166,7 +170,7 @@ class HFRollout:
                 if sampled[i] >= self.max_rationale_tokens:
                     done[i] = vocab.comment(fed[i], truncated=True)
                     continue
-                probs = torch.softmax(logits[i].float().cpu() / T, -1)
+                probs = torch.softmax(host[i] / T, -1)
                 tok = int(torch.multinomial(probs, 1, generator=gen))
                 sampled[i] += 1
                 if tok in vocab.newline:
