@@ -5,7 +5,8 @@
 //   * each kernel takes one argument struct (see "Kernel arguments" below), CUDA twins plus a final `stream` (a
 //     cudaStream_t as an integer, 0 = default stream): they launch asynchronously on it and throw
 //     std::runtime_error on a launch error;
-//   * a pointer is a `uintptr_t` (Python int from tensor.data_ptr()); 0 means "absent";
+//   * a pointer is a `uintptr_t` (the binding takes a tensor's data_ptr(), None as 0, or an integer); 0 means
+//     "absent";
 //   * `dtype` (DType kFloat32 or kFloat64) is the compute dtype: every floating buffer of one call has it and all
 //     arithmetic and accumulation happens in it; index buffers (targets, segment ids, group ids) are int64;
 //   * buffers are contiguous unless a leading dimension `ld*` (in elements) is given.
@@ -97,8 +98,8 @@ void dispatch_dtype(int dtype, Fn&& fn) {
 
 // ---- Kernel arguments: one struct per kernel, its fields written once, here, as X(type, name) --------------------
 // The Python mirror is the NamedTuple of the same name in ra3/ops/kernel_abi.py (field for field, same order);
-// bindings.cpp reads a struct from it by field name, and ra3._C.abi() lists these fields for the test that holds the
-// two sides together.
+// bindings.cpp checks a tuple type's field names against these once, then reads its fields by position, and
+// ra3._C.abi() lists them for the test that holds the two sides together.
 
 // vocab_softmax_fwd folds a chunk of x = z * inv_temp into the running per-row state: m the max of x, s = sum
 // exp(x - m), and a = sum exp(x - m) * (x - m) (mode 1, entropy, relative to the max so it stays small where the
