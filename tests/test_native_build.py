@@ -60,7 +60,7 @@ def _python_mirrors() -> dict:
 def test_every_struct_has_its_python_mirror_field_for_field():
     structs = _C.abi()["structs"]
     mirrors = _python_mirrors()
-    native = {name: cls for name, cls in mirrors.items() if not name.startswith("VocabSoftmaxFused")}  # Triton's own
+    native = {name: cls for name, cls in mirrors.items() if cls not in abi.TRITON_ONLY}
     assert sorted(structs) == sorted(native), "C++ structs and Python NamedTuples differ in name"
     for name, fields in structs.items():
         assert list(mirrors[name]._fields) == fields, name
@@ -70,7 +70,7 @@ def test_every_kernel_entry_point_is_named_by_its_struct():
     prefixes = ("cpu_", "cuda_") if _C.has_cuda() else ("cpu_",)
     exported = {n.split("_", 1)[1] for n in dir(_C) if n.startswith(prefixes) and n != "cuda_usable"}
     kernels = {abi.kernel_name(cls) for name, cls in _python_mirrors().items()
-               if name != "LinearSourceArgs" and not name.startswith("VocabSoftmaxFused")}
+               if name != "LinearSourceArgs" and cls not in abi.TRITON_ONLY}
     expected = kernels if _C.has_cuda() else {k for k in kernels if "_loop" not in k}
     assert exported == expected
 

@@ -306,6 +306,10 @@ class VocabSoftmaxFusedGradArgs(NamedTuple):
     grad_bias: Optional[Tensor]
 
 
+# Launchers of Triton alone (the GEMM inside the kernel): tuples with no C struct to mirror.
+TRITON_ONLY = (VocabSoftmaxFusedFwdArgs, VocabSoftmaxFusedGradArgs)
+
+
 @functools.cache
 def kernel_name(args_type: type) -> str:
     """The kernel an argument tuple type runs: its name without "Args", in snake case."""
